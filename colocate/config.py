@@ -1,0 +1,350 @@
+"""Run configuration: nested dataclasses loaded from YAML plus dotted ``key=value`` overrides.
+
+Every field is documented right under it. Each section validates itself in
+``__post_init__``; cross-section checks live in ``Config.__post_init__``. User mistakes raise
+``ConfigError`` (a ``ValueError``) naming the dotted key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration; the message names the dotted key and the fix."""
+
+
+def _require(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
+
+
+@dataclass(kw_only=True)
+class RunSection:
+    dir: str = "runs/tiny"
+    """Run directory: checkpoints, metrics.jsonl, the resolved config and the export."""
+    seed: int = 0
+    """Seed for data order and draft initialisation."""
+    device: str = "auto"
+    """auto (cuda when available), cuda, or cpu (gloo everywhere, shared-memory ring)."""
+    timeout_s: float = 300.0
+    """Bound on every wait after the first optimizer step (peer messages, slots, barriers)."""
+    startup_timeout_s: float = 900.0
+    """Bound on waits until the first step completes (model loading, compilation)."""
+
+    def __post_init__(self):
+        _require(self.device in ("auto", "cuda", "cpu"), "run.device",
+                 f"got {self.device!r}; use auto, cuda or cpu")
+        _require(self.timeout_s > 0, "run.timeout_s", "must be > 0 seconds")
+        _require(self.startup_timeout_s >= self.timeout_s, "run.startup_timeout_s",
+                 f"must be >= run.timeout_s ({self.timeout_s})")
+
+
+@dataclass(kw_only=True)
+class MpsSection:
+    mode: str = "auto"
+    """auto (use MPS if a daemon can serve clients, else warn and time-slice), required, off."""
+    trainer_sm_percent: int = 100
+    """CUDA_MPS_ACTIVE_THREAD_PERCENTAGE for trainer ranks (share of SMs it may use)."""
+    engine_sm_percent: int = 100
+    """CUDA_MPS_ACTIVE_THREAD_PERCENTAGE for engine ranks."""
+    trainer_mem_fraction: float = 0.45
+    """Cap on the trainer's share of GPU memory (torch.cuda.set_per_process_memory_fraction)."""
+    engine_mem_fraction: float = 0.45
+    """Cap on the engine's share of GPU memory (the engine's static memory fraction)."""
+    reserve_mem_fraction: float = 0.05
+    """Memory left free for CUDA contexts, NCCL buffers and fragmentation."""
+    pinned_mem_limit: bool = False
+    """Also set MPS's CUDA_MPS_PINNED_DEVICE_MEM_LIMIT per role from the fractions above."""
+    pipe_dir: str = ""
+    """MPS pipe directory. Empty: a job-private one under the system temp dir."""
+
+    def __post_init__(self):
+        _require(self.mode in ("auto", "required", "off"), "mps.mode",
+                 f"got {self.mode!r}; use auto, required or off")
+        for key in ("trainer_sm_percent", "engine_sm_percent"):
+            v = getattr(self, key)
+            _require(1 <= v <= 100, f"mps.{key}", f"got {v}; use a percentage in 1..100")
+        for key in ("trainer_mem_fraction", "engine_mem_fraction", "reserve_mem_fraction"):
+            v = getattr(self, key)
+            _require(0.0 <= v < 1.0, f"mps.{key}", f"got {v}; use a fraction in [0, 1)")
+        total = self.trainer_mem_fraction + self.engine_mem_fraction + self.reserve_mem_fraction
+        _require(total <= 1.0 + 1e-9, "mps.trainer_mem_fraction",
+                 f"trainer ({self.trainer_mem_fraction}) + engine ({self.engine_mem_fraction}) + "
+                 f"reserve ({self.reserve_mem_fraction}) = {total:.3f} > 1; lower one of them")
+
+
+@dataclass(kw_only=True)
+class TransportSection:
+    num_slots: int = 2
+    """Ring slots per pair. >= 2 lets the engine prefill micro-step n+1 while the trainer
+    learns on n; 1 is the serial baseline."""
+
+    def __post_init__(self):
+        _require(1 <= self.num_slots <= 16, "transport.num_slots",
+                 f"got {self.num_slots}; use 1..16 (2 overlaps engine and trainer)")
+
+
+@dataclass(kw_only=True)
+class TargetSection:
+    path: str = "examples/tiny/target-llama"
+    """Local directory of the target model (config.json, safetensors, tokenizer). No hub."""
+    dtype: str = "auto"
+    """auto (bfloat16 on cuda, float32 on cpu), bfloat16, float16 or float32."""
+    aux_layer_ids: list[int] | None = None
+    """Layers whose outputs feed the draft. None: Eagle3's [1, L//2-1, L-4]."""
+
+    def __post_init__(self):
+        _require(bool(self.path), "target.path", "set the local directory of the target model")
+        _require(self.dtype in ("auto", "bfloat16", "float16", "float32"), "target.dtype",
+                 f"got {self.dtype!r}; use auto, bfloat16, float16 or float32")
+        if self.aux_layer_ids is not None:
+            _require(len(self.aux_layer_ids) > 0, "target.aux_layer_ids",
+                     "give at least one layer id, or leave it null for Eagle3's default")
+
+
+@dataclass(kw_only=True)
+class EngineSection:
+    backend: str = "hf"
+    """hf (transformers; any device, the reference) or sglang (in-process, the fast path)."""
+    tp_size: int = 1
+    """Engine tensor parallelism: engine ranks that share one target replica."""
+    attention_backend: str = "triton"
+    """sglang attention backend (sglang backend only)."""
+
+    def __post_init__(self):
+        _require(self.backend in ("hf", "sglang"), "engine.backend",
+                 f"got {self.backend!r}; use hf or sglang")
+        _require(self.tp_size >= 1, "engine.tp_size", f"got {self.tp_size}; must be >= 1")
+
+
+@dataclass(kw_only=True)
+class DataSection:
+    path: str = "examples/tiny/data/conversations.jsonl"
+    """JSONL of conversations: OpenAI `messages` (role/content) or ShareGPT `conversations`
+    (from/value)."""
+    max_length: int = 512
+    """Tokens per conversation; longer ones are truncated (counted and reported)."""
+    tokens_per_micro_step: int = 2048
+    """Token budget of one packed micro-step (sizes the ring slots)."""
+    last_assistant_turn_only: bool = False
+    """Train on the last assistant turn only (a sample may override it with its own
+    `last_assistant_turn_only` field)."""
+    skip_invalid: bool = False
+    """Count and skip malformed lines instead of failing on the first one."""
+    chat_template: str = ""
+    """Jinja chat template (inline, or a path to a file). Empty: the tokenizer's own."""
+    shuffle: bool = True
+    """Shuffle conversation order per epoch (deterministic in run.seed and the epoch)."""
+    cache_dir: str = ""
+    """Where tokenized data and draft vocabularies are cached. Empty: RUN_DIR/../.cache."""
+
+    def __post_init__(self):
+        _require(bool(self.path), "data.path", "set the JSONL file to train on")
+        _require(self.max_length >= 2, "data.max_length", f"got {self.max_length}; must be >= 2")
+        _require(self.tokens_per_micro_step >= self.max_length, "data.tokens_per_micro_step",
+                 f"{self.tokens_per_micro_step} is below data.max_length ({self.max_length}); "
+                 "a micro-step must hold one whole conversation")
+
+
+@dataclass(kw_only=True)
+class DraftSection:
+    draft_vocab_size: int = 32000
+    """Size of the draft's reduced vocabulary (top loss-masked token frequencies). Clamped
+    to the target vocabulary with a warning when larger."""
+    unroll_steps: int = 7
+    """Test-time-training unroll length."""
+    position_decay: float = 0.8
+    """Loss weight of unroll position k is position_decay**k."""
+    intermediate_size: int = 0
+    """Draft MLP width. 0: the target's."""
+
+    def __post_init__(self):
+        _require(self.draft_vocab_size >= 2, "draft.draft_vocab_size",
+                 f"got {self.draft_vocab_size}; must be >= 2")
+        _require(1 <= self.unroll_steps <= 32, "draft.unroll_steps",
+                 f"got {self.unroll_steps}; use 1..32 (7 is Eagle3's default)")
+        _require(0.0 < self.position_decay <= 1.0, "draft.position_decay",
+                 f"got {self.position_decay}; use (0, 1]")
+        _require(self.intermediate_size >= 0, "draft.intermediate_size", "must be >= 0")
+
+
+@dataclass(kw_only=True)
+class TrainSection:
+    max_steps: int = 100
+    """Optimizer steps to run."""
+    micro_steps: int = 2
+    """Micro-steps (ring messages) accumulated per optimizer step."""
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Cosine decays to lr * min_lr_ratio."""
+    warmup_steps: int = 10
+    """Linear warmup steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    log_every_s: float = 2.0
+    """Minimum seconds between progress lines."""
+    tensorboard: bool = False
+    """Also log to RUN_DIR/tb when tensorboard is installed."""
+
+    def __post_init__(self):
+        _require(self.max_steps >= 1, "train.max_steps", f"got {self.max_steps}; must be >= 1")
+        _require(self.micro_steps >= 1, "train.micro_steps", f"got {self.micro_steps}; must be >= 1")
+        _require(self.lr > 0, "train.lr", f"got {self.lr}; must be > 0")
+        _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "use a ratio in [0, 1]")
+        _require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        _require(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables)")
+        self.betas = tuple(float(b) for b in self.betas)
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas",
+                 f"got {self.betas}; give two numbers in [0, 1)")
+
+
+@dataclass(kw_only=True)
+class CheckpointSection:
+    every_steps: int = 50
+    """Save every N optimizer steps (and at the end). 0: only at the end."""
+    keep_last: int = 2
+    """Checkpoints kept; older ones are deleted after a successful save."""
+    resume: str = "auto"
+    """auto (latest checkpoint in run.dir if any), never, or a checkpoint directory."""
+
+    def __post_init__(self):
+        _require(self.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
+        _require(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+        _require(bool(self.resume), "checkpoint.resume", "use auto, never or a directory")
+
+
+@dataclass(kw_only=True)
+class Config:
+    run: RunSection = field(default_factory=RunSection)
+    mps: MpsSection = field(default_factory=MpsSection)
+    transport: TransportSection = field(default_factory=TransportSection)
+    target: TargetSection = field(default_factory=TargetSection)
+    engine: EngineSection = field(default_factory=EngineSection)
+    data: DataSection = field(default_factory=DataSection)
+    draft: DraftSection = field(default_factory=DraftSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+
+    def __post_init__(self):
+        _require(self.engine.backend != "sglang" or self.run.device != "cpu", "engine.backend",
+                 "sglang needs CUDA; use engine.backend=hf with run.device=cpu")
+
+    def to_dict(self) -> dict[str, Any]:
+        # Through JSON so tuples become lists and the result is plain YAML.
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Convert a YAML value to the field's declared type, or raise naming the key."""
+    origin, args = get_origin(hint), get_args(hint)
+    if value is None:
+        _require(type(None) in args, key, "may not be null")
+        return None
+    if origin in (list, tuple) or (origin is not None and type(None) in args and
+                                   get_origin(args[0]) in (list, tuple)):
+        seq_hint = args[0] if type(None) in args else hint
+        _require(isinstance(value, (list, tuple)), key, f"expected a list, got {value!r}")
+        item = get_args(seq_hint)[0]
+        items = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if get_origin(seq_hint) is tuple else items
+    if origin is not None and type(None) in args:  # Optional[scalar]
+        hint = next(a for a in args if a is not type(None))
+    if hint is bool:
+        _require(isinstance(value, bool), key, f"expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        _require(isinstance(value, int) and not isinstance(value, bool), key,
+                 f"expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool), key,
+                 f"expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        _require(isinstance(value, (str, int, float)) and not isinstance(value, bool), key,
+                 f"expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+            raise ConfigError(f"{key}: unknown key{hint} (valid: {', '.join(names)})")
+        if dataclasses.is_dataclass(hints[name]):
+            _require(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
+            kwargs[name] = _build(hints[name], value, f"{key}.")
+        else:
+            kwargs[name] = _coerce(value, hints[name], key)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. train.max_steps=10")
+    key, raw = text.split("=", 1)
+    path = key.strip().split(".")
+    _require(all(path), key, "empty component in dotted key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from None
+    return path, value
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
+    """Load YAML (optional), apply dotted overrides, validate, and return a Config."""
+    values: dict[str, Any] = {}
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"--config {path}: no such file")
+        with open(path) as f:
+            try:
+                loaded = yaml.safe_load(f)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        values = loaded or {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = values
+        for i, k in enumerate(keys[:-1]):
+            node = node.setdefault(k, {})
+            _require(isinstance(node, dict), ".".join(keys[: i + 1]), "is not a section")
+        node[keys[-1]] = value
+    try:
+        return _build(Config, values, "")
+    except TypeError as e:  # a missing section type or similar programming slip
+        raise ConfigError(str(e)) from None
+
+
+def save_config(config: Config, path: str) -> None:
+    """Write the resolved config as YAML (atomic)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+    os.replace(tmp, path)
