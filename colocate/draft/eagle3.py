@@ -1,0 +1,160 @@
+"""Eagle3 draft model in the parameter layout sglang's `LlamaForCausalLMEagle3` loads.
+
+State-dict names (sglang 0.5.17 `srt/models/llama_eagle3.py`: `load_weights` maps
+`midlayer` -> `layers.0`, prefixes `model.` where needed and stacks q/k/v and gate/up):
+
+    fc.weight                                   [H, num_aux * H]
+    midlayer.hidden_norm.weight                 [H]
+    midlayer.input_layernorm.weight             [H]
+    midlayer.self_attn.q_proj.weight            [Hq * D, 2H]
+    midlayer.self_attn.k_proj.weight            [Hkv * D, 2H]
+    midlayer.self_attn.v_proj.weight            [Hkv * D, 2H]
+    midlayer.self_attn.o_proj.weight            [H, Hq * D]
+    midlayer.post_attention_layernorm.weight    [H]
+    midlayer.mlp.gate_proj.weight               [I, H]
+    midlayer.mlp.up_proj.weight                 [I, H]
+    midlayer.mlp.down_proj.weight               [H, I]
+    norm.weight                                 [H]
+    lm_head.weight                              [Vd, H]
+
+Data flow of one step (same as sglang's input layer and SpecForge's `LlamaDecoderLayer`):
+
+    residual = hidden
+    x = cat([input_layernorm(embeds), hidden_norm(hidden)])        # embeds first, [T, 2H]
+    h = residual + o_proj(attention(x))
+    h = h + mlp(post_attention_layernorm(h))                        # next step's hidden
+    logits = lm_head(norm(h))
+
+The frozen target embedding is not a parameter: callers pass embeddings in, so FSDP never
+shards or updates it. `d2t`/`t2d` vocab maps are written at export, not kept here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from colocate.draft.arch import DraftArch
+from colocate.draft.attention import apply_rope, rope_cos_sin, ttt_attention
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+"""Keys/values ([T, Hkv, D] each, RoPE applied) of the unroll steps so far, step 0 first."""
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32, scale in the input dtype (the Llama/sglang convention).
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Eagle3Attention(nn.Module):
+    def __init__(self, arch: DraftArch):
+        super().__init__()
+        in_features = 2 * arch.hidden_size  # [embeds, hidden]
+        self.num_heads, self.num_kv_heads, self.head_dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
+        self.q_proj = nn.Linear(in_features, arch.num_heads * arch.head_dim, bias=False)
+        self.k_proj = nn.Linear(in_features, arch.num_kv_heads * arch.head_dim, bias=False)
+        self.v_proj = nn.Linear(in_features, arch.num_kv_heads * arch.head_dim, bias=False)
+        self.o_proj = nn.Linear(arch.num_heads * arch.head_dim, arch.hidden_size, bias=False)
+        # Not a parameter and not persistent: derived from the arch, so checkpoints and the
+        # sglang export carry only the weights above.
+        self.register_buffer("inv_freq", arch.inv_freq(), persistent=False)
+
+    def forward(self, x_T2H: torch.Tensor, positions: torch.Tensor,
+                seq_bounds: list[tuple[int, int]], kv_cache: KVCache) -> torch.Tensor:
+        num_tokens = x_T2H.shape[0]
+        step = len(kv_cache)
+        q = self.q_proj(x_T2H).view(num_tokens, self.num_heads, self.head_dim)
+        k = self.k_proj(x_T2H).view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x_T2H).view(num_tokens, self.num_kv_heads, self.head_dim)
+        # Step k sits k positions further on, as the k-th draft token does when serving
+        # (SpecForge rotates q and the new k with `position_ids + lck`).
+        cos, sin = rope_cos_sin(positions + step, self.inv_freq)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        kv_cache.append((k, v))
+        out = ttt_attention(q, [kk for kk, _ in kv_cache], [vv for _, vv in kv_cache],
+                            seq_bounds, scale=self.head_dim ** -0.5)
+        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+
+
+class Eagle3MLP(nn.Module):
+    def __init__(self, arch: DraftArch):
+        super().__init__()
+        self.gate_proj = nn.Linear(arch.hidden_size, arch.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(arch.hidden_size, arch.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Eagle3DecoderLayer(nn.Module):
+    def __init__(self, arch: DraftArch):
+        super().__init__()
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.hidden_norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.self_attn = Eagle3Attention(arch)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.mlp = Eagle3MLP(arch)
+
+    def forward(self, embeds_TH: torch.Tensor, hidden_TH: torch.Tensor, positions: torch.Tensor,
+                seq_bounds: list[tuple[int, int]], kv_cache: KVCache) -> torch.Tensor:
+        x_T2H = torch.cat([self.input_layernorm(embeds_TH), self.hidden_norm(hidden_TH)], dim=-1)
+        h = hidden_TH + self.self_attn(x_T2H, positions, seq_bounds, kv_cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Eagle3Draft(nn.Module):
+    """One TTT step per `forward` call.
+
+    Each step goes through `forward` (not a helper method) so that FSDP2's pre/post-forward
+    hooks, which gather and free the sharded parameters, run for every step.
+    """
+
+    def __init__(self, arch: DraftArch):
+        super().__init__()
+        self.arch = arch
+        self.fc = nn.Linear(arch.num_aux * arch.hidden_size, arch.hidden_size, bias=False)
+        self.midlayer = Eagle3DecoderLayer(arch)
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.lm_head = nn.Linear(arch.hidden_size, arch.draft_vocab_size, bias=False)
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator, std: float = 0.02) -> None:
+        """Deterministic init: normal(0, std) linears, ones for norms.
+
+        Values are drawn on the CPU from `generator` in parameter-name order, so the result
+        is the same on every device. Call before sharding (FSDP params are DTensors).
+        """
+        for name, param in sorted(self.named_parameters()):
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                values = torch.empty(param.shape, dtype=torch.float32).normal_(
+                    0.0, std, generator=generator)
+                param.copy_(values)
+
+    def forward(self, embeds_TH: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
+                seq_bounds: list[tuple[int, int]], kv_cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run unroll step k = len(kv_cache) (appends its keys/values to `kv_cache`).
+
+        embeds_TH: [T, H] target embeddings of the input tokens of this step.
+        hidden: step 0 (empty cache): aux hidden states [T, num_aux * H], projected by `fc`;
+            later steps: the previous step's output [T, H].
+        positions: [T] per-sequence positions (reset at every sequence start).
+        seq_bounds: host-side [start, end) of each packed sequence.
+        Returns (hidden_out [T, H] pre-norm, the next step's input; logits [T, Vd]).
+        """
+        if not kv_cache:
+            hidden = self.fc(hidden.to(self.fc.weight.dtype))
+        hidden_out = self.midlayer(embeds_TH.to(hidden.dtype), hidden, positions, seq_bounds,
+                                   kv_cache)
+        return hidden_out, self.lm_head(self.norm(hidden_out))
