@@ -1,0 +1,193 @@
+"""Eagle3 test-time-training (TTT) loss: target distribution, unroll, metrics.
+
+Shift convention on packed sequences (T tokens, index t, token x_t; all indices stay
+inside t's own sequence):
+
+    step k at index t    input hidden  fc(aux_t) for k = 0, else draft step k-1 output at t
+                         input token   x_{t+1+k} (its frozen target embedding)
+                         RoPE position positions[t] + k
+                         trained on    target_p[t+1+k] (the target's distribution for x_{t+2+k})
+    valid(k, t)          t+2+k is in the same sequence, loss_mask[t+2+k] (the predicted token
+                         is trainable) and in_draft[t+1+k] (the target's full-vocab argmax
+                         there is in the draft vocabulary)
+
+This is SpecForge's convention (its target model shifts input_ids and the logits left by one
+before step 0, and shifts them again after every step) except for the loss mask, which
+SpecForge applies unshifted (loss_mask[t+k]); we take the mask of the token being predicted.
+
+Soft cross-entropy  -sum_v target_p * log_softmax(logits)  per position, averaged over the
+valid positions of the step (0 when none); total = sum_k decay^k * loss_k. Nothing here
+synchronises with the device: results are tensors; `unroll_metrics` turns them into floats
+on log steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from colocate.draft.attention import seq_bounds_from_lens
+from colocate.draft.eagle3 import Eagle3Draft, KVCache
+
+
+@torch.no_grad()
+def target_distribution(last_hidden_TH: torch.Tensor, lm_head_weight_VH: torch.Tensor,
+                        draft_ids: torch.Tensor, chunk_tokens: int = 2048
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen target head on the final-norm hidden states.
+
+    Returns (target_p [T, Vd] float32: softmax over the draft-vocab logits only;
+    in_draft [T] bool: the full-vocab argmax is a draft-vocab token). Full-vocab logits
+    exist for `chunk_tokens` rows at a time only ([chunk, V] is the memory peak).
+    """
+    num_tokens = last_hidden_TH.shape[0]
+    device = last_hidden_TH.device
+    is_draft_V = torch.zeros(lm_head_weight_VH.shape[0], dtype=torch.bool, device=device)
+    is_draft_V[draft_ids] = True
+    target_p = torch.empty(num_tokens, draft_ids.numel(), dtype=torch.float32, device=device)
+    in_draft = torch.empty(num_tokens, dtype=torch.bool, device=device)
+    for start in range(0, num_tokens, chunk_tokens):
+        end = min(start + chunk_tokens, num_tokens)
+        logits_CV = last_hidden_TH[start:end].to(lm_head_weight_VH.dtype) @ lm_head_weight_VH.T
+        in_draft[start:end] = is_draft_V[logits_CV.argmax(-1)]
+        target_p[start:end] = torch.softmax(logits_CV[:, draft_ids].float(), dim=-1)
+    return target_p, in_draft
+
+
+class _SoftCrossEntropy(torch.autograd.Function):
+    """sum_t w_t * (-sum_v p[src_t, v] * log_softmax(logits_t)_v), chunked over rows.
+
+    Plain autograd would keep an [T, Vd] float32 log-softmax and the gathered target rows per
+    unroll step for backward (7 steps x 16k tokens x 32k vocab x 4 B x 2 = 29 GB). Here the
+    gradient is formed in the forward pass and only it is kept, in the logits' dtype:
+    d/dz = w_t * (softmax(z) * sum(p) - p).
+    """
+
+    @staticmethod
+    def forward(ctx, logits_TV, target_p_NV, src_T, weight_T, chunk_tokens):
+        grad_TV = torch.empty_like(logits_TV)
+        loss = torch.zeros((), dtype=torch.float32, device=logits_TV.device)
+        for start in range(0, logits_TV.shape[0], chunk_tokens):
+            end = min(start + chunk_tokens, logits_TV.shape[0])
+            logp = torch.log_softmax(logits_TV[start:end].float(), dim=-1)
+            p = target_p_NV[src_T[start:end]]
+            w = weight_T[start:end, None]
+            loss = loss + (w * -(p * logp)).sum()
+            grad_TV[start:end] = w * (logp.exp() * p.sum(-1, keepdim=True) - p)
+        ctx.save_for_backward(grad_TV)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        (grad_TV,) = ctx.saved_tensors
+        return grad_TV * grad_loss.to(grad_TV.dtype), None, None, None, None
+
+
+def soft_cross_entropy(logits_TV: torch.Tensor, target_p_NV: torch.Tensor, src_T: torch.Tensor,
+                       weight_T: torch.Tensor, chunk_tokens: int = 4096) -> torch.Tensor:
+    """Weighted soft cross-entropy of logits row t against target_p row src_t (scalar, fp32)."""
+    return _SoftCrossEntropy.apply(logits_TV, target_p_NV, src_T, weight_T.float(), chunk_tokens)
+
+
+@dataclass
+class UnrollResult:
+    loss: torch.Tensor
+    """Scalar with grad: sum_k decay^k * step_losses[k]."""
+    step_losses: torch.Tensor
+    """[K] detached per-step losses (mean over valid positions)."""
+    acc: torch.Tensor
+    """[K] fraction of valid positions where the draft argmax equals the target_p argmax."""
+    num_valid: torch.Tensor
+    """[K] int64 valid positions per step (for token-weighted averaging across micro-steps)."""
+
+
+def _seq_end_per_token(seq_bounds: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
+    """[T] exclusive end index of each token's sequence, built on the host."""
+    ends = torch.tensor([end for _, end in seq_bounds], dtype=torch.long)
+    lens = torch.tensor([end - start for start, end in seq_bounds], dtype=torch.long)
+    seq_end_T = torch.repeat_interleave(ends, lens)
+    if device.type == "cuda":
+        # Pinned + non_blocking: a pageable host-to-device copy would wait for the stream.
+        return seq_end_T.pin_memory().to(device, non_blocking=True)
+    return seq_end_T.to(device)
+
+
+def eagle3_unroll(draft: Eagle3Draft, embed_weight: torch.Tensor, aux_hidden: torch.Tensor,
+                  target_p: torch.Tensor, in_draft: torch.Tensor, input_ids: torch.Tensor,
+                  loss_mask: torch.Tensor, positions: torch.Tensor,
+                  seq_lens: torch.Tensor | list[int], unroll_steps: int, position_decay: float,
+                  chunk_tokens: int = 4096) -> UnrollResult:
+    """Eagle3 TTT unroll over one packed micro-step (see the module docstring).
+
+    embed_weight [V, H] frozen target embedding (never receives gradient); aux_hidden
+    [T, num_aux * H]; target_p [T, Vd] float32 and in_draft [T] from `target_distribution`;
+    input_ids [T]; loss_mask [T] bool; positions [T]; seq_lens [S] on the host (CPU tensor
+    or list; the attention loops over sequences with them).
+    """
+    num_tokens = input_ids.shape[0]
+    device = input_ids.device
+    seq_bounds = seq_bounds_from_lens(seq_lens)
+    seq_end_T = _seq_end_per_token(seq_bounds, device)
+    index_T = torch.arange(num_tokens, device=device)
+    loss_mask = loss_mask.bool()
+    embed_weight = embed_weight.detach()
+    target_top_T = target_p.argmax(-1)
+
+    kv_cache: KVCache = []
+    hidden = aux_hidden
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    step_losses, accs, counts = [], [], []
+    for step in range(unroll_steps):
+        # Input token / target row of this step: t+1+step, clamped inside t's own sequence
+        # so no position ever reads another sequence (a clamped position is invalid anyway).
+        src_T = torch.minimum(index_T + 1 + step, seq_end_T - 1)
+        label_T = index_T + 2 + step
+        valid_T = (label_T < seq_end_T) & loss_mask[label_T.clamp(max=num_tokens - 1)] \
+            & in_draft[src_T]
+        num_valid = valid_T.sum()
+        denom = num_valid.clamp(min=1)
+
+        embeds_TH = F.embedding(input_ids[src_T], embed_weight)
+        hidden, logits_TV = draft(embeds_TH, hidden, positions, seq_bounds, kv_cache)
+        loss_k = soft_cross_entropy(logits_TV, target_p, src_T, valid_T.float() / denom,
+                                    chunk_tokens)
+        total = total + position_decay ** step * loss_k
+        with torch.no_grad():
+            hits = (logits_TV.argmax(-1) == target_top_T[src_T]) & valid_T
+            accs.append(hits.sum() / denom)
+        step_losses.append(loss_k.detach())
+        counts.append(num_valid)
+    return UnrollResult(loss=total, step_losses=torch.stack(step_losses),
+                        acc=torch.stack(accs), num_valid=torch.stack(counts))
+
+
+def simulated_accept_length(acc: Sequence[float]) -> float:
+    """Expected tokens per verify step of a chain draft: 1 + sum_k prod_{j<=k} acc_j.
+
+    Assumes step k's acceptance is independent of the earlier steps given acc_k (acc_k is
+    measured on teacher-forced positions, whatever happened before), and counts the bonus
+    token the target always emits. Tree drafts accept more; real chains correlate steps.
+    """
+    expected, survive = 1.0, 1.0
+    for a in acc:
+        survive *= float(a)
+        expected += survive
+    return expected
+
+
+def unroll_metrics(result: UnrollResult) -> dict[str, float]:
+    """Floats for logging: one device-to-host transfer (a sync point; call on log steps)."""
+    num_steps = result.acc.numel()
+    packed = torch.cat([result.loss.detach().float().reshape(1), result.step_losses.float(),
+                        result.acc.float(), result.num_valid.float()]).tolist()
+    losses, accs = packed[1:1 + num_steps], packed[1 + num_steps:1 + 2 * num_steps]
+    metrics = {"loss": packed[0], "accept_length": simulated_accept_length(accs)}
+    for k in range(num_steps):
+        metrics[f"loss_{k}"] = losses[k]
+        metrics[f"acc_{k}"] = accs[k]
+        metrics[f"valid_{k}"] = packed[1 + 2 * num_steps + k]
+    return metrics
