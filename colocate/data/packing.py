@@ -1,0 +1,69 @@
+"""Pack whole sequences into one micro-step of at most a token budget.
+
+Sequences are never split: a draft trained on half a reply learns from a context the
+target never saw. Greedy in sampler order (no look-ahead reordering), so packing is as
+deterministic as the sampler and a resumed stream repacks identically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from colocate.data.sampler import ShardedSampler
+from colocate.data.tokenized import TokenizedDataset
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    input_ids: torch.Tensor
+    """int64 [T]: the packed sequences back to back (T <= the micro-step budget)."""
+    positions: torch.Tensor
+    """int64 [T]: position within its own sequence (0 at each start), which is also how
+    varlen attention finds the boundaries."""
+    loss_mask: torch.Tensor
+    """bool [T]: trainable tokens (assistant content and its end-of-turn marker)."""
+    seq_lens: torch.Tensor
+    """int32 [S]: lengths of the packed sequences; sums to T."""
+    indices: torch.Tensor
+    """int64 [S]: dataset index of each packed sequence (for debugging and tests)."""
+    epoch: int
+    """Sampler epoch of the first sequence."""
+    start_state: dict
+    """Sampler state before this micro-batch was taken."""
+    end_state: dict
+    """Sampler state after it: resuming here yields the next micro-batch."""
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.numel()
+
+
+def pack_micro_batch(dataset: TokenizedDataset, sampler: ShardedSampler,
+                     tokens_per_micro_step: int) -> MicroBatch:
+    """Take sequences in sampler order until the next one would exceed the budget."""
+    start_state = sampler.state()
+    lengths = dataset.lengths()
+    picked: list[int] = []
+    used = 0
+    while True:
+        index = sampler.peek()
+        length = int(lengths[index])
+        assert length <= tokens_per_micro_step, (
+            f"sequence {index} has {length} tokens, over the micro-step budget "
+            f"{tokens_per_micro_step}; data.max_length must not exceed it")
+        if picked and used + length > tokens_per_micro_step:
+            break
+        picked.append(sampler.advance())
+        used += length
+    ids, masks = zip(*(dataset.sequence(i) for i in picked))
+    seq_lens = torch.tensor([int(lengths[i]) for i in picked], dtype=torch.int32)
+    starts = torch.repeat_interleave(torch.cumsum(seq_lens, 0) - seq_lens,
+                                     seq_lens.to(torch.int64))
+    positions = torch.arange(used, dtype=torch.int64) - starts
+    return MicroBatch(input_ids=torch.cat(ids).to(torch.int64), positions=positions,
+                      loss_mask=torch.cat(masks), seq_lens=seq_lens,
+                      indices=torch.tensor(picked, dtype=torch.int64),
+                      epoch=start_state["epoch"], start_state=start_state,
+                      end_state=sampler.state())

@@ -1,0 +1,51 @@
+"""An engine's endless stream of packed micro-batches from its shard of the data.
+
+The state is small (sampler epoch and cursor plus what identifies the stream), so it
+rides in every checkpoint; loading it continues exactly where the saved run stopped.
+"""
+
+from __future__ import annotations
+
+from colocate.data.errors import DataError
+from colocate.data.packing import MicroBatch, pack_micro_batch
+from colocate.data.sampler import ShardedSampler
+from colocate.data.tokenized import TokenizedDataset
+
+
+class DataStream:
+    def __init__(self, tokenized: TokenizedDataset, *, seed: int, shuffle: bool,
+                 shard_index: int, num_shards: int, tokens_per_micro_step: int):
+        if num_shards > tokenized.num_sequences:
+            raise DataError(f"{tokenized.num_sequences} sequences cannot be split over "
+                            f"{num_shards} shards (one per engine): some would be empty; "
+                            "use more data or fewer engines")
+        longest = int(tokenized.lengths().max())
+        assert longest <= tokens_per_micro_step, (
+            f"a {longest}-token sequence exceeds the {tokens_per_micro_step}-token budget")
+        self.tokenized = tokenized
+        self.tokens_per_micro_step = tokens_per_micro_step
+        self.sampler = ShardedSampler(tokenized.num_sequences, seed=seed, shuffle=shuffle,
+                                      shard_index=shard_index, num_shards=num_shards)
+
+    def next_micro_batch(self) -> MicroBatch:
+        return pack_micro_batch(self.tokenized, self.sampler, self.tokens_per_micro_step)
+
+    def _identity(self) -> dict:
+        s = self.sampler
+        return {"dataset_key": self.tokenized.key, "seed": s.seed, "shuffle": s.shuffle,
+                "shard_index": s.shard_index, "num_shards": s.num_shards}
+
+    def state(self) -> dict:
+        """Position plus what it is a position in (checked on load)."""
+        return {**self.sampler.state(), **self._identity()}
+
+    def load_state(self, state: dict) -> None:
+        """Continue from ``state``. A state of a different stream (other data, seed or
+        sharding) is refused: its position would silently mean different samples."""
+        mismatched = [f"{k}: saved {state.get(k)!r}, now {v!r}"
+                      for k, v in self._identity().items() if state.get(k) != v]
+        if mismatched:
+            raise DataError("cannot resume the data stream: " + "; ".join(mismatched) +
+                            ". Restore the original data/seed/GPU count, or start a fresh "
+                            "run (checkpoint.resume=never)")
+        self.sampler.load_state(state)
