@@ -26,6 +26,11 @@ from __future__ import annotations
 import torch
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (bf16 -> fp32 for softmax/norm math; float64 stays float64 in tests)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """positions [T] -> (cos, sin), each [T, head_dim // 2] float32."""
     freqs_TF = positions.to(torch.float32)[:, None] * inv_freq.to(positions.device)[None, :]
@@ -35,7 +40,7 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch
 def apply_rope(x_TND: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor) -> torch.Tensor:
     """Rotate-half (neox) RoPE, as Llama and sglang's default `is_neox_style=True` apply it."""
     half = x_TND.shape[-1] // 2
-    x = x_TND.float()
+    x = upcast(x_TND)
     x1, x2 = x[..., :half], x[..., half:]
     cos, sin = cos_TF[:, None, :], sin_TF[:, None, :]
     rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
@@ -74,7 +79,7 @@ def ttt_attention(q_THD: torch.Tensor, keys: list[torch.Tensor], values: list[to
     if num_diag:
         diag_k_TKnD = torch.stack(keys[1:], dim=2)  # [T, Hkv, n, D]
         diag_v_TKnD = torch.stack(values[1:], dim=2)
-        diag_scores_TKGn = torch.einsum("tkgd,tknd->tkgn", q_TKGD, diag_k_TKnD).float() * scale
+        diag_scores_TKGn = upcast(torch.einsum("tkgd,tknd->tkgn", q_TKGD, diag_k_TKnD)) * scale
 
     max_len = max(end - start for start, end in seq_bounds)
     # The top-left LxL block of one strict-upper mask is the mask of a length-L sequence.
@@ -88,7 +93,7 @@ def ttt_attention(q_THD: torch.Tensor, keys: list[torch.Tensor], values: list[to
         q_KGLD = q_TKGD[start:end].permute(1, 2, 0, 3)
         k_KDL = k0_TKD[start:end].permute(1, 2, 0)
         scores_KGLL = (q_KGLD.reshape(num_kv_heads, group * length, head_dim) @ k_KDL)
-        scores_KGLL = scores_KGLL.view(num_kv_heads, group, length, length).float() * scale
+        scores_KGLL = upcast(scores_KGLL.view(num_kv_heads, group, length, length)) * scale
         scores_KGLL = scores_KGLL.masked_fill(future_LL[:length, :length], float("-inf"))
         if num_diag:
             scores = torch.cat([scores_KGLL, diag_scores_TKGn[start:end].permute(1, 2, 0, 3)], -1)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from colocate.draft.arch import DraftArch
-from colocate.draft.attention import apply_rope, rope_cos_sin, ttt_attention
+from colocate.draft.attention import apply_rope, rope_cos_sin, ttt_attention, upcast
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 """Keys/values ([T, Hkv, D] each, RoPE applied) of the unroll steps so far, step 0 first."""
@@ -50,7 +50,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32, scale in the input dtype (the Llama/sglang convention).
-        x32 = x.float()
+        x32 = upcast(x)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 

@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from colocate.draft.attention import seq_bounds_from_lens
+from colocate.draft.attention import seq_bounds_from_lens, upcast
 from colocate.draft.eagle3 import Eagle3Draft, KVCache
 
 
@@ -69,10 +69,11 @@ class _SoftCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits_TV, target_p_NV, src_T, weight_T, chunk_tokens):
         grad_TV = torch.empty_like(logits_TV)
-        loss = torch.zeros((), dtype=torch.float32, device=logits_TV.device)
+        loss = torch.zeros((), dtype=torch.promote_types(logits_TV.dtype, torch.float32),
+                           device=logits_TV.device)
         for start in range(0, logits_TV.shape[0], chunk_tokens):
             end = min(start + chunk_tokens, logits_TV.shape[0])
-            logp = torch.log_softmax(logits_TV[start:end].float(), dim=-1)
+            logp = torch.log_softmax(upcast(logits_TV[start:end]), dim=-1)
             p = target_p_NV[src_T[start:end]]
             w = weight_T[start:end, None]
             loss = loss + (w * -(p * logp)).sum()
@@ -89,8 +90,11 @@ class _SoftCrossEntropy(torch.autograd.Function):
 
 def soft_cross_entropy(logits_TV: torch.Tensor, target_p_NV: torch.Tensor, src_T: torch.Tensor,
                        weight_T: torch.Tensor, chunk_tokens: int = 4096) -> torch.Tensor:
-    """Weighted soft cross-entropy of logits row t against target_p row src_t (scalar, fp32)."""
-    return _SoftCrossEntropy.apply(logits_TV, target_p_NV, src_T, weight_T.float(), chunk_tokens)
+    """Weighted soft cross-entropy of logits row t against target_p row src_t.
+
+    Scalar in float32 (float64 for float64 logits); gradient only to the logits.
+    """
+    return _SoftCrossEntropy.apply(logits_TV, target_p_NV, src_T, weight_T, chunk_tokens)
 
 
 @dataclass
@@ -139,7 +143,7 @@ def eagle3_unroll(draft: Eagle3Draft, embed_weight: torch.Tensor, aux_hidden: to
 
     kv_cache: KVCache = []
     hidden = aux_hidden
-    total = torch.zeros((), dtype=torch.float32, device=device)
+    total = torch.zeros((), dtype=torch.float32, device=device)  # promoted by float64 steps
     step_losses, accs, counts = [], [], []
     for step in range(unroll_steps):
         # Input token / target row of this step: t+1+step, clamped inside t's own sequence
