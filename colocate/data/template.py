@@ -111,12 +111,15 @@ def tokenize_conversation(conversation: Conversation, tokenizer, template: str,
                           last_assistant_turn_only: bool) -> tuple[list[int], list[bool]]:
     """Token ids of the rendered conversation and, per token, whether it is trainable.
 
-    A token is trainable when it starts inside a trainable reply span. Special tokens are
-    not added again: the template already writes any BOS it wants.
+    A token is trainable when it overlaps a trainable reply span: a token that straddles
+    the header/reply boundary (``"] 5"`` tokenized as ``"]"``, ``" 5"``) carries reply
+    text, so the draft must learn it. Special tokens are not added again: the template
+    already writes any BOS it wants.
     """
     text, spans = assistant_char_spans(conversation, tokenizer, template)
     if last_assistant_turn_only:
         spans = spans[-1:]
+    spans = [span for span in spans if span[1] > span[0]]  # an empty reply has nothing to learn
     try:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     except NotImplementedError as e:
@@ -125,10 +128,10 @@ def tokenize_conversation(conversation: Conversation, tokenizer, template: str,
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     mask = [False] * len(ids)
     s = 0
-    for t, (tok_start, _) in enumerate(offsets):
+    for t, (tok_start, tok_end) in enumerate(offsets):
         while s < len(spans) and tok_start >= spans[s][1]:
             s += 1
         if s == len(spans):
             break
-        mask[t] = spans[s][0] <= tok_start < spans[s][1]
+        mask[t] = max(tok_end, tok_start + 1) > spans[s][0]  # and tok_start < its end
     return list(ids), mask

@@ -131,6 +131,7 @@ def load_or_build_tokenized(cfg: DataSection, tokenizer, tokenizer_path: str,
     template = resolve_chat_template(cfg.chat_template, tokenizer, tokenizer_path)
     key = tokenized_key(cfg, template, tokenizer, tokenizer_path)
     cache_dir = cfg.cache_dir or default_cache_dir
+    assert cache_dir, "pass default_cache_dir for when data.cache_dir is empty"
     cache_path = os.path.join(cache_dir, f"tokenized-{key[:24]}.pt")
     payload = load_cached(cache_path, key)
     if payload is not None:
