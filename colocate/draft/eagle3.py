@@ -116,7 +116,9 @@ class Eagle3Draft(nn.Module):
     """One TTT step per `forward` call.
 
     Each step goes through `forward` (not a helper method) so that FSDP2's pre/post-forward
-    hooks, which gather and free the sharded parameters, run for every step.
+    hooks, which gather and free the sharded parameters, run for every step. `forward`
+    appends to `kv_cache`: do not wrap it whole in activation checkpointing (a recompute
+    would append again); checkpoint inside it (e.g. the MLP) if memory demands.
     """
 
     def __init__(self, arch: DraftArch):
