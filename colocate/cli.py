@@ -1,0 +1,52 @@
+"""Thin entry point: `python -m colocate <command>` (under torchrun for multi-rank commands).
+
+User mistakes end with one readable line (from one rank when every rank would say the same),
+not a traceback per rank; set COLOCATE_DEBUG=1 for tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from colocate import __version__
+
+# Errors that describe a user mistake or a peer's failure: printed as one line.
+_READABLE = ("ConfigError", "TopologyError", "DataError", "MpsError", "PeerError", "PeerDied",
+             "PeerTimeout", "PeerReportedError", "LayoutMismatch", "SlotOverflow", "ExportError",
+             "PatchError", "FileNotFoundError")
+
+
+def _commands() -> dict[str, tuple[str, str]]:
+    """name -> (module, help). Modules are imported only when their command runs."""
+    return {
+        "selftest": ("colocate.selftest", "ring end to end with a synthetic engine (torchrun)"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="colocate", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"colocate {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    modules = {}
+    import importlib
+
+    for name, (module_name, help_text) in _commands().items():
+        module = importlib.import_module(module_name)
+        modules[name] = module
+        module.add_arguments(sub.add_parser(name, help=help_text, description=module.__doc__,
+                                            formatter_class=argparse.RawDescriptionHelpFormatter))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if os.environ.get("COLOCATE_DEBUG") else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(modules[args.command].main(args) or 0)
+    except Exception as e:  # noqa: BLE001 - turned into one readable line below
+        if os.environ.get("COLOCATE_DEBUG") or type(e).__name__ not in _READABLE:
+            raise
+        rank = os.environ.get("RANK")
+        where = f"[rank {rank}] " if rank is not None else ""
+        print(f"colocate {args.command}: error: {where}{e}", file=sys.stderr, flush=True)
+        return 2

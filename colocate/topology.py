@@ -1,0 +1,277 @@
+"""Who is who, and every process group of the job. The only module that creates groups.
+
+    torchrun --nnodes M --nproc-per-node 2G -m colocate <command>
+      local rank r -> GPU r // 2
+      even global rank -> trainer, odd -> engine, peer = rank ^ 1 (same node, same GPU)
+
+NCCL refuses two ranks of one communicator on one GPU, so the default group is gloo and
+NCCL lives only in role-pure groups: `trainer` (even ranks) and `engine` (odd ranks), each
+with a gloo twin for CPU metadata. Every rank creates them in the same order (group creation
+is collective over the default group) and keeps the pair for its own role. After start-up
+no collective runs on a group holding both roles, except the gloo barriers at start and end
+(`init_topology`, `close_topology`). Pair traffic never uses a collective: see transport/.
+
+Start-up order matters: the MPS daemon must be serving, and this process's MPS environment
+set, before anything touches CUDA; so GPUs are counted only after `mps.activate`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import secrets
+import socket
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+class TopologyError(ValueError):
+    """The launch does not fit the two-ranks-per-GPU layout; the message names the fix."""
+
+
+class Role(str, Enum):
+    TRAINER = "trainer"
+    ENGINE = "engine"
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """Rank arithmetic from torchrun's environment; no process group needed."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+    @property
+    def role(self) -> Role:
+        return Role.TRAINER if self.rank % 2 == 0 else Role.ENGINE
+
+    @property
+    def peer_rank(self) -> int:
+        return self.rank ^ 1
+
+    @property
+    def pair_index(self) -> int:
+        return self.rank // 2
+
+    @property
+    def num_pairs(self) -> int:
+        return self.world_size // 2
+
+    @property
+    def gpu_index(self) -> int:
+        return self.local_rank // 2
+
+    @property
+    def trainer_ranks(self) -> tuple[int, ...]:
+        return tuple(range(0, self.world_size, 2))
+
+    @property
+    def engine_ranks(self) -> tuple[int, ...]:
+        return tuple(range(1, self.world_size, 2))
+
+    @property
+    def role_ranks(self) -> tuple[int, ...]:
+        return self.trainer_ranks if self.role is Role.TRAINER else self.engine_ranks
+
+    @property
+    def name(self) -> str:
+        return f"{self.role.value} rank {self.rank}"
+
+
+def rank_info_from_env(env: dict[str, str] | None = None) -> RankInfo:
+    env = os.environ if env is None else env
+    missing = [k for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE") if k not in env]
+    if missing:
+        raise TopologyError(
+            f"{', '.join(missing)} not set: start colocate with torchrun, e.g. "
+            "`torchrun --nproc-per-node 2 -m colocate selftest` (two ranks per GPU)")
+    info = RankInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]),
+                    int(env["LOCAL_WORLD_SIZE"]))
+    validate_world(info)
+    return info
+
+
+def validate_world(info: RankInfo) -> None:
+    """Checks that need only this rank's numbers."""
+    if info.world_size % 2:
+        raise TopologyError(
+            f"world size {info.world_size} is odd: colocate runs a trainer and an engine per "
+            "GPU; use --nproc-per-node 2G (twice the GPUs per node)")
+    if info.local_world_size % 2:
+        raise TopologyError(
+            f"--nproc-per-node {info.local_world_size} is odd: each GPU needs a trainer and an "
+            "engine; use twice the number of GPUs per node")
+
+
+def validate_pairs(info: RankInfo, hosts: list[str], local_ranks: list[int]) -> None:
+    """Both members of every pair on one node and one GPU (from all ranks' host names)."""
+    for trainer in info.trainer_ranks:
+        engine = trainer + 1
+        if hosts[trainer] != hosts[engine]:
+            raise TopologyError(
+                f"pair {trainer // 2} is split across nodes: trainer rank {trainer} on "
+                f"{hosts[trainer]}, engine rank {engine} on {hosts[engine]}; give every node "
+                "the same even --nproc-per-node so ranks 2p and 2p+1 share a node")
+        if local_ranks[trainer] // 2 != local_ranks[engine] // 2:
+            raise TopologyError(
+                f"pair {trainer // 2}: trainer rank {trainer} (local {local_ranks[trainer]}) and "
+                f"engine rank {engine} (local {local_ranks[engine]}) would use different GPUs; "
+                "use an even --nproc-per-node with contiguous ranks per node")
+
+
+def validate_gpu_count(info: RankInfo, num_gpus: int) -> None:
+    if num_gpus * 2 != info.local_world_size:
+        raise TopologyError(
+            f"--nproc-per-node {info.local_world_size} but {num_gpus} GPU(s) visible "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}): use "
+            f"--nproc-per-node {2 * num_gpus}, or run on CPU with --device cpu")
+
+
+def resolve_device_type(requested: str) -> str:
+    """"auto" -> cuda when a GPU is visible. Uses NVML-free checks so CUDA stays untouched."""
+    if requested == "cpu":
+        return "cpu"
+    if requested not in ("auto", "cuda"):
+        raise TopologyError(f"device {requested!r}: use auto, cuda or cpu")
+    # torch.cuda.is_available() would initialise the driver before MPS is set up; the device
+    # nodes are a side-effect-free signal that a GPU is present.
+    has_gpu = torch.version.cuda is not None and os.path.exists("/dev/nvidiactl")
+    if requested == "cuda" and not has_gpu:
+        raise TopologyError("device cuda requested but no CUDA GPU/driver is visible; "
+                            "use --device cpu (or run.device=cpu) to run on CPU")
+    return "cuda" if has_gpu else "cpu"
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Frozen view handed to everyone: this rank's place and the groups it may use."""
+
+    info: RankInfo
+    device: torch.device
+    job_token: str
+    pids: tuple[int, ...]
+    role_group: dist.ProcessGroup      # NCCL on GPU, gloo on CPU; this role's ranks only
+    role_cpu_group: dist.ProcessGroup  # gloo twin for CPU metadata
+    mps_status: object | None = None   # colocate.mps.MpsStatus; None on CPU
+    owns_mps: bool = False
+
+    @property
+    def role(self) -> Role:
+        return self.info.role
+
+    @property
+    def is_trainer(self) -> bool:
+        return self.info.role is Role.TRAINER
+
+    @property
+    def peer_pid(self) -> int:
+        return self.pids[self.info.peer_rank]
+
+    @property
+    def role_rank(self) -> int:
+        """Index among this role's ranks (rank within role_group)."""
+        return self.info.rank // 2
+
+    @property
+    def is_first(self) -> bool:
+        """The first rank of its role (logs, exports)."""
+        return self.info.rank < 2
+
+
+def _gather(obj: object, world_size: int) -> list:
+    out = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def init_topology(*, device: str = "auto", timeout_s: float = 900.0, mps=None) -> Topology:
+    """Validate the launch, set up MPS and the device, and create every process group.
+
+    `mps`: a config.MpsSection (None: MPS off). Collectives here run on the default gloo
+    group; they are the documented start-up barrier.
+    """
+    info = rank_info_from_env()
+    device_type = resolve_device_type(device)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=timeout)
+
+    # Host names and pids: pair validation, and pids authenticate the pair channel.
+    gathered = _gather((socket.gethostname(), info.local_rank, os.getpid()), info.world_size)
+    validate_pairs(info, [g[0] for g in gathered], [g[1] for g in gathered])
+    pids = tuple(g[2] for g in gathered)
+    token = [secrets.token_hex(6) if info.rank == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    job_token = token[0]
+
+    mps_status, owns_mps = None, False
+    if device_type == "cuda":
+        mps_status, owns_mps = _setup_mps(info, mps, job_token, timeout_s)
+        num_gpus = torch.cuda.device_count()  # first CUDA call, after MPS is set
+        validate_gpu_count(info, num_gpus)
+        torch.cuda.set_device(info.gpu_index)
+        torch_device = torch.device("cuda", info.gpu_index)
+    else:
+        torch_device = torch.device("cpu")
+    _bind_numa(info, device_type)
+
+    # Same order on every rank: group creation is collective over the default group.
+    role_backend = "nccl" if device_type == "cuda" else "gloo"
+    groups = {}
+    for role, ranks in ((Role.TRAINER, info.trainer_ranks), (Role.ENGINE, info.engine_ranks)):
+        groups[role] = (dist.new_group(list(ranks), backend=role_backend, timeout=timeout),
+                        dist.new_group(list(ranks), backend="gloo", timeout=timeout))
+    role_group, role_cpu_group = groups[info.role]
+    dist.barrier()  # start-up barrier: every rank has its groups before any role work
+    return Topology(info=info, device=torch_device, job_token=job_token, pids=pids,
+                    role_group=role_group, role_cpu_group=role_cpu_group,
+                    mps_status=mps_status, owns_mps=owns_mps)
+
+
+def _setup_mps(info: RankInfo, mps_cfg, job_token: str, timeout_s: float):
+    """Node-local rank 0 starts (or reuses) the daemon; everyone activates it before CUDA."""
+    from colocate import mps
+
+    plan = mps.plan_from_config(mps_cfg, job_token)
+    status, owns = None, False
+    if info.local_rank == 0:
+        status = mps.start_daemon(plan, timeout_s=min(timeout_s, 120.0))
+        owns = status.owned
+    statuses = _gather(status, info.world_size)  # start-up barrier: nobody touches CUDA before
+    node_first = info.rank - info.local_rank
+    status = statuses[node_first]
+    mps.activate(plan, status, info.role.value)
+    return status, owns
+
+
+def _bind_numa(info: RankInfo, device_type: str) -> None:
+    if device_type != "cuda":
+        return
+    from colocate import numa
+
+    result = numa.bind_to_gpu(info.gpu_index)
+    log.debug("%s NUMA: %s", info.name, result)
+
+
+def close_topology(topo: Topology, timeout_s: float = 300.0) -> None:
+    """End barrier on the default group (so the MPS owner stops the daemon after the node's
+    other ranks are done), then tear the groups down."""
+    try:
+        if dist.is_initialized():
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s),
+                                   wait_all_ranks=True)
+    finally:
+        if topo.owns_mps:
+            from colocate import mps
+
+            mps.stop_daemon(topo.mps_status)
+        if dist.is_initialized():
+            dist.destroy_process_group()
