@@ -2,7 +2,7 @@
 
 Order of calls (the topology module orchestrates; nothing here talks to other ranks):
 
-    plan = make_plan(cfg.mps, job_token())           # every rank, pure
+    plan = plan_from_config(cfg.mps, job_token())           # every rank, pure
     # node-local rank 0, before ANY process of the node touches CUDA:
     handle = start_daemon(plan, timeout_s)           # None: no MPS (off, or auto fallback)
     status = node_status(plan, handle)               # small, picklable: share it on the node
@@ -132,7 +132,7 @@ def check_sm_shares(section: MpsSection) -> list[str]:
     return []
 
 
-def make_plan(section: MpsSection, token: str, *, tmp_dir: str | None = None) -> MpsPlan:
+def plan_from_config(section: MpsSection, token: str, *, tmp_dir: str | None = None) -> MpsPlan:
     """Derive the node's MPS plan from the config section and the job token; pure."""
     for msg in check_sm_shares(section):
         log.warning("mps: %s", msg)
@@ -606,3 +606,20 @@ def apply_trainer_memory_cap(fraction: float, device: int, cuda_api: Any = None)
         return False
     cuda_api.set_per_process_memory_fraction(fraction, device)
     return True
+
+
+def _main(argv: Sequence[str]) -> int:
+    """``python -m colocate.mps probe [timeout_s]``: one client probe with this environment
+    (what launch/mps.sh runs to check a daemon by hand). Exit 0 when a client connects."""
+    if not argv or argv[0] != "probe":
+        print("usage: python -m colocate.mps probe [timeout_s]", file=sys.stderr)
+        return 2
+    result = probe_client(os.environ, float(argv[1]) if len(argv) > 1 else 60.0)
+    pipe = os.environ.get(PIPE_ENV, f"{DEFAULT_PIPE_DIR} (default)")
+    print(f"{'ok' if result.ok else 'FAILED'}: {result.detail}; devices={result.num_devices} "
+          f"gpu_mem_bytes={result.gpu_mem_bytes}; {PIPE_ENV}={pipe}")
+    return 0 if result.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -132,7 +132,7 @@ def fake(tmp_path, monkeypatch):
         @staticmethod
         def plan(mode="auto", **kw) -> mps.MpsPlan:
             # A short root: pytest's tmp_path can exceed the socket-path limit of the pipe dir.
-            return mps.make_plan(MpsSection(mode=mode, **kw), "tok", tmp_dir=short_tmp)
+            return mps.plan_from_config(MpsSection(mode=mode, **kw), "tok", tmp_dir=short_tmp)
 
     short_tmp = tempfile.mkdtemp(prefix="cmps", dir="/tmp")
     yield Fake
@@ -143,17 +143,17 @@ def fake(tmp_path, monkeypatch):
 
 
 def test_long_pipe_dir_is_refused_with_the_fix(fake):
-    plan = mps.make_plan(MpsSection(mode="required", pipe_dir="/tmp/" + "x" * 100), "tok")
+    plan = mps.plan_from_config(MpsSection(mode="required", pipe_dir="/tmp/" + "x" * 100), "tok")
     with pytest.raises(mps.MpsError, match="socket path limit. Set mps.pipe_dir"):
         mps.start_daemon(plan, timeout_s=1, probe_argv=fake.probe_argv)
 
 
 def test_plan_uses_private_dirs_unless_pipe_dir_set(tmp_path):
-    plan = mps.make_plan(MpsSection(), "tok", tmp_dir=str(tmp_path))
+    plan = mps.plan_from_config(MpsSection(), "tok", tmp_dir=str(tmp_path))
     root = str(tmp_path / "colocate-mps-tok")
     assert (plan.private_root, plan.pipe_dir, plan.log_dir) == (root, f"{root}/pipe", f"{root}/log")
     assert plan.env == {mps.PIPE_ENV: f"{root}/pipe", mps.LOG_ENV: f"{root}/log"}
-    plan = mps.make_plan(MpsSection(pipe_dir="/run/mps"), "tok", tmp_dir=str(tmp_path))
+    plan = mps.plan_from_config(MpsSection(pipe_dir="/run/mps"), "tok", tmp_dir=str(tmp_path))
     assert plan.pipe_dir == "/run/mps" and plan.log_dir == f"{root}/log"
 
 
@@ -274,16 +274,16 @@ def test_stop_terminates_a_daemon_deaf_to_quit(fake, monkeypatch):
 
 
 def test_role_env_values():
-    plan = mps.make_plan(MpsSection(trainer_sm_percent=60, engine_sm_percent=80,
+    plan = mps.plan_from_config(MpsSection(trainer_sm_percent=60, engine_sm_percent=80,
                                     trainer_mem_fraction=0.45, engine_mem_fraction=0.4,
                                     pinned_mem_limit=True), "tok")
     assert mps.role_env(plan, "trainer") == {mps.SM_ENV: "60"}  # memory size not known yet
     plan = mps.node_status(plan, mps.DaemonHandle(plan, True, "x", gpu_mem_bytes=80 * GIB)).plan
     assert mps.role_env(plan, "trainer", device=1) == {mps.SM_ENV: "60", mps.PINNED_ENV: "1=36864M"}
     assert mps.role_env(plan, "engine") == {mps.SM_ENV: "80", mps.PINNED_ENV: "0=32768M"}
-    no_pin = mps.make_plan(MpsSection(), "tok")
+    no_pin = mps.plan_from_config(MpsSection(), "tok")
     assert mps.role_env(no_pin, "engine") == {mps.SM_ENV: "100"}
-    assert mps.role_env(mps.make_plan(MpsSection(mode="off"), "tok"), "trainer") == {}
+    assert mps.role_env(mps.plan_from_config(MpsSection(mode="off"), "tok"), "trainer") == {}
     with pytest.raises(ValueError, match="role 'draft'"):
         mps.role_env(no_pin, "draft")
 
@@ -308,7 +308,7 @@ def test_sm_share_checks():
     [msg] = mps.check_sm_shares(MpsSection(mode="off", engine_sm_percent=50))
     assert "mps.engine_sm_percent is ignored" in msg
     with pytest.warns(UserWarning, match="stay idle"):
-        mps.make_plan(MpsSection(trainer_sm_percent=10, engine_sm_percent=10), "tok")
+        mps.plan_from_config(MpsSection(trainer_sm_percent=10, engine_sm_percent=10), "tok")
 
 
 def test_real_probe_reports_instead_of_raising():
@@ -390,3 +390,32 @@ def test_real_probe_script_against_fake_libcuda(fake_libcuda, monkeypatch):
     result = mps.probe_client(os.environ, timeout_s=60)
     assert not result.ok and result.cu_result == 805
     assert result.detail == "CUresult 805 (CUDA_ERROR_MPS_CONNECTION_FAILED) from cuDevicePrimaryCtxRetain"
+
+
+def test_launch_helper_start_status_stop(fake, monkeypatch):
+    """launch/mps.sh keeps the same dirs convention and lifecycle as the module."""
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "launch", "mps.sh")
+    root = os.path.join(fake.plan().private_root.rsplit("/", 1)[0], "colocate-mps-manual")
+    monkeypatch.setenv("TMPDIR", os.path.dirname(root))
+    monkeypatch.setenv("COLOCATE_MPS_TOKEN", "manual")
+    monkeypatch.setenv("MPS_TIMEOUT_S", "10")
+    monkeypatch.setenv("MPS_PROBE_CMD", " ".join(fake.probe_argv))
+    monkeypatch.setenv("FAKE_PROBE_FAILS", "1")
+
+    def run(cmd):
+        return subprocess.run(["bash", script, cmd], capture_output=True, text=True, timeout=30)
+
+    started = run("start")
+    assert started.returncode == 0, started.stderr
+    assert os.path.exists(f"{root}/pipe/control") and run("pipe").stdout.strip() == f"{root}/pipe"
+    [pid] = fake.daemon_pids()
+    assert "CUDA_VISIBLE_DEVICES=<unset>" in open(f"{root}/log/control.log").read()
+    assert f"pid {pid} (running)" in run("status").stdout
+    # The module reuses a hand-started daemon and leaves it running.
+    plan = mps.plan_from_config(MpsSection(mode="required", pipe_dir=f"{root}/pipe"), "x",
+                                tmp_dir=os.path.dirname(root))
+    handle = mps.start_daemon(plan, timeout_s=10, probe_argv=fake.probe_argv)
+    assert not handle.owned and mps.stop_daemon(handle) and mps._alive(pid)
+    stopped = run("stop")
+    assert stopped.returncode == 0, stopped.stderr
+    assert not mps._alive(pid) and not os.path.exists(root)
