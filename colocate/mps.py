@@ -2,15 +2,15 @@
 
 Order of calls (the topology module orchestrates; nothing here talks to other ranks):
 
-    plan = plan_from_config(cfg.mps, job_token())           # every rank, pure
+    plan = plan_from_config(cfg.mps, token)         # every rank, pure; same token node-wide
     # node-local rank 0, before ANY process of the node touches CUDA:
-    handle = start_daemon(plan, timeout_s)           # None: no MPS (off, or auto fallback)
-    status = node_status(plan, handle)               # small, picklable: share it on the node
+    handle = start_daemon(plan, timeout_s)          # None: no MPS (off, or auto fallback)
+    status = node_status(plan, handle)              # small, picklable: share it on the node
     # every rank of the node (rank 0 too), before its first CUDA call:
-    activate(status, role, device=local_rank // 2)   # sets os.environ for this process
+    activate(status, role, device=local_rank // 2)  # sets os.environ for this process
     ...  train  ...
     # every rank finishes CUDA work, node barrier, then node-local rank 0:
-    stop_daemon(handle, timeout_s)                   # no-op unless this process owns it
+    stop_daemon(handle, timeout_s)                  # no-op unless this process owns it
 
 Why the probe: the control pipe appearing does not mean the daemon serves clients yet. A
 client that connects too early fails with CUDA error 805 (MPS_CONNECTION_FAILED) and stays
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import hashlib
 import logging
 import os
 import re
@@ -109,7 +110,6 @@ def job_token(env: Mapping[str, str] | None = None) -> str:
         parts.append(f"p{os.getppid()}")
     token = re.sub(r"[^A-Za-z0-9_.-]", "_", "-".join(parts))
     if len(token) > 24:
-        import hashlib
         token = f"{parts[0]}-{hashlib.sha1(token.encode()).hexdigest()[:12]}"
     return token
 
@@ -394,8 +394,8 @@ def _start_or_raise(plan: MpsPlan, timeout_s: float, probe_argv: Sequence[str] |
     except BaseException:
         # The error already holds the log tail; leave no daemon and no dirs of ours behind.
         # A daemon we did not start (`-d` refused: one already runs there) is left alone.
-        if handle.owned:
-            stop_daemon(handle, timeout_s=min(max(timeout_s, 1.0), 10.0))
+        if handle.owned and not stop_daemon(handle, timeout_s=min(max(timeout_s, 1.0), 10.0)):
+            atexit.register(_stop_at_exit, handle)  # one more try when this process ends
         elif fresh_root:
             shutil.rmtree(plan.private_root, ignore_errors=True)
         raise
@@ -454,16 +454,17 @@ def stop_daemon(handle: DaemonHandle | None, timeout_s: float = 30.0) -> bool:
     """Quit an owned daemon, wait (bounded) for it to exit, remove the private dirs.
 
     Call on the owner after a node barrier that every local rank enters once its CUDA work
-    is done. Idempotent; a no-op for None or a reused daemon. Returns False (and logs a
-    warning naming the pid, the pipe dir and the fix) when the daemon outlived
-    ``timeout_s``; the dirs are then kept so it can still be stopped by hand
-    (``launch/mps.sh stop``). Never raises for a daemon that will not die: the run's result
-    should not depend on it.
+    is done. Idempotent; a no-op for None or a reused daemon. ``quit`` first, SIGTERM to
+    the daemon's pid after half of ``timeout_s``. Returns False (and logs a warning naming
+    the pid, the pipe dir and the fix) when the daemon outlived ``timeout_s``; the dirs are
+    then kept so it can be stopped by hand (``launch/mps.sh stop``), and a later call (the
+    atexit hook, once this process's own CUDA context is gone) tries again. Never raises
+    for a daemon that will not die: the run's result should not depend on it.
     """
     if handle is None or handle.stopped:
         return True
-    handle.stopped = True
     if not handle.owned:
+        handle.stopped = True
         return True
     plan = handle.plan
     control = os.path.join(plan.pipe_dir, "control")
@@ -476,7 +477,10 @@ def stop_daemon(handle: DaemonHandle | None, timeout_s: float = 30.0) -> bool:
         log.debug("mps: `echo quit | %s` failed: %s", handle.control_bin, e)
     gone = _wait_gone(handle, control, time.monotonic() + max(deadline - time.monotonic(), 0) / 2)
     if not gone and handle.pid and _is_control_daemon(handle.pid, handle.control_bin):
-        os.kill(handle.pid, signal.SIGTERM)  # ours, and deaf to quit
+        try:
+            os.kill(handle.pid, signal.SIGTERM)  # ours, and deaf to quit
+        except OSError:  # exited in between
+            pass
         gone = _wait_gone(handle, control, deadline)
     if not gone:
         log.warning("mps: the control daemon (pid %s) serving %s did not exit within %.1fs of "
@@ -484,6 +488,7 @@ def stop_daemon(handle: DaemonHandle | None, timeout_s: float = 30.0) -> bool:
                     "(or kill %s). Log dir: %s", handle.pid, plan.pipe_dir, timeout_s,
                     plan.pipe_dir, handle.pid, plan.log_dir)
         return False
+    handle.stopped = True
     shutil.rmtree(plan.private_root, ignore_errors=True)
     return True
 
