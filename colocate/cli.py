@@ -22,6 +22,8 @@ _READABLE = ("ConfigError", "TopologyError", "DataError", "MpsError", "PeerError
 def _commands() -> dict[str, tuple[str, str]]:
     """name -> (module, help). Modules are imported only when their command runs."""
     return {
+        "train": ("colocate.train.command", "train a draft with the target on the same GPUs"),
+        "export": ("colocate.export", "write a run's draft as an sglang EAGLE3 checkpoint"),
         "selftest": ("colocate.selftest", "ring end to end with a synthetic engine (torchrun)"),
     }
 

@@ -161,7 +161,7 @@ class Topology:
     role_group: dist.ProcessGroup      # NCCL on GPU, gloo on CPU; this role's ranks only
     role_cpu_group: dist.ProcessGroup  # gloo twin for CPU metadata
     mps_status: object | None = None   # colocate.mps.MpsStatus; None on CPU
-    owns_mps: bool = False
+    mps_handle: object | None = None   # colocate.mps.DaemonHandle on the node rank that started it
 
     @property
     def role(self) -> Role:
@@ -179,6 +179,13 @@ class Topology:
     def role_rank(self) -> int:
         """Index among this role's ranks (rank within role_group)."""
         return self.info.rank // 2
+
+    def trainer_mesh(self):
+        """1-D DeviceMesh over the trainer group, for FSDP2 (trainers only)."""
+        from torch.distributed.device_mesh import DeviceMesh
+
+        assert self.is_trainer, "only trainers hold the trainer mesh"
+        return DeviceMesh.from_group(self.role_group, self.device.type)
 
     @property
     def is_first(self) -> bool:
@@ -212,16 +219,18 @@ def init_topology(*, device: str = "auto", timeout_s: float = 900.0, mps=None) -
     dist.broadcast_object_list(token, src=0)
     job_token = token[0]
 
-    mps_status, owns_mps = None, False
+    mps_status, mps_handle = None, None
     if device_type == "cuda":
-        mps_status, owns_mps = _setup_mps(info, mps, job_token, timeout_s)
+        # CPU affinity reaches only threads created after the call: bind before CUDA starts
+        # its own threads.
+        _bind_numa(info)
+        mps_status, mps_handle = _setup_mps(info, mps, job_token, timeout_s)
         num_gpus = torch.cuda.device_count()  # first CUDA call, after MPS is set
         validate_gpu_count(info, num_gpus)
         torch.cuda.set_device(info.gpu_index)
         torch_device = torch.device("cuda", info.gpu_index)
     else:
         torch_device = torch.device("cpu")
-    _bind_numa(info, device_type)
 
     # Same order on every rank: group creation is collective over the default group.
     role_backend = "nccl" if device_type == "cuda" else "gloo"
@@ -233,28 +242,26 @@ def init_topology(*, device: str = "auto", timeout_s: float = 900.0, mps=None) -
     dist.barrier()  # start-up barrier: every rank has its groups before any role work
     return Topology(info=info, device=torch_device, job_token=job_token, pids=pids,
                     role_group=role_group, role_cpu_group=role_cpu_group,
-                    mps_status=mps_status, owns_mps=owns_mps)
+                    mps_status=mps_status, mps_handle=mps_handle)
 
 
 def _setup_mps(info: RankInfo, mps_cfg, job_token: str, timeout_s: float):
     """Node-local rank 0 starts (or reuses) the daemon; everyone activates it before CUDA."""
     from colocate import mps
+    from colocate.config import MpsSection
 
-    plan = mps.plan_from_config(mps_cfg, job_token)
-    status, owns = None, False
+    plan = mps.plan_from_config(mps_cfg or MpsSection(mode="off"), job_token)
+    handle, status = None, None
     if info.local_rank == 0:
-        status = mps.start_daemon(plan, timeout_s=min(timeout_s, 120.0))
-        owns = status.owned
+        handle = mps.start_daemon(plan, timeout_s=min(timeout_s, 120.0))
+        status = mps.node_status(plan, handle)
     statuses = _gather(status, info.world_size)  # start-up barrier: nobody touches CUDA before
-    node_first = info.rank - info.local_rank
-    status = statuses[node_first]
-    mps.activate(plan, status, info.role.value)
-    return status, owns
+    status = statuses[info.rank - info.local_rank]
+    mps.activate(status, info.role.value, device=info.gpu_index)
+    return status, handle
 
 
-def _bind_numa(info: RankInfo, device_type: str) -> None:
-    if device_type != "cuda":
-        return
+def _bind_numa(info: RankInfo) -> None:
     from colocate import numa
 
     result = numa.bind_to_gpu(info.gpu_index)
@@ -269,9 +276,9 @@ def close_topology(topo: Topology, timeout_s: float = 300.0) -> None:
             dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s),
                                    wait_all_ranks=True)
     finally:
-        if topo.owns_mps:
+        if topo.mps_handle is not None:
             from colocate import mps
 
-            mps.stop_daemon(topo.mps_status)
+            mps.stop_daemon(topo.mps_handle)
         if dist.is_initialized():
             dist.destroy_process_group()

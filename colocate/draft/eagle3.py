@@ -38,7 +38,25 @@ from torch import nn
 from colocate.draft.arch import DraftArch
 from colocate.draft.attention import apply_rope, rope_cos_sin, ttt_attention, upcast
 
-KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+class KVCache:
+    """Keys/values of the unroll steps so far, one (k, v) pair per step.
+
+    A plain class on purpose, not a list: FSDP2's mixed-precision input cast (and any
+    forward pre-hook that maps over inputs) rebuilds the lists it traverses, so appends made
+    inside `forward` would land in a copy and the next step would see an empty cache.
+    """
+
+    def __init__(self):
+        self.entries: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def append(self, kv: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.entries.append(kv)
 """Keys/values ([T, Hkv, D] each, RoPE applied) of the unroll steps so far, step 0 first."""
 
 

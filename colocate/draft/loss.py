@@ -141,7 +141,7 @@ def eagle3_unroll(draft: Eagle3Draft, embed_weight: torch.Tensor, aux_hidden: to
     embed_weight = embed_weight.detach()
     target_top_T = target_p.argmax(-1)
 
-    kv_cache: KVCache = []
+    kv_cache = KVCache()
     hidden = aux_hidden
     total = torch.zeros((), dtype=torch.float32, device=device)  # promoted by float64 steps
     step_losses, accs, counts = [], [], []

@@ -1,0 +1,144 @@
+"""Progress lines and RUN_DIR/metrics.jsonl, without extra synchronisation in the step loop.
+
+Per-step metrics start as device tensors, are summed across trainers with an asynchronous
+all-reduce on the trainer group, and are turned into numbers only when the first trainer
+writes them (rate-limited): that `.tolist()` is the only host sync, and only on that rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from colocate.draft import simulated_accept_length
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class MetricsLog:
+    """Collects per-step metrics; the first trainer appends them to metrics.jsonl."""
+
+    def __init__(self, path: str | None, *, group, device: torch.device, num_pairs: int,
+                 flush_every_s: float = 10.0):
+        self.path = path
+        self.group = group
+        self.device = device
+        self.num_pairs = num_pairs
+        self.flush_every_s = flush_every_s
+        self.pending: list = []
+        self.last: dict | None = None
+        self._last_flush = time.monotonic()
+        if path:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+
+    def _host_scalar(self, value: float) -> torch.Tensor:
+        t = torch.tensor([float(value)], dtype=torch.float32)
+        if self.device.type == "cuda":  # pinned + non_blocking: no stream sync
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
+    def record(self, step: int, stats: torch.Tensor, grad_norm: torch.Tensor, *, lr: float,
+               tokens: int, seconds: float, trainer_wait_s: float, engine_wait_s: float) -> None:
+        """stats: [loss, acc_0..acc_{K-1}] averaged over this trainer's micro-steps."""
+        vec = torch.cat([stats.float(), grad_norm.float().reshape(1) / self.num_pairs,
+                         self._host_scalar(tokens)])
+        work = dist.all_reduce(vec, group=self.group, async_op=True)
+        self.pending.append((step, vec, work, dict(lr=lr, seconds=seconds,
+                                                   trainer_wait_s=trainer_wait_s,
+                                                   engine_wait_s=engine_wait_s)))
+        if self.path is None:  # other trainers: nothing to write, just retire the handles
+            self._retire(write=False)
+        elif time.monotonic() - self._last_flush >= self.flush_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        self._retire(write=self.path is not None)
+        self._last_flush = time.monotonic()
+
+    def _retire(self, write: bool) -> None:
+        lines = []
+        for step, vec, work, host in self.pending:
+            work.wait()
+            if not write:
+                continue
+            values = vec.tolist()  # host sync (first trainer, log time only)
+            num_acc = len(values) - 3
+            acc = [v / self.num_pairs for v in values[1:1 + num_acc]]
+            row = {"step": step + 1, "loss": values[0] / self.num_pairs,
+                   **{f"acc_{k}": a for k, a in enumerate(acc)},
+                   "accept_length": simulated_accept_length(acc),
+                   "grad_norm": values[1 + num_acc], "lr": host["lr"],
+                   "tokens": int(values[-1]),
+                   "tokens_per_s": values[-1] / max(host["seconds"], 1e-9),
+                   "step_s": host["seconds"], "trainer_wait_s": host["trainer_wait_s"],
+                   "engine_wait_s": host["engine_wait_s"]}
+            lines.append(json.dumps(row))
+            self.last = row
+        self.pending.clear()
+        if lines:
+            with open(self.path, "a") as f:
+                f.write("\n".join(lines) + "\n")
+
+
+class Progress:
+    """One line per micro-step on the first trainer, at most every `every_s` seconds."""
+
+    def __init__(self, *, enabled: bool, max_steps: int, micro_steps: int, every_s: float,
+                 stream=None):
+        self.enabled = enabled
+        self.max_steps = max_steps
+        self.micro_steps = micro_steps
+        self.every_s = every_s
+        self.stream = stream or sys.stdout
+        self.start = time.monotonic()
+        self.steps_done = 0
+        self.first_step = 0
+        self.last: dict | None = None  # latest written metrics row
+        self._last_print = 0.0
+        self._tokens = 0  # this pair's tokens in finished steps
+
+    def micro(self, step: int, micro: int, *, step_tokens: int, trainer_wait_s: float,
+              engine_wait_s: float) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self._last_print < self.every_s:
+            return
+        self._last_print = now
+        elapsed = max(now - self.start, 1e-9)
+        done = self.steps_done + (micro + 1) / self.micro_steps
+        eta = elapsed / done * (self.max_steps - self.first_step - done)
+        metrics = self.last or {}
+        loss = f"loss {metrics['loss']:.4f} acc_0 {metrics['acc_0']:.3f}" if metrics else \
+            "loss -- acc_0 --"
+        print(f"step {step + 1}/{self.max_steps} micro {micro + 1}/{self.micro_steps} | "
+              f"{(self._tokens + step_tokens) / elapsed:,.0f} tok/s/GPU | "
+              f"ETA {_duration(eta)} | {loss} | wait: trainer {100 * trainer_wait_s / elapsed:.0f}% "
+              f"engine {100 * engine_wait_s / elapsed:.0f}%", file=self.stream, flush=True)
+
+    def step_done(self, step: int, metrics: dict | None, tokens: int) -> None:
+        if self.steps_done == 0:
+            self.first_step = step
+        self.steps_done += 1
+        self._tokens += tokens
+        self.last = metrics
+
+    def finish(self, metrics: dict | None) -> None:
+        if not self.enabled:
+            return
+        elapsed = time.monotonic() - self.start
+        if metrics:
+            accs = " ".join(f"acc_{k} {v:.3f}" for k, v in metrics.items() if k.startswith("acc_"))
+            print(f"done: {self.steps_done} steps in {_duration(elapsed)} | final loss "
+                  f"{metrics['loss']:.4f} | {accs} | accept length "
+                  f"{metrics['accept_length']:.2f}", file=self.stream, flush=True)

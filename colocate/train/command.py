@@ -1,0 +1,88 @@
+"""`colocate train`: train an Eagle3 draft while the target runs on the same GPUs.
+
+    torchrun --nproc-per-node 2G -m colocate train --config run.yaml [key=value ...]
+
+Even ranks train the draft (FSDP2 over the trainer group); odd ranks run the target and
+stream its features through the ring. Writes RUN_DIR/config.yaml, metrics.jsonl,
+checkpoints/ and, at the end, export/ (sglang-loadable EAGLE3 draft).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from colocate.config import load_config, save_config
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="YAML run config (default: built-in tiny)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. train.max_steps=20 run.dir=runs/x")
+
+
+def main(args: argparse.Namespace) -> int:
+    from transformers import AutoConfig
+
+    from colocate.engine.base import resolve_aux_layer_ids
+    from colocate.topology import close_topology, init_topology
+    from colocate.transport import open_pair_channel
+
+    cfg = load_config(args.config, args.overrides)  # fails before any process group exists
+    if not os.path.isfile(os.path.join(cfg.target.path, "config.json")):
+        raise FileNotFoundError(f"target.path {cfg.target.path}: no config.json; point it at a "
+                                "local model directory (for the demo: python examples/tiny/build.py)")
+    target_config = AutoConfig.from_pretrained(cfg.target.path, local_files_only=True)
+    aux = resolve_aux_layer_ids(cfg.target.aux_layer_ids, target_config.num_hidden_layers)
+
+    topo = init_topology(device=cfg.run.device, timeout_s=cfg.run.startup_timeout_s, mps=cfg.mps)
+    info = topo.info
+    if topo.is_first and topo.is_trainer:
+        os.makedirs(cfg.run.dir, exist_ok=True)
+        save_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
+        log.info("run %s: %d pair(s) on %s; resolved config in %s/config.yaml", cfg.run.dir,
+                 info.num_pairs, topo.device.type, cfg.run.dir)
+    channel = open_pair_channel(engine=not topo.is_trainer, me=info.name,
+                                peer_rank=info.peer_rank, peer_pid=topo.peer_pid,
+                                job_token=topo.job_token, pair_index=info.pair_index,
+                                timeout_s=cfg.run.startup_timeout_s)
+    try:
+        if topo.is_trainer:
+            _train(cfg, topo, channel, target_config, aux)
+        else:
+            from colocate.train.engine_loop import run_engine
+
+            run_engine(cfg, topo, channel, target_config=target_config)
+    except BaseException as e:
+        # Tell the peer why, so it fails with our reason instead of "peer died".
+        channel.report_error(f"{info.name}: {type(e).__name__}: {e}")
+        raise
+    finally:
+        channel.close()
+    close_topology(topo, timeout_s=cfg.run.timeout_s)
+    return 0
+
+
+def _train(cfg, topo, channel, target_config, aux) -> None:
+    import torch
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from colocate.export import export_draft
+    from colocate.train.trainer import DraftTrainer
+
+    if topo.device.type == "cuda" and cfg.mps.trainer_mem_fraction > 0:
+        torch.cuda.set_per_process_memory_fraction(cfg.mps.trainer_mem_fraction, topo.device)
+    trainer = DraftTrainer(cfg, topo, channel, target_config=target_config, aux_layer_ids=aux)
+    trainer.train()
+    # Gather the full weights over the trainer mesh (all trainers), write on the first.
+    full = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True,
+                                                                        cpu_offload=True))
+    if topo.is_first:
+        out = export_draft(full, trainer.arch, d2t=trainer.vocab["d2t"], t2d=trainer.vocab["t2d"],
+                           aux_layer_ids=aux, target_config=target_config,
+                           out_dir=os.path.join(cfg.run.dir, "export"))
+        log.info("exported the draft to %s", out)
+    trainer.close()

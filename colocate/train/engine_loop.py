@@ -1,0 +1,99 @@
+"""Engine rank: owns its pair's data and runs the target's prefill into the ring.
+
+Order (the trainer mirrors it in trainer.py):
+  1. tokenize the data (the first engine builds the cache, the others then read it) and
+     build the draft vocabulary from loss-masked token frequencies;
+  2. load the target (before the trainer allocates its draft, so the engine sizes its
+     memory first);
+  3. send `plan` (vocabulary, data counts); receive `start` (step and data position);
+  4. produce (max_steps - start_step) * micro_steps packed micro-steps, then `end`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from colocate.config import Config
+from colocate.data import DataStream, load_or_build_tokenized, load_or_build_vocab
+from colocate.engine import build_engine
+from colocate.topology import Topology
+from colocate.transport import PairChannel, RingProducer
+
+log = logging.getLogger(__name__)
+
+
+def default_cache_dir(cfg: Config) -> str:
+    return cfg.data.cache_dir or os.path.join(os.path.dirname(os.path.abspath(cfg.run.dir)),
+                                              ".cache")
+
+
+def prepare_data(cfg: Config, tokenizer, target_vocab_size: int):
+    """Tokenized dataset + draft vocabulary (both cached on disk)."""
+    cache_dir = default_cache_dir(cfg)
+    tokenized = load_or_build_tokenized(cfg.data, tokenizer, cfg.target.path, cache_dir)
+    vocab = load_or_build_vocab(tokenized, cfg.draft.draft_vocab_size, target_vocab_size,
+                                cache_dir)
+    return tokenized, vocab
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"target.path {path}: no such directory; point it at a local "
+                                "model directory (config.json, safetensors, tokenizer)")
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def run_engine(cfg: Config, topo: Topology, channel: PairChannel, *, target_config) -> None:
+    startup = cfg.run.startup_timeout_s
+    info = topo.info
+
+    # 1. Data and vocabulary. The first engine tokenizes; the rest wait on the engine group
+    #    and then hit the cache (a gloo barrier among engines only).
+    tokenizer = load_tokenizer(cfg.target.path)
+    if topo.is_first:
+        tokenized, vocab = prepare_data(cfg, tokenizer, target_config.vocab_size)
+        log.info("data: %s", tokenized.stats.format())
+    dist.barrier(group=topo.role_cpu_group)
+    if not topo.is_first:
+        tokenized, vocab = prepare_data(cfg, tokenizer, target_config.vocab_size)
+    stream = DataStream(tokenized, seed=cfg.run.seed, shuffle=cfg.data.shuffle,
+                        shard_index=info.pair_index, num_shards=info.num_pairs,
+                        tokens_per_micro_step=cfg.data.tokens_per_micro_step)
+
+    # 2. The target model, under the engine's memory cap.
+    if topo.device.type == "cuda" and cfg.mps.engine_mem_fraction > 0:
+        torch.cuda.set_per_process_memory_fraction(cfg.mps.engine_mem_fraction, topo.device)
+    engine = build_engine(cfg, topo.device)
+
+    # 3. Tell the trainer what it trains against; learn where to start.
+    channel.send("plan", d2t=vocab.d2t, t2d=vocab.t2d, draft_ids=vocab.draft_ids,
+                 stats_line=tokenized.stats.format())
+    _, start = channel.recv("start", startup, "the trainer's start (step and data position)")
+    if start["data_state"] is not None:
+        stream.load_state(start["data_state"])
+    num_messages = (cfg.train.max_steps - start["start_step"]) * cfg.train.micro_steps
+
+    # 4. Stream micro-steps through the ring.
+    budget = cfg.data.tokens_per_micro_step
+    ring = RingProducer.start(channel, num_slots=cfg.transport.num_slots,
+                              slot_bytes=engine.slot_bytes(budget, budget), device=topo.device,
+                              name=f"colocate-{topo.job_token}-pair{info.pair_index}",
+                              timeout_s=startup)
+    for n in range(num_messages):
+        batch = stream.next_micro_batch()
+        writer = ring.acquire()
+        engine.prefill(batch, writer, budget=budget)
+        writer.meta.update(seq_lens=batch.seq_lens.tolist(), data_state=stream.state(),
+                           engine_wait_s=ring.stats.wait_s)
+        ring.publish(writer)
+        if n == cfg.train.micro_steps + cfg.transport.num_slots:
+            # The trainer finished its first optimizer step: start-up is over.
+            ring.timeout_s = cfg.run.timeout_s
+    ring.close()

@@ -1,0 +1,13 @@
+"""Learning-rate schedule: linear warmup, then cosine decay to lr * min_lr_ratio."""
+
+import math
+
+
+def lr_at(step: int, *, lr: float, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """Learning rate for optimizer step `step` (0-based)."""
+    if warmup_steps and step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    decay_steps = max(1, max_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * cosine)

@@ -1,0 +1,59 @@
+"""The two target tensors a trainer needs: the input embedding (frozen, feeds the draft) and
+the lm_head (frozen, turns the target's last hidden state into the teacher distribution).
+
+Only these are read from the target's safetensors, never the whole model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors import safe_open
+
+EMBED_NAMES = ("model.embed_tokens.weight", "embed_tokens.weight",
+               "model.language_model.embed_tokens.weight")
+HEAD_NAMES = ("lm_head.weight",)
+
+
+def _tensor_files(path: str) -> dict[str, str]:
+    """tensor name -> file, from the index when the checkpoint is sharded."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        return {name: os.path.join(path, file) for name, file in weight_map.items()}
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(single):
+        raise FileNotFoundError(
+            f"target.path {path}: no model.safetensors or model.safetensors.index.json; "
+            "point target.path at a local transformers checkpoint saved as safetensors")
+    with safe_open(single, framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def _load(files: dict[str, str], candidates: tuple[str, ...], path: str, what: str
+          ) -> torch.Tensor | None:
+    for name in candidates:
+        if name in files:
+            with safe_open(files[name], framework="pt") as f:
+                return f.get_tensor(name)
+    return None
+
+
+def load_embed_and_head(path: str, *, tie_word_embeddings: bool, dtype: torch.dtype,
+                        device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embed [V, H], lm_head [V, H]) of the target at `path`, frozen, on `device`."""
+    files = _tensor_files(path)
+    embed = _load(files, EMBED_NAMES, path, "embedding")
+    if embed is None:
+        raise FileNotFoundError(f"target.path {path}: no input embedding among "
+                                f"{', '.join(EMBED_NAMES)} in its safetensors")
+    head = None if tie_word_embeddings else _load(files, HEAD_NAMES, path, "lm_head")
+    if head is None and not tie_word_embeddings:
+        raise FileNotFoundError(f"target.path {path}: config says tie_word_embeddings=false "
+                                "but the safetensors hold no lm_head.weight")
+    embed = embed.to(device=device, dtype=dtype)
+    head = embed if head is None else head.to(device=device, dtype=dtype)
+    return embed.requires_grad_(False), head.requires_grad_(False)

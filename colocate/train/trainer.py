@@ -1,0 +1,197 @@
+"""Trainer rank: learns the Eagle3 draft from the features its engine streams through the ring.
+
+The trainer holds no dataset: the engine sends the draft vocabulary (`plan`) and then one
+packed micro-step per ring message; the trainer answers `start` with where to begin (step
+and data position from its checkpoint), so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from colocate.config import Config
+from colocate.draft import DraftArch, Eagle3Draft, eagle3_unroll, target_distribution
+from colocate.engine.base import feature_needs
+from colocate.progress import MetricsLog, Progress
+from colocate.topology import Topology
+from colocate.train import checkpoint as ckpt
+from colocate.train.schedule import lr_at
+from colocate.train.target_tensors import load_embed_and_head
+from colocate.transport import PairChannel, PeerError, RingConsumer
+
+log = logging.getLogger(__name__)
+
+
+def vocab_sha(d2t: torch.Tensor) -> str:
+    return hashlib.sha256(d2t.cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+def train_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """Compute dtype of the draft (master weights stay float32)."""
+    if cfg.target.dtype != "auto":
+        return getattr(torch, cfg.target.dtype)
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+class DraftTrainer:
+    def __init__(self, cfg: Config, topo: Topology, channel: PairChannel, *, target_config,
+                 aux_layer_ids: list[int]):
+        self.cfg, self.topo, self.channel = cfg, topo, channel
+        device = topo.device
+        startup = cfg.run.startup_timeout_s
+        dtype = train_dtype(cfg, device)
+
+        # 1. The engine's plan: the draft vocabulary it built from the data.
+        _, plan = channel.recv("plan", startup, "the engine's plan (data and draft vocabulary)")
+        self.vocab = {"d2t": plan["d2t"], "t2d": plan["t2d"]}
+        self.vocab_sha = vocab_sha(plan["d2t"])
+        self.draft_ids = plan["draft_ids"].to(device)
+        if topo.is_first:
+            log.info("data: %s", plan["stats_line"])
+
+        # 2. Frozen target tensors: input embedding for the draft, lm_head for the teacher.
+        self.embed, self.lm_head = load_embed_and_head(
+            cfg.target.path, tie_word_embeddings=bool(getattr(target_config,
+                                                              "tie_word_embeddings", False)),
+            dtype=dtype, device=device)
+
+        # 3. The draft, initialised identically on every trainer, then sharded over trainers.
+        self.arch = DraftArch.from_target_config(target_config, cfg.draft, len(aux_layer_ids))
+        assert self.arch.draft_vocab_size == len(self.draft_ids), "vocab and arch disagree"
+        model = Eagle3Draft(self.arch)
+        model.init_weights(torch.Generator().manual_seed(cfg.run.seed))
+        model.to(device)
+        mesh = topo.trainer_mesh()
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        # The draft is small and every micro-step runs it unroll_steps times: keep it
+        # unsharded between forwards instead of all-gathering it on every step.
+        fully_shard(model.midlayer, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+        fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+        self.model = model
+
+        # 4. AdamW over float32 master weights.
+        t = cfg.train
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas,
+                                           weight_decay=t.weight_decay,
+                                           foreach=device.type == "cuda")
+
+        # 5. Resume: model, optimizer and where the data stream stood.
+        self.start_step, data_state = 0, None
+        path = ckpt.find_resume(cfg.run.dir, cfg.checkpoint.resume)
+        if path:
+            meta = ckpt.load_checkpoint(path, model, self.optimizer, group=topo.role_cpu_group,
+                                        role_rank=topo.role_rank)
+            if meta.vocab_sha != self.vocab_sha:
+                raise ValueError(f"checkpoint {path} was trained with another draft vocabulary "
+                                 "(data or tokenizer changed); use checkpoint.resume=never or "
+                                 "a new run.dir")
+            self.start_step = meta.step
+            data_state = meta.data_states[topo.info.pair_index]
+            if topo.is_first:
+                log.info("resumed from %s at step %d", path, meta.step)
+        self.data_state = data_state
+        channel.send("start", start_step=self.start_step, data_state=data_state)
+
+        # 6. The ring: open the engine's slots; check every message against what we need.
+        needs = feature_needs(target_config.hidden_size, len(aux_layer_ids), dtype)
+        self.ring = RingConsumer.start(channel, device=device, needs=needs, timeout_s=startup)
+
+        self.progress = Progress(enabled=topo.is_first, max_steps=t.max_steps,
+                                 micro_steps=t.micro_steps, every_s=t.log_every_s)
+        self.metrics = MetricsLog(os.path.join(cfg.run.dir, "metrics.jsonl") if topo.is_first
+                                  else None, group=topo.role_group, device=device,
+                                  num_pairs=topo.info.num_pairs)
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> None:
+        t = self.cfg.train
+        first_step_done = False
+        for step in range(self.start_step, t.max_steps):
+            lr = lr_at(step, lr=t.lr, warmup_steps=t.warmup_steps, max_steps=t.max_steps,
+                       min_lr_ratio=t.min_lr_ratio)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            step_start = time.monotonic()
+            sums, tokens, engine_wait = None, 0, 0.0
+            for micro in range(t.micro_steps):
+                delivery = self.ring.receive()
+                if delivery is None:
+                    raise PeerError(f"{self.channel.me}: the engine ended the stream at step "
+                                    f"{step} micro-step {micro}, before train.max_steps")
+                with delivery:
+                    stats = self._micro_step(delivery, last=micro == t.micro_steps - 1)
+                    tokens += delivery.meta["num_tokens"]
+                    engine_wait = delivery.meta["engine_wait_s"]
+                    self.data_state = delivery.meta["data_state"]
+                sums = stats if sums is None else sums + stats
+                self.progress.micro(step, micro, step_tokens=tokens,
+                                    trainer_wait_s=self.ring.stats.wait_s,
+                                    engine_wait_s=engine_wait)
+            grad_norm = self._clip_and_step()
+            self.metrics.record(step, sums / t.micro_steps, grad_norm, lr=lr, tokens=tokens,
+                                seconds=time.monotonic() - step_start,
+                                trainer_wait_s=self.ring.stats.wait_s, engine_wait_s=engine_wait)
+            self.progress.step_done(step, self.metrics.last, tokens)
+            if not first_step_done:  # start-up is over: tighten every wait
+                self.ring.timeout_s = self.cfg.run.timeout_s
+                first_step_done = True
+            every = self.cfg.checkpoint.every_steps
+            if every and (step + 1) % every == 0 and step + 1 < t.max_steps:
+                self.save(step + 1)
+        self.metrics.flush()
+        self.save(t.max_steps)
+        self.progress.finish(self.metrics.last)
+
+    def _micro_step(self, delivery, *, last: bool) -> torch.Tensor:
+        """Forward + backward of one micro-step; returns device stats [loss, acc_0..K-1]."""
+        feats = delivery.tensors
+        with torch.no_grad():
+            target_p, in_draft = target_distribution(feats["last_hidden"], self.lm_head,
+                                                     self.draft_ids)
+        # Gradients are reduced across trainers once per optimizer step, not per micro-step.
+        self.model.set_requires_gradient_sync(last)
+        result = eagle3_unroll(self.model, self.embed, feats["aux_hidden"], target_p, in_draft,
+                               feats["input_ids"], feats["loss_mask"], feats["positions"],
+                               delivery.meta["seq_lens"], self.cfg.draft.unroll_steps,
+                               self.cfg.draft.position_decay)
+        (result.loss / self.cfg.train.micro_steps).backward()
+        return torch.cat([result.loss.detach().float().reshape(1), result.acc.float()])
+
+    def _clip_and_step(self) -> torch.Tensor:
+        """Global grad-norm clip over the trainer group, then the optimizer step.
+
+        Shards of an FSDP2 gradient are disjoint, so the global squared norm is the sum of
+        the local ones. A non-finite norm zeroes the update (checked on the device: no sync).
+        """
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+        sq = torch.stack([x.float().pow(2).sum() for x in local]).sum()
+        dist.all_reduce(sq, group=self.topo.role_group)
+        norm = sq.sqrt()
+        clip = self.cfg.train.grad_clip
+        scale = torch.clamp(clip / (norm + 1e-6), max=1.0) if clip else torch.ones_like(norm)
+        scale = torch.where(torch.isfinite(norm), scale, torch.zeros_like(scale))
+        torch._foreach_mul_(local, scale)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def save(self, step: int) -> None:
+        ckpt.save_checkpoint(self.cfg.run.dir, step, self.model, self.optimizer,
+                             data_state=self.data_state, vocab=self.vocab,
+                             vocab_sha=self.vocab_sha, group=self.topo.role_cpu_group,
+                             is_first=self.topo.is_first, keep_last=self.cfg.checkpoint.keep_last)
+
+    def close(self) -> None:
+        # The engine sends `end` after its last micro-step; release our side of the ring.
+        if self.ring.receive() is not None:
+            raise PeerError(f"{self.channel.me}: the engine sent more micro-steps than "
+                            "train.max_steps needs")
+        self.ring.close()
