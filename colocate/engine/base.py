@@ -1,0 +1,213 @@
+"""The engine interface: turn one packed micro-batch into the features the draft learns from.
+
+An engine rank runs the target model's prefill on a `MicroBatch` and writes, into one ring
+slot, everything its trainer needs (the wire format; `feature_needs` is the trainer's side):
+
+    input_ids    int64 [T]              the packed tokens
+    positions    int64 [T]              position within its own sequence
+    loss_mask    bool  [T]              trainable tokens
+    seq_lens     int32 [S]              lengths of the S packed sequences (sum T)
+    aux_hidden   dtype [T, num_aux * H] outputs of layers `aux_layer_ids`, concatenated in
+                                        that order (Eagle3's `fc` input)
+    last_hidden  dtype [T, H]           the final norm's output (the trainer applies lm_head)
+
+`TargetEngine.prefill` owns the checks and the slot layout; a backend only implements
+`_forward`, which fills the two hidden-state views in place on the device.
+
+Layer-id convention (mind it when adding backends): aux layer `i` means the OUTPUT of decoder
+layer `i` (0-based), i.e. transformers' `hidden_states[i + 1]`. A forward hook on layer `i`
+(the hf backend) captures exactly that. sglang's Eagle3 capture instead records the INPUT of
+layer `i + 1` (its `layers_to_capture` are shifted by one), which is the same tensor. The
+sglang backend must translate the ids so that both backends produce the same features from
+the same weights; a test must compare them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from colocate.data.packing import MicroBatch
+from colocate.transport.layout import Need
+from colocate.transport.ring import SlotWriter, layout_bytes
+
+FEATURE_NAMES = ("input_ids", "positions", "loss_mask", "seq_lens", "aux_hidden", "last_hidden")
+"""Tensors of one ring message, in the order the engine writes them."""
+
+# Dtypes of the bookkeeping tensors; the hidden states carry the engine's dtype.
+_INDEX_DTYPES = {"input_ids": torch.int64, "positions": torch.int64, "loss_mask": torch.bool,
+                 "seq_lens": torch.int32}
+
+
+def feature_needs(hidden_size: int, num_aux: int, dtype: torch.dtype) -> dict[str, Need]:
+    """The trainer's requirement table for one ring message ("T" tokens, "S" sequences)."""
+    return {
+        "input_ids": Need(torch.int64, ("T",)),
+        "positions": Need(torch.int64, ("T",)),
+        "loss_mask": Need(torch.bool, ("T",)),
+        "seq_lens": Need(torch.int32, ("S",)),
+        "aux_hidden": Need(dtype, ("T", num_aux * hidden_size)),
+        "last_hidden": Need(dtype, ("T", hidden_size)),
+    }
+
+
+# --------------------------------------------------------------------------- aux layer ids
+
+
+def default_aux_layer_ids(num_layers: int) -> list[int]:
+    """Eagle3's choice: outputs of a low, a middle and a late layer, [1, L//2 - 1, L - 4]."""
+    if num_layers < 4:
+        raise ValueError(
+            f"target.aux_layer_ids: the target has only {num_layers} decoder layers, too few for "
+            f"Eagle3's default [1, L//2-1, L-4]; set target.aux_layer_ids explicitly to ids in "
+            f"[0, {max(num_layers - 2, 0)}]")
+    return [1, num_layers // 2 - 1, num_layers - 4]
+
+
+def resolve_aux_layer_ids(configured: list[int] | None, num_layers: int) -> list[int]:
+    """`configured` checked against the target's depth, or Eagle3's default when None.
+
+    Valid ids are 0..L-2: the output of the last layer (L-1) is the final norm's input, and
+    the draft already receives the final norm's output as `last_hidden`."""
+    if configured is None:
+        return default_aux_layer_ids(num_layers)
+    ids = [int(i) for i in configured]
+    if not ids:
+        raise ValueError("target.aux_layer_ids: empty; give at least one layer id, or leave it "
+                         "null for Eagle3's default [1, L//2-1, L-4]")
+    bad = [i for i in ids if not 0 <= i <= num_layers - 2]
+    if bad:
+        raise ValueError(
+            f"target.aux_layer_ids: {bad} out of range for a target with {num_layers} decoder "
+            f"layers; valid ids are 0..{num_layers - 2} (0-based layer outputs; the last layer "
+            f"{num_layers - 1} is excluded because its output is the final norm's input, which "
+            f"the draft gets normalised as last_hidden). Fix the ids, or leave the key null for "
+            f"Eagle3's default")
+    return ids
+
+
+# --------------------------------------------------------------------------- interface
+
+
+class TargetEngine(ABC):
+    """One small interface for every backend; `prefill` is the only entry point callers use."""
+
+    @property
+    @abstractmethod
+    def hidden_size(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def num_layers(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def aux_layer_ids(self) -> list[int]: ...
+
+    @property
+    @abstractmethod
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device: ...
+
+    @abstractmethod
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_lens: torch.Tensor,
+                 aux_out: torch.Tensor, last_out: torch.Tensor) -> None:
+        """Backend hook: run the target on the packed batch (all arguments on `self.device`)
+        and fill `aux_out` [T, num_aux * H] and `last_out` [T, H] in place, without a host
+        round trip. The inputs are already checked."""
+
+    # ------------------------------------------------------------------ derived
+
+    @property
+    def num_aux(self) -> int:
+        return len(self.aux_layer_ids)
+
+    def needs(self) -> dict[str, Need]:
+        """What a trainer paired with this engine should require (see `feature_needs`)."""
+        return feature_needs(self.hidden_size, self.num_aux, self.dtype)
+
+    def _shapes(self, num_tokens: int, num_sequences: int
+                ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        t, h = num_tokens, self.hidden_size
+        return {"input_ids": ((t,), torch.int64), "positions": ((t,), torch.int64),
+                "loss_mask": ((t,), torch.bool), "seq_lens": ((num_sequences,), torch.int32),
+                "aux_hidden": ((t, self.num_aux * h), self.dtype),
+                "last_hidden": ((t, h), self.dtype)}
+
+    def slot_bytes(self, tokens_per_micro_step: int, max_sequences: int) -> int:
+        """Bytes of a ring slot that holds any micro-batch within the budget (every tensor's
+        offset is aligned, so the total does not depend on the order of the writes)."""
+        return layout_bytes(list(self._shapes(tokens_per_micro_step, max_sequences).values()))
+
+    # ------------------------------------------------------------------ public entry point
+
+    def prefill(self, batch: MicroBatch, writer: SlotWriter, *, budget: int) -> None:
+        """Check `batch`, write it and the target's features into `writer`'s slot.
+
+        Ordered on the current stream: the H2D copies of the ids, the forward that reads
+        them from the slot, and the writes of the features; the caller publishes after."""
+        num_tokens, num_sequences = self._check(batch, budget)
+        shapes = self._shapes(num_tokens, num_sequences)
+        on_device: dict[str, torch.Tensor] = {}
+        for name, src in (("input_ids", batch.input_ids), ("positions", batch.positions),
+                          ("loss_mask", batch.loss_mask), ("seq_lens", batch.seq_lens)):
+            view = writer.alloc(name, *shapes[name])
+            # non_blocking: asynchronous from pinned memory; from pageable memory the copy
+            # is staged and still correct. The forward reads the slot copy, so the ids cross
+            # the bus once.
+            view.copy_(src.reshape(view.shape), non_blocking=True)
+            on_device[name] = view
+        aux_out = writer.alloc("aux_hidden", *shapes["aux_hidden"])
+        last_out = writer.alloc("last_hidden", *shapes["last_hidden"])
+        with torch.no_grad():
+            self._forward(on_device["input_ids"], on_device["positions"], on_device["seq_lens"],
+                          aux_out, last_out)
+        writer.meta.update(num_tokens=num_tokens, num_sequences=num_sequences,
+                           aux_layer_ids=list(self.aux_layer_ids))
+
+    def _check(self, batch: MicroBatch, budget: int) -> tuple[int, int]:
+        """(T, S) of a well-formed batch that fits the budget; ValueError otherwise.
+
+        Runs on the batch's own tensors, which the packer builds on the CPU (no device sync)."""
+        ids, pos, mask, lens = batch.input_ids, batch.positions, batch.loss_mask, batch.seq_lens
+        num_tokens, num_sequences = ids.numel(), lens.numel()
+        what = f"the micro-batch has {num_tokens} tokens in {num_sequences} sequences"
+        if num_tokens > budget:
+            # Never truncate: a draft trained on a cut sequence learns from a context the
+            # target never saw.
+            raise ValueError(f"{what}, over the budget data.tokens_per_micro_step={budget}; the "
+                             "packer must not exceed it (raise data.tokens_per_micro_step, "
+                             "which also sizes the ring slots)")
+        if num_tokens == 0 or num_sequences == 0:
+            raise ValueError(f"{what}: empty micro-batch")
+        for name, t in (("input_ids", ids), ("positions", pos), ("loss_mask", mask)):
+            if t.dim() != 1 or t.numel() != num_tokens:
+                raise ValueError(f"{what}, but {name} has shape {list(t.shape)}; expected "
+                                 f"[{num_tokens}]")
+        lens64 = lens.to(torch.int64)
+        if lens.dim() != 1 or bool((lens64 <= 0).any()) or int(lens64.sum()) != num_tokens:
+            raise ValueError(f"{what}, but seq_lens {lens.tolist()} do not sum to {num_tokens} "
+                             "(or one is not positive)")
+        starts = torch.repeat_interleave(torch.cumsum(lens64, 0) - lens64, lens64)
+        expected = torch.arange(num_tokens, device=lens.device) - starts
+        if not torch.equal(pos.to(torch.int64), expected.to(pos.device)):
+            first = int((pos.to(expected.device) != expected).nonzero()[0, 0])
+            raise ValueError(f"{what}, but positions are not 0..len-1 per sequence (first "
+                             f"mismatch at token {first}: {int(pos[first])}, expected "
+                             f"{int(expected[first])}); the target would attend across "
+                             "sequence boundaries")
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= self.vocab_size:
+            # Checked here because an out-of-range id is an opaque device-side assert on CUDA.
+            raise ValueError(f"{what}, with token ids in [{low}, {high}] outside the target's "
+                             f"vocabulary of {self.vocab_size}; the tokenizer does not match "
+                             "target.path")
+        return num_tokens, num_sequences
