@@ -15,11 +15,14 @@ slot, everything its trainer needs (the wire format; `feature_needs` is the trai
 `_forward`, which fills the two hidden-state views in place on the device.
 
 Layer-id convention (mind it when adding backends): aux layer `i` means the OUTPUT of decoder
-layer `i` (0-based), i.e. transformers' `hidden_states[i + 1]`. A forward hook on layer `i`
-(the hf backend) captures exactly that. sglang's Eagle3 capture instead records the INPUT of
-layer `i + 1` (its `layers_to_capture` are shifted by one), which is the same tensor. The
-sglang backend must translate the ids so that both backends produce the same features from
-the same weights; a test must compare them.
+layer `i` (0-based; the residual stream after the layer), i.e. transformers'
+`hidden_states[i + 1]`. A forward hook on layer `i` (the hf backend) captures exactly that.
+sglang instead captures the INPUT of layer `i + 1` (hidden + residual at that layer's start),
+which is the same tensor: its `set_eagle3_layers_to_capture(ids)` takes ids in our convention
+and adds the one itself (its default [2, L//2, L-3] is our [1, L//2-1, L-4] shifted), and
+the exported draft's `eagle_aux_hidden_state_layer_ids` uses our convention too. So the
+sglang backend must pass `aux_layer_ids` through unchanged, never add one again, and a test
+must compare its features with the hf backend's from the same weights.
 """
 
 from __future__ import annotations

@@ -1,0 +1,178 @@
+"""The transformers backend: the reference engine, on any device.
+
+Runs only the base model (`model.model`: embeddings, decoder layers, final norm; the trainer
+applies lm_head itself) on the packed micro-batch as ONE sequence [1, T], with
+`position_ids` restarting at 0 for every packed sequence, no attention mask and no cache.
+transformers (5.x, `masking_utils.find_packed_sequence_indices`) then detects the packing
+from the position ids (a new sequence wherever a position is not its predecessor + 1) and
+builds a block-diagonal causal mask, so packed sequences do not attend to each other. It
+does so only when `attention_mask` is None AND there is no cache: `use_cache=False` is
+load-bearing (with a cache the packing check is skipped and the mask is plain causal).
+tests/unit/test_engine_hf.py proves the isolation against per-sequence forwards.
+
+Attention implementation (`pick_attn_implementation`):
+* sdpa (default on CPU): the packed mask is materialised densely, [1, 1, T, T] bools, and a
+  masked sdpa cannot use the flash kernel. Fine for CPU and short micro-steps; quadratic
+  memory for long ones.
+* flex_attention (preferred on CUDA): the packed mask becomes a block-sparse BlockMask,
+  so cross-sequence blocks are skipped rather than masked. Costs a torch.compile at the
+  first prefill (counted by run.startup_timeout_s).
+* eager: the same dense mask as an additive float mask; for debugging only.
+* flash_attention_2/3 also find the boundaries from position_ids (varlen) and may be passed
+  explicitly when the flash-attn package is installed.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import warnings
+
+import torch
+from torch import nn
+
+from colocate.engine.base import TargetEngine, resolve_aux_layer_ids
+
+_WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin")
+
+
+def pick_attn_implementation(device: torch.device) -> str:
+    """flex_attention on CUDA when this torch has it (block-sparse packed mask), else sdpa."""
+    if device.type == "cuda":
+        try:
+            from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+            return "flex_attention"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def _check_model_dir(path: str) -> None:
+    """A readable error before transformers' own, which may talk about the hub."""
+    if not os.path.isdir(path):
+        raise ValueError(f"target.path: {path!r} is not a directory; set it to a local model "
+                         "directory (config.json plus safetensors weights); the hub is not used")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"target.path: {path!r} has no config.json; point it at the model "
+                         "directory itself (the one holding config.json and the weights)")
+    if not any(glob.glob(os.path.join(path, p)) for p in _WEIGHT_PATTERNS):
+        raise ValueError(f"target.path: {path!r} has config.json but no weights "
+                         f"({', '.join(_WEIGHT_PATTERNS)}); download or copy them there")
+
+
+def _dtype_kwarg() -> str:
+    # transformers renamed from_pretrained's `torch_dtype` to `dtype` (4.56); 5.x still
+    # accepts the old name with a deprecation warning, older releases only know it.
+    import transformers
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
+def load_causal_lm(path: str, dtype: torch.dtype, attn_implementation: str) -> nn.Module:
+    """AutoModelForCausalLM from a local directory, in `dtype`, on the CPU."""
+    from transformers import AutoModelForCausalLM
+
+    _check_model_dir(path)
+    kwargs = {_dtype_kwarg(): dtype, "attn_implementation": attn_implementation}
+    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
+
+
+class HFTargetEngine(TargetEngine):
+    """transformers prefill with forward hooks on the aux layers and the final norm."""
+
+    def __init__(self, path: str, *, dtype: torch.dtype, device: torch.device,
+                 aux_layer_ids: list[int] | None = None, attn_implementation: str | None = None):
+        device = torch.device(device)
+        attn = attn_implementation or pick_attn_implementation(device)
+        try:
+            model = load_causal_lm(path, dtype, attn)
+        except (ValueError, ImportError) as e:
+            if attn_implementation is not None or attn == "sdpa" or "target.path" in str(e):
+                raise
+            # The model class or this torch lacks flex attention: sdpa is always there.
+            warnings.warn(f"{path}: attention {attn!r} unavailable ({e}); using sdpa, which "
+                          "builds a dense [T, T] mask for packed sequences")
+            attn = "sdpa"
+            model = load_causal_lm(path, dtype, attn)
+        model.requires_grad_(False).eval().to(device)
+        self.model = model
+        self.attn_implementation = attn
+        # The base model (embeddings, layers, final norm); lm_head is the trainer's business.
+        self.base = model.base_model
+        text_config = model.config.get_text_config()
+        self._hidden_size = int(text_config.hidden_size)
+        self._vocab_size = int(text_config.vocab_size)
+        self._dtype = dtype
+        self._device = device
+        layers, norm = getattr(self.base, "layers", None), getattr(self.base, "norm", None)
+        if not isinstance(layers, nn.ModuleList) or not isinstance(norm, nn.Module):
+            raise ValueError(f"target.path: {path!r} ({type(model).__name__}) has no "
+                             "`model.layers` / `model.norm`; the hf engine supports "
+                             "Llama-style decoder models")
+        self._num_layers = len(layers)
+        self._aux_layer_ids = resolve_aux_layer_ids(aux_layer_ids, self._num_layers)
+        # Filled per prefill: where each hook writes; None outside prefill (hooks idle).
+        self._targets: dict[str, list[torch.Tensor]] | None = None
+        self._fired: set[str] = set()
+        for layer_id in sorted(set(self._aux_layer_ids)):
+            layers[layer_id].register_forward_hook(self._hook(f"layer{layer_id}"))
+        norm.register_forward_hook(self._hook("norm"))
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def hidden_size(self) -> int:
+        return self._hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self._num_layers
+
+    @property
+    def aux_layer_ids(self) -> list[int]:
+        return list(self._aux_layer_ids)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    # ------------------------------------------------------------------ capture
+
+    def _hook(self, key: str):
+        def hook(module: nn.Module, args, output) -> None:
+            if self._targets is None:
+                return
+            # transformers 5 decoder layers return the hidden states tensor; 4.x returned
+            # a tuple (hidden_states, ...). Accept both.
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            for view in self._targets[key]:
+                view.copy_(hidden[0])  # [1, T, H] -> [T, H], straight into the slot
+            self._fired.add(key)
+        return hook
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_lens: torch.Tensor,
+                 aux_out: torch.Tensor, last_out: torch.Tensor) -> None:
+        h = self.hidden_size
+        targets: dict[str, list[torch.Tensor]] = {"norm": [last_out]}
+        for i, layer_id in enumerate(self._aux_layer_ids):
+            # A repeated id (Eagle3's default repeats for shallow targets) fills both columns.
+            targets.setdefault(f"layer{layer_id}", []).append(aux_out[:, i * h:(i + 1) * h])
+        self._targets, self._fired = targets, set()
+        try:
+            # One packed row; attention_mask=None and use_cache=False are what make
+            # transformers derive the per-sequence mask from position_ids (module docstring).
+            self.base(input_ids=input_ids[None], position_ids=positions[None],
+                      attention_mask=None, use_cache=False)
+        finally:
+            self._targets = None
+        missing = set(targets) - self._fired
+        assert not missing, f"hooks did not fire for {sorted(missing)}"
