@@ -29,8 +29,9 @@ def make_batch(seq_lens: list[int], vocab_size: int, seed: int = 0) -> MicroBatc
 
 def slot_writer(num_bytes: int) -> SlotWriter:
     """The real SlotWriter over one plain CPU buffer (a stand-in ring: no peer needed)."""
+    buffer = torch.zeros(num_bytes, dtype=torch.uint8)
     ring = SimpleNamespace(slot_bytes=num_bytes, channel=SimpleNamespace(me="test engine"),
-                           slots=SimpleNamespace(buffers=[torch.zeros(num_bytes, dtype=torch.uint8)]))
+                           slots=SimpleNamespace(buffers=[buffer]))
     return SlotWriter(ring, slot=0, step=0)
 
 
