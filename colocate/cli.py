@@ -19,6 +19,10 @@ _READABLE = ("ConfigError", "TopologyError", "DataError", "MpsError", "PeerError
              "PatchError", "FileNotFoundError")
 
 
+# Raised identically on every rank before roles diverge (bad config, missing files).
+_SAME_ON_EVERY_RANK = ("ConfigError", "TopologyError", "FileNotFoundError")
+
+
 def _commands() -> dict[str, tuple[str, str]]:
     """name -> (module, help). Modules are imported only when their command runs."""
     return {
@@ -49,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("COLOCATE_DEBUG") or type(e).__name__ not in _READABLE:
             raise
         rank = os.environ.get("RANK")
+        if type(e).__name__ == "PeerReportedError":
+            return 2  # the peer failed first and printed the cause itself
+        if type(e).__name__ in _SAME_ON_EVERY_RANK and rank not in (None, "0"):
+            return 2  # every rank hit the same input error; rank 0 says it once
         where = f"[rank {rank}] " if rank is not None else ""
         print(f"colocate {args.command}: error: {where}{e}", file=sys.stderr, flush=True)
         return 2

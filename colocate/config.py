@@ -179,7 +179,10 @@ class DraftSection:
 @dataclass(kw_only=True)
 class TrainSection:
     max_steps: int = 100
-    """Optimizer steps to run."""
+    """Optimizer steps of the whole run (sets the learning-rate schedule)."""
+    stop_at_step: int = 0
+    """Stop after this many steps with a checkpoint (time-limited allocations); a later
+    run resumes and goes on to max_steps. 0: run to max_steps."""
     micro_steps: int = 2
     """Micro-steps (ring messages) accumulated per optimizer step."""
     lr: float = 3e-4
@@ -201,6 +204,8 @@ class TrainSection:
 
     def __post_init__(self):
         _require(self.max_steps >= 1, "train.max_steps", f"got {self.max_steps}; must be >= 1")
+        _require(0 <= self.stop_at_step <= self.max_steps, "train.stop_at_step",
+                 f"got {self.stop_at_step}; use 0 (run to the end) or 1..train.max_steps")
         _require(self.micro_steps >= 1, "train.micro_steps", f"got {self.micro_steps}; must be >= 1")
         _require(self.lr > 0, "train.lr", f"got {self.lr}; must be > 0")
         _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "use a ratio in [0, 1]")
@@ -241,6 +246,11 @@ class Config:
     def __post_init__(self):
         _require(self.engine.backend != "sglang" or self.run.device != "cpu", "engine.backend",
                  "sglang needs CUDA; use engine.backend=hf with run.device=cpu")
+
+    @property
+    def last_step(self) -> int:
+        """Optimizer steps this invocation runs up to (stop_at_step or max_steps)."""
+        return self.train.stop_at_step or self.train.max_steps
 
     def to_dict(self) -> dict[str, Any]:
         # Through JSON so tuples become lists and the result is plain YAML.

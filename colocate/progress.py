@@ -138,7 +138,7 @@ class Progress:
             return
         elapsed = time.monotonic() - self.start
         if metrics:
-            accs = " ".join(f"acc_{k} {v:.3f}" for k, v in metrics.items() if k.startswith("acc_"))
+            accs = " ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("acc_"))
             print(f"done: {self.steps_done} steps in {_duration(elapsed)} | final loss "
                   f"{metrics['loss']:.4f} | {accs} | accept length "
                   f"{metrics['accept_length']:.2f}", file=self.stream, flush=True)

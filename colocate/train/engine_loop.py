@@ -6,7 +6,7 @@ Order (the trainer mirrors it in trainer.py):
   2. load the target (before the trainer allocates its draft, so the engine sizes its
      memory first);
   3. send `plan` (vocabulary, data counts); receive `start` (step and data position);
-  4. produce (max_steps - start_step) * micro_steps packed micro-steps, then `end`.
+  4. produce (last step - start step) * micro_steps packed micro-steps, then `end`.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def run_engine(cfg: Config, topo: Topology, channel: PairChannel, *, target_conf
     _, start = channel.recv("start", startup, "the trainer's start (step and data position)")
     if start["data_state"] is not None:
         stream.load_state(start["data_state"])
-    num_messages = (cfg.train.max_steps - start["start_step"]) * cfg.train.micro_steps
+    num_messages = max(0, cfg.last_step - start["start_step"]) * cfg.train.micro_steps
 
     # 4. Stream micro-steps through the ring.
     budget = cfg.data.tokens_per_micro_step

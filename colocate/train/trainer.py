@@ -103,7 +103,7 @@ class DraftTrainer:
         needs = feature_needs(target_config.hidden_size, len(aux_layer_ids), dtype)
         self.ring = RingConsumer.start(channel, device=device, needs=needs, timeout_s=startup)
 
-        self.progress = Progress(enabled=topo.is_first, max_steps=t.max_steps,
+        self.progress = Progress(enabled=topo.is_first, max_steps=cfg.last_step,
                                  micro_steps=t.micro_steps, every_s=t.log_every_s)
         self.metrics = MetricsLog(os.path.join(cfg.run.dir, "metrics.jsonl") if topo.is_first
                                   else None, group=topo.role_group, device=device,
@@ -113,7 +113,7 @@ class DraftTrainer:
     def train(self) -> None:
         t = self.cfg.train
         first_step_done = False
-        for step in range(self.start_step, t.max_steps):
+        for step in range(self.start_step, self.cfg.last_step):
             lr = lr_at(step, lr=t.lr, warmup_steps=t.warmup_steps, max_steps=t.max_steps,
                        min_lr_ratio=t.min_lr_ratio)
             for group in self.optimizer.param_groups:
@@ -143,10 +143,11 @@ class DraftTrainer:
                 self.ring.timeout_s = self.cfg.run.timeout_s
                 first_step_done = True
             every = self.cfg.checkpoint.every_steps
-            if every and (step + 1) % every == 0 and step + 1 < t.max_steps:
+            if every and (step + 1) % every == 0 and step + 1 < self.cfg.last_step:
                 self.save(step + 1)
         self.metrics.flush()
-        self.save(t.max_steps)
+        if self.cfg.last_step > self.start_step:
+            self.save(self.cfg.last_step)
         self.progress.finish(self.metrics.last)
 
     def _micro_step(self, delivery, *, last: bool) -> torch.Tensor:

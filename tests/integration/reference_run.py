@@ -1,0 +1,74 @@
+"""A single-process reference of colocated training: the same target forward and the same
+draft step as the torchrun job, with plain tensors instead of the ring, one unsharded draft
+instead of FSDP2, and torch's own grad clipping. Used by the parity test."""
+
+import torch
+from transformers import AutoConfig
+
+from colocate.config import Config
+from colocate.data import DataStream
+from colocate.draft import DraftArch, Eagle3Draft, eagle3_unroll, target_distribution
+from colocate.engine import build_engine, resolve_aux_layer_ids
+from colocate.train.engine_loop import load_tokenizer, prepare_data
+from colocate.train.schedule import lr_at
+from colocate.train.target_tensors import load_embed_and_head
+
+
+class DictWriter:
+    """Stands in for a ring slot: the engine allocates plain tensors."""
+
+    def __init__(self):
+        self.tensors, self.meta = {}, {}
+
+    def alloc(self, name, shape, dtype):
+        self.tensors[name] = torch.empty(shape, dtype=dtype)
+        return self.tensors[name]
+
+    def put(self, name, tensor):
+        self.alloc(name, tuple(tensor.shape), tensor.dtype).copy_(tensor)
+
+
+def reference_losses(cfg: Config, num_pairs: int) -> list[float]:
+    device = torch.device("cpu")
+    target_config = AutoConfig.from_pretrained(cfg.target.path, local_files_only=True)
+    aux = resolve_aux_layer_ids(cfg.target.aux_layer_ids, target_config.num_hidden_layers)
+    tokenized, vocab = prepare_data(cfg, load_tokenizer(cfg.target.path), target_config.vocab_size)
+    streams = [DataStream(tokenized, seed=cfg.run.seed, shuffle=cfg.data.shuffle, shard_index=p,
+                          num_shards=num_pairs,
+                          tokens_per_micro_step=cfg.data.tokens_per_micro_step)
+               for p in range(num_pairs)]
+    engine = build_engine(cfg, device)
+    embed, head = load_embed_and_head(cfg.target.path, tie_word_embeddings=False,
+                                      dtype=torch.float32, device=device)
+    model = Eagle3Draft(DraftArch.from_target_config(target_config, cfg.draft, len(aux)))
+    model.init_weights(torch.Generator().manual_seed(cfg.run.seed))
+    t = cfg.train
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas,
+                            weight_decay=t.weight_decay, foreach=False)
+    budget = cfg.data.tokens_per_micro_step
+    losses = []
+    for step in range(cfg.last_step):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, lr=t.lr, warmup_steps=t.warmup_steps,
+                                max_steps=t.max_steps, min_lr_ratio=t.min_lr_ratio)
+        total = 0.0
+        for stream in streams:
+            for _ in range(t.micro_steps):
+                batch = stream.next_micro_batch()
+                w = DictWriter()
+                engine.prefill(batch, w, budget=budget)
+                f = w.tensors
+                with torch.no_grad():
+                    target_p, in_draft = target_distribution(f["last_hidden"], head,
+                                                             vocab.draft_ids)
+                r = eagle3_unroll(model, embed, f["aux_hidden"], target_p, in_draft,
+                                  f["input_ids"], f["loss_mask"], f["positions"],
+                                  batch.seq_lens.tolist(), cfg.draft.unroll_steps,
+                                  cfg.draft.position_decay)
+                (r.loss / (t.micro_steps * num_pairs)).backward()
+                total += r.loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        opt.step()
+        opt.zero_grad()
+        losses.append(total / (t.micro_steps * num_pairs))
+    return losses
