@@ -54,6 +54,10 @@ def _child(fn, kwargs, engine: bool, token: str, device: str, timeout_s: float, 
         torch_device = torch.device(device)
         if torch_device.type == "cuda":
             torch.cuda.set_device(torch_device)
+        elif "OMP_NUM_THREADS" not in os.environ:
+            # Two processes sharing the cores: without a fair split their spinning OpenMP
+            # threads fight and CPU copies slow down by an order of magnitude.
+            torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
         value = fn(PairContext(engine, channel, torch_device, timeout_s), **kwargs)
         result_conn.send(ChildResult(role, value=value, seconds=time.monotonic() - t0))
     except BaseException as e:  # report every failure to the parent, then exit non-zero

@@ -166,6 +166,12 @@ class RingProducer:
         self.stats.messages += 1
         self.stats.bytes += sum(s.nbytes for s in specs)
 
+    def drain(self) -> None:
+        """Wait until the consumer has acked every published message."""
+        while self._in_flight:
+            self._receive_ack(f"the ack of slot {self._in_flight[0][0]} (step "
+                              f"{self._in_flight[0][1]})")
+
     def _receive_ack(self, waiting_for: str) -> None:
         slot, step = self._in_flight[0]
         t0 = time.monotonic()
@@ -183,9 +189,7 @@ class RingProducer:
         self._closed = True
         try:
             self.channel.send("end", reason=reason)
-            while self._in_flight:
-                self._receive_ack(f"the ack of slot {self._in_flight[0][0]} (step "
-                                  f"{self._in_flight[0][1]}) before shutting the ring down")
+            self.drain()
             self.channel.recv("bye", self.timeout_s, "the trainer to close the ring slots")
         finally:
             self.slots.close()
