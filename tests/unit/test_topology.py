@@ -1,0 +1,60 @@
+"""Rank, role and peer arithmetic and the launch validation messages."""
+
+import pytest
+
+from colocate.topology import (RankInfo, Role, TopologyError, rank_info_from_env,
+                               validate_gpu_count, validate_pairs)
+
+
+@pytest.mark.parametrize("world,local_world", [(2, 2), (4, 4), (8, 8), (16, 8)])
+def test_roles_peers_and_gpus(world, local_world):
+    for rank in range(world):
+        info = RankInfo(rank, world, rank % local_world, local_world)
+        assert info.role is (Role.TRAINER if rank % 2 == 0 else Role.ENGINE)
+        assert info.peer_rank == rank ^ 1
+        assert info.pair_index == rank // 2
+        assert info.gpu_index == (rank % local_world) // 2
+        peer = RankInfo(info.peer_rank, world, info.peer_rank % local_world, local_world)
+        assert peer.gpu_index == info.gpu_index and peer.peer_rank == rank
+        assert info.trainer_ranks == tuple(range(0, world, 2))
+        assert info.engine_ranks == tuple(range(1, world, 2))
+        assert rank in info.role_ranks
+
+
+def env(rank, world, local_rank, local_world):
+    return {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank),
+            "LOCAL_WORLD_SIZE": str(local_world)}
+
+
+def test_odd_world_size_names_the_fix():
+    with pytest.raises(TopologyError, match="world size 3 is odd.*--nproc-per-node 2G"):
+        rank_info_from_env(env(0, 3, 0, 3))
+
+
+def test_odd_nproc_per_node_names_the_fix():
+    with pytest.raises(TopologyError, match="--nproc-per-node 3 is odd"):
+        rank_info_from_env(env(0, 6, 0, 3))
+
+
+def test_missing_torchrun_env():
+    with pytest.raises(TopologyError, match="start colocate with torchrun"):
+        rank_info_from_env({})
+
+
+def test_pair_split_across_nodes():
+    info = RankInfo(0, 4, 0, 2)
+    with pytest.raises(TopologyError, match="pair 0 is split across nodes"):
+        validate_pairs(info, ["a", "b", "b", "b"], [0, 0, 0, 1])
+    validate_pairs(info, ["a", "a", "b", "b"], [0, 1, 0, 1])
+
+
+def test_pair_on_different_gpus():
+    info = RankInfo(0, 4, 0, 4)
+    with pytest.raises(TopologyError, match="would use different GPUs"):
+        validate_pairs(info, ["a"] * 4, [1, 2, 0, 3])
+
+
+def test_gpu_count_mismatch_names_the_nproc_to_use():
+    with pytest.raises(TopologyError, match="--nproc-per-node 4 but 1 GPU.*use --nproc-per-node 2"):
+        validate_gpu_count(RankInfo(0, 4, 0, 4), 1)
+    validate_gpu_count(RankInfo(0, 4, 0, 4), 2)
