@@ -98,6 +98,9 @@ class TargetSection:
     """Local directory of the target model (config.json, safetensors, tokenizer). No hub."""
     dtype: str = "auto"
     """auto (bfloat16 on cuda, float32 on cpu), bfloat16, float16 or float32."""
+    load_format: str = "auto"
+    """auto (the weights in target.path) or dummy (seeded random weights from config.json:
+    real shapes without a checkpoint, for benchmarks; target.path still needs a tokenizer)."""
     aux_layer_ids: list[int] | None = None
     """Layers whose outputs feed the draft. None: Eagle3's [1, L//2-1, L-4]."""
 
@@ -105,6 +108,8 @@ class TargetSection:
         _require(bool(self.path), "target.path", "set the local directory of the target model")
         _require(self.dtype in ("auto", "bfloat16", "float16", "float32"), "target.dtype",
                  f"got {self.dtype!r}; use auto, bfloat16, float16 or float32")
+        _require(self.load_format in ("auto", "dummy"), "target.load_format",
+                 f"got {self.load_format!r}; use auto or dummy")
         if self.aux_layer_ids is not None:
             _require(len(self.aux_layer_ids) > 0, "target.aux_layer_ids",
                      "give at least one layer id, or leave it null for Eagle3's default")

@@ -18,6 +18,11 @@ import torch.distributed as dist
 from colocate.draft import simulated_accept_length
 
 
+def peak_gib(device: torch.device) -> float:
+    """Peak memory this process allocated on `device` (allocator stats: no sync)."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+
+
 def _duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
     h, rem = divmod(seconds, 3600)
@@ -48,14 +53,13 @@ class MetricsLog:
         return t
 
     def record(self, step: int, stats: torch.Tensor, grad_norm: torch.Tensor, *, lr: float,
-               tokens: int, seconds: float, trainer_wait_s: float, engine_wait_s: float) -> None:
-        """stats: [loss, acc_0..acc_{K-1}] averaged over this trainer's micro-steps."""
+               tokens: int, seconds: float, **host: float) -> None:
+        """stats: [loss, acc_0..acc_{K-1}] averaged over this trainer's micro-steps; `host`:
+        plain numbers of the first trainer's pair (waits, peak memory) written as they are."""
         vec = torch.cat([stats.float(), grad_norm.float().reshape(1) / self.num_pairs,
                          self._host_scalar(tokens)])
         work = dist.all_reduce(vec, group=self.group, async_op=True)
-        self.pending.append((step, vec, work, dict(lr=lr, seconds=seconds,
-                                                   trainer_wait_s=trainer_wait_s,
-                                                   engine_wait_s=engine_wait_s)))
+        self.pending.append((step, vec, work, dict(lr=lr, seconds=seconds, **host)))
         if self.path is None:  # other trainers: nothing to write, just retire the handles
             self._retire(write=False)
         elif time.monotonic() - self._last_flush >= self.flush_every_s:
@@ -77,11 +81,9 @@ class MetricsLog:
             row = {"step": step + 1, "loss": values[0] / self.num_pairs,
                    **{f"acc_{k}": a for k, a in enumerate(acc)},
                    "accept_length": simulated_accept_length(acc),
-                   "grad_norm": values[1 + num_acc], "lr": host["lr"],
-                   "tokens": int(values[-1]),
+                   "grad_norm": values[1 + num_acc], "tokens": int(values[-1]),
                    "tokens_per_s": values[-1] / max(host["seconds"], 1e-9),
-                   "step_s": host["seconds"], "trainer_wait_s": host["trainer_wait_s"],
-                   "engine_wait_s": host["engine_wait_s"]}
+                   "step_s": host.pop("seconds"), **host}
             lines.append(json.dumps(row))
             self.last = row
         self.pending.clear()

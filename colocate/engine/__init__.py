@@ -47,7 +47,8 @@ def build_engine(cfg: "Config", device: torch.device) -> TargetEngine:
         from colocate.engine.hf import HFTargetEngine  # imports transformers: only when used
 
         return HFTargetEngine(cfg.target.path, dtype=dtype, device=device,
-                              aux_layer_ids=cfg.target.aux_layer_ids)
+                              aux_layer_ids=cfg.target.aux_layer_ids,
+                              load_format=cfg.target.load_format, seed=cfg.run.seed)
     if cfg.engine.backend == "sglang":
         raise ValueError("engine.backend: 'sglang' is not implemented yet (it lands with the "
                          "sglang backend); use engine.backend=hf")

@@ -82,15 +82,47 @@ def load_causal_lm(path: str, dtype: torch.dtype, attn_implementation: str) -> n
     return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
 
 
+def dummy_causal_lm(path: str, dtype: torch.dtype, attn_implementation: str,
+                    device: torch.device, seed: int) -> nn.Module:
+    """target.load_format=dummy: the architecture of path/config.json with random weights,
+    initialised directly on `device` (an 8B model in seconds, no checkpoint needed). The
+    input embedding is the trainer's (`dummy_embed_and_head`), so both sides agree."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from colocate.train.target_tensors import dummy_embed_and_head
+
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"target.path: {path!r} has no config.json (target.load_format=dummy "
+                         "needs only config.json and a tokenizer)")
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, **{_dtype_kwarg(): dtype})
+    text = config.get_text_config()
+    embed, _ = dummy_embed_and_head(text.vocab_size, text.hidden_size, seed=seed, dtype=dtype,
+                                    device=device)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.copy_(embed)
+    return model
+
+
 class HFTargetEngine(TargetEngine):
     """transformers prefill with forward hooks on the aux layers and the final norm."""
 
     def __init__(self, path: str, *, dtype: torch.dtype, device: torch.device,
-                 aux_layer_ids: list[int] | None = None, attn_implementation: str | None = None):
+                 aux_layer_ids: list[int] | None = None, attn_implementation: str | None = None,
+                 load_format: str = "auto", seed: int = 0):
         device = torch.device(device)
         attn = attn_implementation or pick_attn_implementation(device)
+
+        def load(attn: str) -> nn.Module:
+            if load_format == "dummy":
+                return dummy_causal_lm(path, dtype, attn, device, seed)
+            return load_causal_lm(path, dtype, attn)
+
         try:
-            model = load_causal_lm(path, dtype, attn)
+            model = load(attn)
         except (ValueError, ImportError) as e:
             if attn_implementation is not None or attn == "sdpa" or "target.path" in str(e):
                 raise
@@ -98,7 +130,7 @@ class HFTargetEngine(TargetEngine):
             warnings.warn(f"{path}: attention {attn!r} unavailable ({e}); using sdpa, which "
                           "builds a dense [T, T] mask for packed sequences")
             attn = "sdpa"
-            model = load_causal_lm(path, dtype, attn)
+            model = load(attn)
         model.requires_grad_(False).eval().to(device)
         self.model = model
         self.attn_implementation = attn

@@ -22,6 +22,7 @@ from colocate.config import Config
 from colocate.data import DataStream, load_or_build_tokenized, load_or_build_vocab
 from colocate.engine import build_engine
 from colocate.topology import Topology
+from colocate.progress import peak_gib
 from colocate.transport import PairChannel, RingProducer
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def run_engine(cfg: Config, topo: Topology, channel: PairChannel, *, target_conf
         writer = ring.acquire()
         engine.prefill(batch, writer, budget=budget)
         writer.meta.update(seq_lens=batch.seq_lens.tolist(), data_state=stream.state(),
-                           engine_wait_s=ring.stats.wait_s)
+                           engine_wait_s=ring.stats.wait_s, engine_peak_gib=peak_gib(topo.device))
         ring.publish(writer)
         if n == cfg.train.micro_steps + cfg.transport.num_slots:
             # The trainer finished its first optimizer step: start-up is over.

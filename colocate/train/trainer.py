@@ -18,12 +18,12 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from colocate.config import Config
 from colocate.draft import DraftArch, Eagle3Draft, eagle3_unroll, target_distribution
-from colocate.engine.base import feature_needs
-from colocate.progress import MetricsLog, Progress
+from colocate.engine import feature_needs, resolve_target_dtype
+from colocate.progress import MetricsLog, Progress, peak_gib
 from colocate.topology import Topology
 from colocate.train import checkpoint as ckpt
 from colocate.train.schedule import lr_at
-from colocate.train.target_tensors import load_embed_and_head
+from colocate.train.target_tensors import dummy_embed_and_head, load_embed_and_head
 from colocate.transport import PairChannel, PeerError, RingConsumer
 
 log = logging.getLogger(__name__)
@@ -33,20 +33,13 @@ def vocab_sha(d2t: torch.Tensor) -> str:
     return hashlib.sha256(d2t.cpu().numpy().tobytes()).hexdigest()[:16]
 
 
-def train_dtype(cfg: Config, device: torch.device) -> torch.dtype:
-    """Compute dtype of the draft (master weights stay float32)."""
-    if cfg.target.dtype != "auto":
-        return getattr(torch, cfg.target.dtype)
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
 class DraftTrainer:
     def __init__(self, cfg: Config, topo: Topology, channel: PairChannel, *, target_config,
                  aux_layer_ids: list[int]):
         self.cfg, self.topo, self.channel = cfg, topo, channel
         device = topo.device
         startup = cfg.run.startup_timeout_s
-        dtype = train_dtype(cfg, device)
+        dtype = resolve_target_dtype(cfg.target.dtype, device)  # draft compute dtype
 
         # 1. The engine's plan: the draft vocabulary it built from the data.
         _, plan = channel.recv("plan", startup, "the engine's plan (data and draft vocabulary)")
@@ -57,10 +50,15 @@ class DraftTrainer:
             log.info("data: %s", plan["stats_line"])
 
         # 2. Frozen target tensors: input embedding for the draft, lm_head for the teacher.
-        self.embed, self.lm_head = load_embed_and_head(
-            cfg.target.path, tie_word_embeddings=bool(getattr(target_config,
-                                                              "tie_word_embeddings", False)),
-            dtype=dtype, device=device)
+        if cfg.target.load_format == "dummy":
+            self.embed, self.lm_head = dummy_embed_and_head(
+                target_config.vocab_size, target_config.hidden_size, seed=cfg.run.seed,
+                dtype=dtype, device=device)
+        else:
+            self.embed, self.lm_head = load_embed_and_head(
+                cfg.target.path, tie_word_embeddings=bool(getattr(target_config,
+                                                                  "tie_word_embeddings", False)),
+                dtype=dtype, device=device)
 
         # 3. The draft, initialised identically on every trainer, then sharded over trainers.
         self.arch = DraftArch.from_target_config(target_config, cfg.draft, len(aux_layer_ids))
@@ -129,6 +127,7 @@ class DraftTrainer:
                     stats = self._micro_step(delivery, last=micro == t.micro_steps - 1)
                     tokens += delivery.meta["num_tokens"]
                     engine_wait = delivery.meta["engine_wait_s"]
+                    engine_peak = delivery.meta["engine_peak_gib"]
                     self.data_state = delivery.meta["data_state"]
                 sums = stats if sums is None else sums + stats
                 self.progress.micro(step, micro, step_tokens=tokens,
@@ -137,7 +136,9 @@ class DraftTrainer:
             grad_norm = self._clip_and_step()
             self.metrics.record(step, sums / t.micro_steps, grad_norm, lr=lr, tokens=tokens,
                                 seconds=time.monotonic() - step_start,
-                                trainer_wait_s=self.ring.stats.wait_s, engine_wait_s=engine_wait)
+                                trainer_wait_s=self.ring.stats.wait_s, engine_wait_s=engine_wait,
+                                trainer_peak_gib=peak_gib(self.topo.device),
+                                engine_peak_gib=engine_peak)
             self.progress.step_done(step, self.metrics.last, tokens)
             if not first_step_done:  # start-up is over: tighten every wait
                 self.ring.timeout_s = self.cfg.run.timeout_s
