@@ -29,6 +29,7 @@ def _commands() -> dict[str, tuple[str, str]]:
         "train": ("colocate.train.command", "train a draft with the target on the same GPUs"),
         "export": ("colocate.export", "write a run's draft as an sglang EAGLE3 checkpoint"),
         "selftest": ("colocate.selftest", "ring end to end with a synthetic engine (torchrun)"),
+        "doctor": ("colocate.doctor", "check GPUs, MPS, CUDA IPC, NUMA and versions"),
         "bench": ("colocate.bench", "benchmarks: transport"),
     }
 
