@@ -52,8 +52,9 @@ def slow_trainer(ctx, slots, steps, hold_s):
     released_ns, corrupt = [], []
     while (d := ring.receive()) is not None:
         time.sleep(hold_s)
-        if not torch.equal(d.tensors["payload"], torch.full((1000,), d.step % 256,
-                                                             dtype=torch.uint8)):
+        payload = d.tensors["payload"]
+        if not torch.equal(payload, torch.full((1000,), d.step % 256, dtype=torch.uint8,
+                                               device=payload.device)):
             corrupt.append(d.step)
         released_ns.append(time.monotonic_ns())  # stamped before the ack can leave
         d.release()
