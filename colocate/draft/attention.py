@@ -24,6 +24,7 @@ would need O(T) memory and no host loop.
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
@@ -90,27 +91,45 @@ def ttt_attention(q_THD: torch.Tensor, keys: list[torch.Tensor], values: list[to
         length = end - start
         if length == 0:
             continue
-        q_KGLD = q_TKGD[start:end].permute(1, 2, 0, 3)
-        k_KDL = k0_TKD[start:end].permute(1, 2, 0)
-        scores_KGLL = (q_KGLD.reshape(num_kv_heads, group * length, head_dim) @ k_KDL)
-        scores_KGLL = upcast(scores_KGLL.view(num_kv_heads, group, length, length)) * scale
-        scores_KGLL = scores_KGLL.masked_fill(future_LL[:length, :length], float("-inf"))
-        if num_diag:
-            scores = torch.cat([scores_KGLL, diag_scores_TKGn[start:end].permute(1, 2, 0, 3)], -1)
+        diag = diag_scores_TKGn[start:end].permute(1, 2, 0, 3) if num_diag else None
+        args = (q_TKGD[start:end].permute(1, 2, 0, 3), k0_TKD[start:end].permute(1, 2, 0),
+                v0_TKD[start:end].permute(1, 0, 2), diag, future_LL[:length, :length], scale)
+        if torch.is_grad_enabled() and q_THD.requires_grad:
+            # Recompute in backward instead of keeping this sequence's [Hq, L, L] float32
+            # scores and probabilities alive until then: at 8k tokens x 7 unroll steps with
+            # Qwen3-8B heads they were ~25 GiB, about a third of the attention flops extra.
+            out_LKGD, probs_LKGn = checkpoint(_sequence_attention, *args, use_reentrant=False)
         else:
-            scores = scores_KGLL
-        # One softmax over the union of causal and diagonal keys. The causal part always
-        # holds the query's own index (s == t), so no row is fully masked.
-        probs = torch.softmax(scores, dim=-1)
-        probs_causal = probs[..., :length].to(v0_TKD.dtype)
-        out_KGLD = probs_causal.reshape(num_kv_heads, group * length, length) @ \
-            v0_TKD[start:end].permute(1, 0, 2)
-        causal_out.append(out_KGLD.view(num_kv_heads, group, length, head_dim).permute(2, 0, 1, 3))
+            out_LKGD, probs_LKGn = _sequence_attention(*args)
+        causal_out.append(out_LKGD)
         if num_diag:
-            diag_probs.append(probs[..., length:].permute(2, 0, 1, 3))  # [L, Hkv, G, n]
+            diag_probs.append(probs_LKGn)
 
     out_TKGD = torch.cat(causal_out, dim=0)
     if num_diag:
         probs_TKGn = torch.cat(diag_probs, dim=0).to(diag_v_TKnD.dtype)
         out_TKGD = out_TKGD + torch.einsum("tkgn,tknd->tkgd", probs_TKGn, diag_v_TKnD)
     return out_TKGD.reshape(num_tokens, num_heads, head_dim)
+
+
+def _sequence_attention(q_KGLD: torch.Tensor, k_KDL: torch.Tensor, v_KLD: torch.Tensor,
+                        diag_scores_KGLn: torch.Tensor | None, future_LL: torch.Tensor,
+                        scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One sequence: causal step-0 attention plus the diagonal scores in one softmax.
+
+    Returns (causal output [L, Hkv, G, D], diagonal probabilities [L, Hkv, G, n] or None).
+    """
+    num_kv_heads, group, length, head_dim = q_KGLD.shape
+    scores_KGLL = q_KGLD.reshape(num_kv_heads, group * length, head_dim) @ k_KDL
+    scores_KGLL = upcast(scores_KGLL.view(num_kv_heads, group, length, length)) * scale
+    scores_KGLL = scores_KGLL.masked_fill(future_LL, float("-inf"))
+    scores = scores_KGLL if diag_scores_KGLn is None else torch.cat([scores_KGLL,
+                                                                      diag_scores_KGLn], -1)
+    # One softmax over the union of causal and diagonal keys. The causal part always holds
+    # the query's own index (s == t), so no row is fully masked.
+    probs = torch.softmax(scores, dim=-1)
+    probs_causal = probs[..., :length].to(v_KLD.dtype)
+    out_KGLD = probs_causal.reshape(num_kv_heads, group * length, length) @ v_KLD
+    out_LKGD = out_KGLD.view(num_kv_heads, group, length, head_dim).permute(2, 0, 1, 3)
+    diag_probs = None if diag_scores_KGLn is None else probs[..., length:].permute(2, 0, 1, 3)
+    return out_LKGD, diag_probs
