@@ -28,6 +28,8 @@ def _commands() -> dict[str, tuple[str, str]]:
     return {
         "train": ("colocate.train.command", "train a draft with the target on the same GPUs"),
         "export": ("colocate.export", "write a run's draft as an sglang EAGLE3 checkpoint"),
+        "prepare-vocab": ("colocate.train.prepare_vocab",
+                          "tokenize the data and build the draft vocabulary ahead of training"),
         "selftest": ("colocate.selftest", "ring end to end with a synthetic engine (torchrun)"),
         "doctor": ("colocate.doctor", "check GPUs, MPS, CUDA IPC, NUMA and versions"),
         "bench": ("colocate.bench", "benchmarks: transport"),

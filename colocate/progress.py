@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -30,11 +31,22 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def _tensorboard_writer(log_dir: str):
+    """A SummaryWriter, or None with a warning when tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        warnings.warn(f"train.tensorboard=true ignored: tensorboard is not installed ({e}); "
+                      "pip install tensorboard, metrics.jsonl is written regardless")
+        return None
+    return SummaryWriter(log_dir=log_dir)
+
+
 class MetricsLog:
     """Collects per-step metrics; the first trainer appends them to metrics.jsonl."""
 
     def __init__(self, path: str | None, *, group, device: torch.device, num_pairs: int,
-                 flush_every_s: float = 10.0):
+                 flush_every_s: float = 10.0, tensorboard_dir: str | None = None):
         self.path = path
         self.group = group
         self.device = device
@@ -43,8 +55,11 @@ class MetricsLog:
         self.pending: list = []
         self.last: dict | None = None
         self._last_flush = time.monotonic()
+        self._tb = None
         if path:
             os.makedirs(os.path.dirname(path), exist_ok=True)
+            if tensorboard_dir:
+                self._tb = _tensorboard_writer(tensorboard_dir)
 
     def _host_scalar(self, value: float) -> torch.Tensor:
         t = torch.tensor([float(value)], dtype=torch.float32)
@@ -86,10 +101,16 @@ class MetricsLog:
                    "step_s": host.pop("seconds"), **host}
             lines.append(json.dumps(row))
             self.last = row
+            if self._tb is not None:
+                for key, value in row.items():
+                    if key != "step" and isinstance(value, (int, float)):
+                        self._tb.add_scalar(key, value, row["step"])
         self.pending.clear()
         if lines:
             with open(self.path, "a") as f:
                 f.write("\n".join(lines) + "\n")
+            if self._tb is not None:
+                self._tb.flush()
 
 
 class Progress:

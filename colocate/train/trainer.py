@@ -103,9 +103,11 @@ class DraftTrainer:
 
         self.progress = Progress(enabled=topo.is_first, max_steps=cfg.last_step,
                                  micro_steps=t.micro_steps, every_s=t.log_every_s)
-        self.metrics = MetricsLog(os.path.join(cfg.run.dir, "metrics.jsonl") if topo.is_first
-                                  else None, group=topo.role_group, device=device,
-                                  num_pairs=topo.info.num_pairs)
+        self.metrics = MetricsLog(
+            os.path.join(cfg.run.dir, "metrics.jsonl") if topo.is_first else None,
+            group=topo.role_group, device=device, num_pairs=topo.info.num_pairs,
+            flush_every_s=t.log_every_s,
+            tensorboard_dir=os.path.join(cfg.run.dir, "tb") if t.tensorboard else None)
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> None:

@@ -152,3 +152,15 @@ def test_malformed_data_names_file_and_line(tiny_assets, tmp_path):
     assert proc.returncode != 0
     lines = [l for l in proc.stderr.splitlines() if l.startswith("colocate train: error:")]
     assert lines and all(f"{bad}:6" in l for l in lines), proc.stderr[-3000:]
+
+
+def test_prepare_vocab_fills_the_caches_training_uses(tiny_assets, tmp_path):
+    cache = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "colocate", "prepare-vocab", "--config", CONFIG,
+           f"target.path={tiny_assets['target_llama']}", f"data.path={tiny_assets['data']}",
+           f"data.cache_dir={cache}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "500 conversations" in proc.stdout and "draft vocabulary: 512 of" in proc.stdout
+    names = sorted(p.name for p in cache.iterdir())
+    assert names[0].startswith("tokenized-") and names[1].startswith("vocab-")
