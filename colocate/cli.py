@@ -32,7 +32,8 @@ def _commands() -> dict[str, tuple[str, str]]:
                           "tokenize the data and build the draft vocabulary ahead of training"),
         "selftest": ("colocate.selftest", "ring end to end with a synthetic engine (torchrun)"),
         "doctor": ("colocate.doctor", "check GPUs, MPS, CUDA IPC, NUMA and versions"),
-        "bench": ("colocate.bench", "benchmarks: transport"),
+        "bench": ("colocate.bench", "benchmarks: transport, train"),
+        "patches": ("colocate.patches", "check or apply the sglang patches"),
     }
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, get_args, get_origin, get_type_hints
 
@@ -237,6 +238,26 @@ class CheckpointSection:
 
 
 @dataclass(kw_only=True)
+class BenchSection:
+    engine: str = "run"
+    """run, or replay: after bench.replay_micro_steps real prefills the engine re-sends those
+    features without running the target (measures the trainer alone)."""
+    trainer: str = "train"
+    """train, or discard: release every micro-step unread (measures the engine alone)."""
+    replay_micro_steps: int = 4
+    """Real micro-steps the engine captures before replaying them."""
+
+    def __post_init__(self):
+        _require(self.engine in ("run", "replay"), "bench.engine",
+                 f"got {self.engine!r}; use run or replay")
+        _require(self.trainer in ("train", "discard"), "bench.trainer",
+                 f"got {self.trainer!r}; use train or discard")
+        _require(not (self.engine == "replay" and self.trainer == "discard"), "bench.engine",
+                 "replay with bench.trainer=discard measures nothing; set one of them only")
+        _require(self.replay_micro_steps >= 1, "bench.replay_micro_steps", "must be >= 1")
+
+
+@dataclass(kw_only=True)
 class Config:
     run: RunSection = field(default_factory=RunSection)
     mps: MpsSection = field(default_factory=MpsSection)
@@ -247,10 +268,14 @@ class Config:
     draft: DraftSection = field(default_factory=DraftSection)
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    bench: BenchSection = field(default_factory=BenchSection)
 
     def __post_init__(self):
         _require(self.engine.backend != "sglang" or self.run.device != "cpu", "engine.backend",
                  "sglang needs CUDA; use engine.backend=hf with run.device=cpu")
+        _require(self.engine.tp_size == 1 or self.engine.backend == "sglang", "engine.tp_size",
+                 f"{self.engine.tp_size} needs engine.backend=sglang (the hf engine runs the "
+                 "whole target on each engine rank); use engine.tp_size=1")
 
     @property
     def last_step(self) -> int:
@@ -263,6 +288,22 @@ class Config:
 
 
 # --------------------------------------------------------------------------- loading
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with only true/false as booleans: YAML 1.1 also reads on/off/yes/no as
+    booleans, which would turn `mps.mode: off` into False."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool",
+                              re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def _yaml_load(text_or_stream):
+    return yaml.load(text_or_stream, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -324,7 +365,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path = key.strip().split(".")
     _require(all(path), key, "empty component in dotted key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from None
     return path, value
@@ -338,7 +379,7 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"--config {path}: no such file")
         with open(path) as f:
             try:
-                loaded = yaml.safe_load(f)
+                loaded = _yaml_load(f)
             except yaml.YAMLError as e:
                 raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if loaded is not None and not isinstance(loaded, dict):

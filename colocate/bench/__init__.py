@@ -2,7 +2,7 @@
 
 import argparse
 
-_BENCHES = {"transport": "colocate.bench.transport"}
+_BENCHES = {"transport": "colocate.bench.transport", "train": "colocate.bench.train"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

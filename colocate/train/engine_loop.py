@@ -87,12 +87,22 @@ def run_engine(cfg: Config, topo: Topology, channel: PairChannel, *, target_conf
                               slot_bytes=engine.slot_bytes(budget, budget), device=topo.device,
                               name=f"colocate-{topo.job_token}-pair{info.pair_index}",
                               timeout_s=startup)
+    replay: list[tuple[dict, dict]] = []  # bench.engine=replay: captured micro-steps
     for n in range(num_messages):
-        batch = stream.next_micro_batch()
         writer = ring.acquire()
-        engine.prefill(batch, writer, budget=budget)
-        writer.meta.update(seq_lens=batch.seq_lens.tolist(), data_state=stream.state(),
-                           engine_wait_s=ring.stats.wait_s, engine_peak_gib=peak_gib(topo.device))
+        if cfg.bench.engine == "replay" and len(replay) == cfg.bench.replay_micro_steps:
+            tensors, meta = replay[n % len(replay)]
+            for name, tensor in tensors.items():
+                writer.put(name, tensor)
+            writer.meta.update(meta)
+        else:
+            batch = stream.next_micro_batch()
+            engine.prefill(batch, writer, budget=budget)
+            writer.meta.update(seq_lens=batch.seq_lens.tolist(), data_state=stream.state())
+            if cfg.bench.engine == "replay":
+                replay.append(({k: v.clone() for k, v in writer.views().items()},
+                               dict(writer.meta)))
+        writer.meta.update(engine_wait_s=ring.stats.wait_s, engine_peak_gib=peak_gib(topo.device))
         ring.publish(writer)
         if n == cfg.train.micro_steps + cfg.transport.num_slots:
             # The trainer finished its first optimizer step: start-up is over.

@@ -112,6 +112,7 @@ class DraftTrainer:
     # ------------------------------------------------------------------ the loop
     def train(self) -> None:
         t = self.cfg.train
+        discard = self.cfg.bench.trainer == "discard"
         first_step_done = False
         for step in range(self.start_step, self.cfg.last_step):
             lr = lr_at(step, lr=t.lr, warmup_steps=t.warmup_steps, max_steps=t.max_steps,
@@ -126,7 +127,10 @@ class DraftTrainer:
                     raise PeerError(f"{self.channel.me}: the engine ended the stream at step "
                                     f"{step} micro-step {micro}, before train.max_steps")
                 with delivery:
-                    stats = self._micro_step(delivery, last=micro == t.micro_steps - 1)
+                    if discard:  # bench.trainer=discard: measure the engine alone
+                        stats = torch.zeros(1 + self.cfg.draft.unroll_steps, device=self.topo.device)
+                    else:
+                        stats = self._micro_step(delivery, last=micro == t.micro_steps - 1)
                     tokens += delivery.meta["num_tokens"]
                     engine_wait = delivery.meta["engine_wait_s"]
                     engine_peak = delivery.meta["engine_peak_gib"]
@@ -135,10 +139,12 @@ class DraftTrainer:
                 self.progress.micro(step, micro, step_tokens=tokens,
                                     trainer_wait_s=self.ring.stats.wait_s,
                                     engine_wait_s=engine_wait)
-            grad_norm = self._clip_and_step()
+            grad_norm = torch.zeros((), device=self.topo.device) if discard else \
+                self._clip_and_step()
             self.metrics.record(step, sums / t.micro_steps, grad_norm, lr=lr, tokens=tokens,
                                 seconds=time.monotonic() - step_start,
                                 trainer_wait_s=self.ring.stats.wait_s, engine_wait_s=engine_wait,
+                                handoff_s=self.ring.stats.handoff_s,
                                 trainer_peak_gib=peak_gib(self.topo.device),
                                 engine_peak_gib=engine_peak)
             self.progress.step_done(step, self.metrics.last, tokens)

@@ -60,6 +60,7 @@ class RingStats:
     messages: int = 0
     bytes: int = 0
     wait_s: float = 0.0  # time blocked waiting for the peer (free slot / next message)
+    handoff_s: float = 0.0  # consumer: host time in receive/release beyond that wait
 
 
 def _view(buffer: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
@@ -104,6 +105,11 @@ class SlotWriter:
     @property
     def specs(self) -> list[TensorSpec]:
         return list(self._specs)
+
+    def views(self) -> dict[str, torch.Tensor]:
+        """Everything written so far, as views into the slot."""
+        buffer = self._ring.slots.buffers[self.slot]
+        return {s.name: _view(buffer, s) for s in self._specs}
 
 
 class RingProducer:
@@ -261,7 +267,8 @@ class RingConsumer:
         t0 = time.monotonic()
         kind, msg = self.channel.recv(("data", "end"), self.timeout_s,
                                       f"step {step} (slot {step % self.slots.num_slots})")
-        self.stats.wait_s += time.monotonic() - t0
+        t_arrived = time.monotonic()
+        self.stats.wait_s += t_arrived - t0
         if kind == "end":
             self._ended = True
             return None
@@ -281,12 +288,15 @@ class RingConsumer:
         self._held += 1
         self.stats.messages += 1
         self.stats.bytes += sum(s.nbytes for s in specs)
+        self.stats.handoff_s += time.monotonic() - t_arrived
         return Delivery(self, slot, step, tensors, msg["meta"], msg["t_publish_ns"])
 
     def _ack(self, slot: int, step: int) -> None:
+        t0 = time.monotonic()
         self.slots.record_consumed(slot)
         self._held -= 1
         self.channel.send("ack", slot=slot, step=step)
+        self.stats.handoff_s += time.monotonic() - t0
 
     def close(self) -> None:
         """After the producer's `end`: close our handles and tell it the memory is free."""

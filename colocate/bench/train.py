@@ -1,0 +1,192 @@
+"""`colocate bench train --config CFG [key=value ...]`: does colocation pay on this GPU?
+
+Runs the same model, data and micro-step budget in several modes, each a real
+`torchrun --nproc-per-node 2 -m colocate train` on one GPU (one trainer/engine pair), and
+prints one table:
+
+  colocated K=2, K=3   MPS on, the engine prefills ahead into K ring slots
+  serial K=1           MPS on, one slot: engine and trainer take turns
+  time-sliced K=2      the same two processes without MPS (the GPU time-slices them)
+  engine alone (E)     the trainer releases every micro-step unread (bench.trainer=discard)
+  trainer alone (T)    the engine replays captured micro-steps (bench.engine=replay)
+
+From E and T come two disaggregated references per GPU: the 1:1 split min(E, T)/2 and the
+ideal split 1/(1/E + 1/T) (engine GPUs in exact proportion to their load, free transport).
+Each mode's first --warmup steps (compilation, allocator warm-up) are left out.
+Columns: tokens/s per GPU, MFU (metrics.py; both processes share the GPU's peak), ratios to
+time-sliced / ideal / 1:1, the share of wall time each side waited for the other, the
+trainer's host time in ring calls (handoff) as a share of the step, peak memory per role.
+On a machine without CUDA the MPS modes are reported as unavailable, not faked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+from colocate import metrics as m
+from colocate.config import load_config
+
+
+@dataclass(frozen=True)
+class Mode:
+    key: str
+    label: str
+    overrides: tuple[str, ...]
+    needs_mps: bool = False
+    work: str = "both"  # which FLOPs it does: both, engine, trainer
+
+
+MODES = (
+    Mode("k2", "colocated MPS K=2", ("transport.num_slots=2", "mps.mode=required"), True),
+    Mode("k3", "colocated MPS K=3", ("transport.num_slots=3", "mps.mode=required"), True),
+    Mode("k1", "serial MPS K=1", ("transport.num_slots=1", "mps.mode=required"), True),
+    Mode("ts", "time-sliced K=2", ("transport.num_slots=2", "mps.mode=off")),
+    Mode("engine", "engine alone (E)", ("bench.trainer=discard", "mps.mode=off"), work="engine"),
+    Mode("trainer", "trainer alone (T)", ("bench.engine=replay", "mps.mode=off"), work="trainer"),
+)
+
+
+@dataclass
+class Result:
+    mode: Mode
+    error: str = ""
+    tokens_per_s: float = 0.0
+    trainer_wait: float = 0.0
+    engine_wait: float = 0.0
+    handoff: float = 0.0
+    trainer_gib: float = 0.0
+    engine_gib: float = 0.0
+
+
+def summarize(mode: Mode, rows: list[dict], warmup: int) -> Result:
+    """Steady-state numbers from metrics.jsonl rows (cumulative waits are differenced)."""
+    if len(rows) <= warmup:
+        return Result(mode, error=f"only {len(rows)} steps, need more than --warmup {warmup}")
+    before, timed = rows[warmup - 1] if warmup else None, rows[warmup:]
+    seconds = sum(r["step_s"] for r in timed)
+
+    def share(key: str) -> float:
+        start = before[key] if before else 0.0
+        return (timed[-1][key] - start) / seconds
+
+    return Result(mode, tokens_per_s=sum(r["tokens"] for r in timed) / seconds,
+                  trainer_wait=share("trainer_wait_s"), engine_wait=share("engine_wait_s"),
+                  handoff=share("handoff_s"), trainer_gib=timed[-1]["trainer_peak_gib"],
+                  engine_gib=timed[-1]["engine_peak_gib"])
+
+
+def run_mode(mode: Mode, args: argparse.Namespace, workdir: str, device: str) -> Result:
+    run_dir = os.path.join(workdir, mode.key)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "colocate", "train", *(["--config", args.config] if args.config else []),
+           *args.overrides, *mode.overrides, f"run.dir={run_dir}", f"train.max_steps={args.steps}",
+           "checkpoint.every_steps=0", "checkpoint.resume=never", "train.log_every_s=30"]
+    if device == "cpu":
+        cmd.append("run.device=cpu")
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    print(f"bench train: {mode.label} ...", file=sys.stderr, flush=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return Result(mode, error=f"timed out after {args.timeout} s")
+    with open(os.path.join(workdir, f"{mode.key}.log"), "w") as f:
+        f.write(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        lines = [l for l in proc.stderr.splitlines() if l.startswith("colocate train: error")]
+        return Result(mode, error=(lines[-1] if lines else f"exit {proc.returncode}")[:160])
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return summarize(mode, [json.loads(line) for line in f], args.warmup)
+
+
+def flops_per_token(cfg) -> dict[str, float]:
+    from transformers import AutoConfig
+
+    geom = m.Geometry.from_hf_config(AutoConfig.from_pretrained(cfg.target.path,
+                                                                local_files_only=True))
+    seq = cfg.data.max_length
+    num_aux = len(cfg.target.aux_layer_ids) if cfg.target.aux_layer_ids else 3
+    engine = m.target_prefill_flops_per_token(geom, seq)
+    vocab = min(cfg.draft.draft_vocab_size, geom.vocab_size)
+    trainer = m.draft_train_flops_per_token(geom, seq, draft_vocab_size=vocab,
+                                            unroll_steps=cfg.draft.unroll_steps, num_aux=num_aux,
+                                            intermediate_size=cfg.draft.intermediate_size)
+    return {"engine": engine, "trainer": trainer, "both": engine + trainer}
+
+
+def format_table(results: list[Result], flops: dict[str, float], peak: float | None,
+                 device_name: str) -> str:
+    by_key = {r.mode.key: r for r in results if not r.error}
+    e, t = by_key.get("engine"), by_key.get("trainer")
+    refs = m.disaggregated_references(e.tokens_per_s, t.tokens_per_s) if e and t else {}
+    ts = by_key.get("ts")
+
+    def ratio(x: float, ref: float | None) -> str:
+        return f"{x / ref:.2f}x" if ref else "--"
+
+    head = (f"{'mode':<20} {'tok/s/GPU':>10} {'MFU':>6} {'vs ts':>6} {'vs ideal':>8} "
+            f"{'vs 1:1':>7} {'T wait':>7} {'E wait':>7} {'handoff':>8} {'T GiB':>6} {'E GiB':>6}")
+    lines = [f"bench train on {device_name}: flops/token engine {flops['engine'] / 1e9:.2f} G, "
+             f"trainer {flops['trainer'] / 1e9:.2f} G; peak "
+             f"{peak / 1e12:.0f} TFLOP/s" if peak else f"bench train on {device_name}: peak "
+             "unknown (MFU not computed)", head]
+    for r in results:
+        if r.error:
+            lines.append(f"{r.mode.label:<20} {'unavailable: ' + r.error}")
+            continue
+        util = f"{100 * m.mfu(flops[r.mode.work], r.tokens_per_s, peak):.1f}%" if peak else "--"
+        lines.append(
+            f"{r.mode.label:<20} {r.tokens_per_s:>10,.0f} {util:>6} "
+            f"{ratio(r.tokens_per_s, ts.tokens_per_s if ts else None):>6} "
+            f"{ratio(r.tokens_per_s, refs.get('split_ideal')):>8} "
+            f"{ratio(r.tokens_per_s, refs.get('split_1to1')):>7} {100 * r.trainer_wait:>6.1f}% "
+            f"{100 * r.engine_wait:>6.1f}% {100 * r.handoff:>7.2f}% {r.trainer_gib:>6.1f} "
+            f"{r.engine_gib:>6.1f}")
+    for key, label in (("split_ideal", "ideal split"), ("split_1to1", "1:1 split")):
+        if key in refs:
+            lines.append(f"{label + ' (ref)':<20} {refs[key]:>10,.0f}")
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="the run config to benchmark")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+    p.add_argument("--steps", type=int, default=12, help="optimizer steps per mode")
+    p.add_argument("--warmup", type=int, default=4, help="steps left out of each mode's numbers")
+    p.add_argument("--modes", default=",".join(mode.key for mode in MODES),
+                   help="comma list of: " + ", ".join(mode.key for mode in MODES))
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per mode")
+    p.add_argument("--workdir", default="", help="keep each mode's run dir and log here")
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)  # fail fast on a bad config
+    wanted = [k for k in args.modes.split(",") if k]
+    unknown = set(wanted) - {mode.key for mode in MODES}
+    if unknown:
+        raise SystemExit(f"bench train: unknown --modes {sorted(unknown)}")
+    if args.steps <= args.warmup:
+        raise SystemExit("bench train: --steps must exceed --warmup")
+    cuda = torch.cuda.is_available()
+    device_name = torch.cuda.get_device_name(0) if cuda else "cpu"
+    workdir = args.workdir or tempfile.mkdtemp(prefix="colocate-bench-")
+    os.makedirs(workdir, exist_ok=True)
+    results = []
+    for mode in (mode for mode in MODES if mode.key in wanted):
+        if mode.needs_mps and not cuda:
+            results.append(Result(mode, error="MPS needs a CUDA GPU"))
+            continue
+        results.append(run_mode(mode, args, workdir, "cuda" if cuda else "cpu"))
+    table = format_table(results, flops_per_token(cfg), m.peak_flops(device_name) if cuda
+                         else None, device_name)
+    print(table, flush=True)
+    with open(os.path.join(workdir, "table.txt"), "w") as f:
+        f.write(table + "\n")
+    return 0 if any(not r.error for r in results) else 1

@@ -1,0 +1,65 @@
+"""Config loading: YAML + dotted overrides, validation messages that name the key."""
+
+import pytest
+
+from colocate.config import Config, ConfigError, load_config, save_config
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(None, ["train.max_steps=5", "target.aux_layer_ids=[1, 2, 3]",
+                             "train.betas=[0.9, 0.99]", "run.dir=runs/x"])
+    assert cfg.train.max_steps == 5 and cfg.target.aux_layer_ids == [1, 2, 3]
+    assert cfg.train.betas == (0.9, 0.99) and cfg.run.dir == "runs/x"
+    assert cfg.last_step == 5
+
+
+def test_off_stays_a_string_and_only_true_false_are_booleans(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("mps:\n  mode: off\ntrain:\n  tensorboard: true\n")
+    cfg = load_config(str(path), ["engine.backend=hf"])
+    assert cfg.mps.mode == "off" and cfg.train.tensorboard is True
+    with pytest.raises(ConfigError, match="data.shuffle: expected true or false, got 'no'"):
+        load_config(None, ["data.shuffle=no"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.max_stepz=3", "train.max_stepz: unknown key; did you mean train.max_steps?"),
+    ("trian.lr=1", "trian: unknown key; did you mean train?"),
+    ("train.lr=abc", "train.lr: expected a number, got 'abc'"),
+    ("train.max_steps=1.5", "train.max_steps: expected an integer"),
+    ("mps.engine_mem_fraction=0.9", "mps.trainer_mem_fraction: trainer (0.45) + engine (0.9)"),
+    ("data.max_length=4096", "data.tokens_per_micro_step: 2048 is below data.max_length"),
+    ("transport.num_slots=0", "transport.num_slots: got 0"),
+    ("train.stop_at_step=500", "train.stop_at_step: got 500"),
+    ("bench.engine=replay", None),
+    ("target.load_format=safetensors", "target.load_format: got 'safetensors'"),
+    ("train.max_steps", "expected key=value"),
+])
+def test_bad_values_name_the_key(override, message):
+    if message is None:
+        load_config(None, [override])
+        return
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")
+                       .replace("?", r"\?").replace("+", r"\+")):
+        load_config(None, [override])
+
+
+def test_cross_section_check():
+    with pytest.raises(ConfigError, match="engine.backend: sglang needs CUDA"):
+        load_config(None, ["engine.backend=sglang", "run.device=cpu"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="--config .*nope.yaml: no such file"):
+        load_config(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+
+
+def test_save_and_reload_roundtrip(tmp_path):
+    cfg = load_config(None, ["train.max_steps=7", "mps.mode=off", "target.aux_layer_ids=[1,2]"])
+    save_config(cfg, str(tmp_path / "config.yaml"))
+    assert load_config(str(tmp_path / "config.yaml")) == cfg
+    assert isinstance(Config().to_dict()["train"]["betas"], list)
