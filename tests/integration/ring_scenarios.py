@@ -78,13 +78,14 @@ def wrong_layout(ctx):
     return None
 
 
-def die_after(ctx, who, steps_before):
-    """`who` SIGKILLs itself after `steps_before` messages; the other side keeps going."""
+def stop_after(ctx, who, steps_before, sig):
+    """`who` signals itself after `steps_before` messages (SIGKILL: dies; SIGSTOP: stays
+    alive but never answers); the other side keeps going and must notice."""
     if ctx.engine:
         ring = _producer(ctx, 2)
         for step in range(100):
             if who == "engine" and step == steps_before:
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.kill(os.getpid(), sig)
             w = ring.acquire()
             w.put("header", torch.tensor([step, 0, 1]))
             w.put("payload", torch.zeros(1, dtype=torch.uint8))
@@ -96,36 +97,19 @@ def die_after(ctx, who, steps_before):
     n = 0
     while (d := ring.receive()) is not None:
         if who == "trainer" and n == steps_before:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), sig)
         d.release()
         n += 1
     ring.close()
     return n
+
+
+def die_after(ctx, who, steps_before):
+    return stop_after(ctx, who, steps_before, signal.SIGKILL)
 
 
 def freeze_after(ctx, who, steps_before):
-    """`who` SIGSTOPs itself (alive, never answering); the other side must time out."""
-    if ctx.engine:
-        ring = _producer(ctx, 2)
-        for step in range(100):
-            if who == "engine" and step == steps_before:
-                os.kill(os.getpid(), signal.SIGSTOP)
-            w = ring.acquire()
-            w.put("header", torch.tensor([step, 0, 1]))
-            w.put("payload", torch.zeros(1, dtype=torch.uint8))
-            w.put("values", torch.zeros(1, 4))
-            ring.publish(w)
-        ring.close()
-        return None
-    ring = _consumer(ctx)
-    n = 0
-    while (d := ring.receive()) is not None:
-        if who == "trainer" and n == steps_before:
-            os.kill(os.getpid(), signal.SIGSTOP)
-        d.release()
-        n += 1
-    ring.close()
-    return n
+    return stop_after(ctx, who, steps_before, signal.SIGSTOP)
 
 
 def overflow(ctx):
