@@ -50,6 +50,7 @@ def build_engine(cfg: "Config", device: torch.device) -> TargetEngine:
                               aux_layer_ids=cfg.target.aux_layer_ids,
                               load_format=cfg.target.load_format, seed=cfg.run.seed)
     if cfg.engine.backend == "sglang":
-        raise ValueError("engine.backend: 'sglang' is not implemented yet (it lands with the "
-                         "sglang backend); use engine.backend=hf")
+        from colocate.engine.sglang import SGLangTargetEngine  # imports sglang: only when used
+
+        return SGLangTargetEngine(cfg, device)
     raise ValueError(f"engine.backend: got {cfg.engine.backend!r}; use hf or sglang")

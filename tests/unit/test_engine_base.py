@@ -151,9 +151,12 @@ def test_target_dtype_auto_depends_on_device():
     assert resolve_target_dtype("float16", torch.device("cpu")) == torch.float16
 
 
-def test_sglang_backend_is_not_there_yet():
+def test_sglang_backend_without_sglang_names_the_install(monkeypatch):
+    from colocate import patches
+
+    monkeypatch.setattr(patches, "find_sglang", lambda: None)
     cfg = Config(engine=EngineSection(backend="sglang"))
-    with pytest.raises(ValueError, match="engine.backend: 'sglang' is not implemented yet"):
+    with pytest.raises(patches.PatchError, match="engine.backend=sglang: sglang is not installed"):
         build_engine(cfg, torch.device("cpu"))
 
 
