@@ -125,7 +125,7 @@ def server_args_kwargs(*, path: str, dtype: torch.dtype, load_format: str, atten
                        mem_fraction_static: float) -> dict:
     """Keyword arguments of sglang's ServerArgs for one engine (reasons in the docstring)."""
     return dict(
-        model_path=path,
+        model_path=os.path.abspath(path),  # a relative path could be taken for a hub id
         load_format="dummy" if load_format == "dummy" else "auto",
         dtype=_DTYPE_NAMES[dtype],
         skip_tokenizer_init=True,
