@@ -30,6 +30,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA_PATH = os.path.join(HERE, "data", "conversations.jsonl")
 STAMP_NAME = ".tiny-build-stamp"
+LM_HEAD_SCALE = 20.0  # see build_target
 NUM_CONVERSATIONS = 500
 DATA_SEED = 1234
 MODEL_SEED = 0
@@ -194,6 +195,11 @@ def build_target(kind: str, tokenizer, out: str) -> None:
         config, cls = Qwen3Config(head_dim=32, **common), Qwen3ForCausalLM
     torch.manual_seed(MODEL_SEED)
     model = cls(config).eval()
+    # With std-0.02 weights the logits have std ~0.2: a nearly uniform teacher whose entropy
+    # is all the draft's loss can ever be, so the loss could barely fall. A sharper lm_head
+    # gives a peaked teacher, as a trained model has.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(LM_HEAD_SCALE)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
 

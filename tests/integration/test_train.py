@@ -47,11 +47,11 @@ def test_loss_falls_and_acc_rises(tiny_run):
     rows = metrics(run_dir)
     assert [r["step"] for r in rows] == list(range(1, 25))
     first, last = rows[0], rows[-4:]
-    # Measured: loss 18.50 -> 18.36 and acc_0 0.00 -> ~0.6 over 24 steps (random-weight
-    # target, so the floor is the teacher's entropy and the loss can only fall a little).
-    assert sum(r["loss"] for r in last) / 4 < first["loss"] - 0.08
+    # Measured on CPU: loss 18.6 -> ~4.5 and acc_0 0.00 -> ~0.8 over 24 steps.
+    assert sum(r["loss"] for r in last) / 4 < 0.5 * first["loss"]
     assert first["acc_0"] < 0.05
-    assert sum(r["acc_0"] for r in last) / 4 > 0.3
+    assert sum(r["acc_0"] for r in last) / 4 > 0.6
+    assert last[-1]["accept_length"] > 2.5
     assert "step 24/24" in proc.stdout and "done: 24 steps" in proc.stdout
     assert all(r["tokens_per_s"] > 0 for r in rows)
 
