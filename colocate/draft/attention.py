@@ -15,10 +15,11 @@ The causal part is computed per sequence (no dense [T, T] mask across sequences)
 diagonal part is an elementwise q.k per index. Scores and softmax are float32; the matmuls
 run in the input dtype.
 
-Future work: the per-sequence loop keeps an [H, L, L] score matrix per sequence and step
-alive for backward. A fused path (flex_attention with `return_lse=True` over a
-block-diagonal causal mask, then merging the k diagonal terms through the log-sum-exp)
-would need O(T) memory and no host loop.
+This loop is the reference. It keeps no [H, L, L] scores for backward (each sequence is
+recomputed under activation checkpointing), at the price of a second forward per sequence.
+`colocate.draft.flex` computes the same attention as one block-sparse flex_attention call
+per step (`draft.attention`: auto/loop/flex); tests/unit/test_draft_flex.py holds the two
+to the same outputs and gradients.
 """
 
 from __future__ import annotations
