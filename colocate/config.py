@@ -171,6 +171,10 @@ class DraftSection:
     """Loss weight of unroll position k is position_decay**k."""
     intermediate_size: int = 0
     """Draft MLP width. 0: the target's."""
+    attention: str = "auto"
+    """TTT attention: auto (flex on CUDA when torch.nn.attention.flex_attention and Triton are
+    usable, else loop), loop (per-sequence reference), or flex (block-sparse flex_attention,
+    compiled on CUDA; on CPU eager and forward-only, as torch allows there)."""
 
     def __post_init__(self):
         _require(self.draft_vocab_size >= 2, "draft.draft_vocab_size",
@@ -180,6 +184,8 @@ class DraftSection:
         _require(0.0 < self.position_decay <= 1.0, "draft.position_decay",
                  f"got {self.position_decay}; use (0, 1]")
         _require(self.intermediate_size >= 0, "draft.intermediate_size", "must be >= 0")
+        _require(self.attention in ("auto", "loop", "flex"), "draft.attention",
+                 f"got {self.attention!r}; use auto, loop or flex")
 
 
 @dataclass(kw_only=True)

@@ -37,6 +37,7 @@ from torch import nn
 
 from colocate.draft.arch import DraftArch
 from colocate.draft.attention import apply_rope, rope_cos_sin, ttt_attention, upcast
+from colocate.draft.flex import ttt_flex_attention, use_flex
 
 class KVCache:
     """Keys/values of the unroll steps so far, one (k, v) pair per step.
@@ -74,8 +75,11 @@ class RMSNorm(nn.Module):
 
 
 class Eagle3Attention(nn.Module):
-    def __init__(self, arch: DraftArch):
+    def __init__(self, arch: DraftArch, attention: str = "auto"):
         super().__init__()
+        # draft.attention (auto, loop or flex), resolved per call against the input's device:
+        # the module may be built on CPU or meta and moved afterwards.
+        self.attention = attention
         in_features = 2 * arch.hidden_size  # [embeds, hidden]
         self.num_heads, self.num_kv_heads, self.head_dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
         self.q_proj = nn.Linear(in_features, arch.num_heads * arch.head_dim, bias=False)
@@ -98,8 +102,9 @@ class Eagle3Attention(nn.Module):
         cos, sin = rope_cos_sin(positions + step, self.inv_freq)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         kv_cache.append((k, v))
-        out = ttt_attention(q, [kk for kk, _ in kv_cache], [vv for _, vv in kv_cache],
-                            seq_bounds, scale=self.head_dim ** -0.5)
+        impl = ttt_flex_attention if use_flex(self.attention, q.device) else ttt_attention
+        out = impl(q, [kk for kk, _ in kv_cache], [vv for _, vv in kv_cache], seq_bounds,
+                   scale=self.head_dim ** -0.5)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
 
@@ -115,11 +120,11 @@ class Eagle3MLP(nn.Module):
 
 
 class Eagle3DecoderLayer(nn.Module):
-    def __init__(self, arch: DraftArch):
+    def __init__(self, arch: DraftArch, attention: str = "auto"):
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.hidden_norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.self_attn = Eagle3Attention(arch)
+        self.self_attn = Eagle3Attention(arch, attention)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = Eagle3MLP(arch)
 
@@ -139,11 +144,12 @@ class Eagle3Draft(nn.Module):
     would append again); checkpoint inside it (e.g. the MLP) if memory demands.
     """
 
-    def __init__(self, arch: DraftArch):
+    def __init__(self, arch: DraftArch, attention: str = "auto"):
+        """attention: `draft.attention` (auto: flex on CUDA when usable, else the loop)."""
         super().__init__()
         self.arch = arch
         self.fc = nn.Linear(arch.num_aux * arch.hidden_size, arch.hidden_size, bias=False)
-        self.midlayer = Eagle3DecoderLayer(arch)
+        self.midlayer = Eagle3DecoderLayer(arch, attention)
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.lm_head = nn.Linear(arch.hidden_size, arch.draft_vocab_size, bias=False)
 
