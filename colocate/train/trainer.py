@@ -63,7 +63,7 @@ class DraftTrainer:
         # 3. The draft, initialised identically on every trainer, then sharded over trainers.
         self.arch = DraftArch.from_target_config(target_config, cfg.draft, len(aux_layer_ids))
         assert self.arch.draft_vocab_size == len(self.draft_ids), "vocab and arch disagree"
-        model = Eagle3Draft(self.arch)
+        model = Eagle3Draft(self.arch, attention=cfg.draft.attention)
         model.init_weights(torch.Generator().manual_seed(cfg.run.seed))
         model.to(device)
         mesh = topo.trainer_mesh()
