@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The performance table of examples/bench/README.md: `colocate bench train` on one GPU with
+# the Qwen3-8B-shaped random-weight target. Repo root, GPU host:
+#   ENGINE=sglang MODES=k2,k3,k1 OUT=/tmp/out bash tests/gpu/run_bench.sh
+# ENGINE: sglang (needs .whl_sgl or sglang on PYTHONPATH) or hf. MODES: see --modes.
+set -uo pipefail
+SITE=${SITE:-/tmp/site}
+export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/colocate-bench}; mkdir -p "$OUT"
+if [ "${ENGINE:-sglang}" = sglang ] && [ ! -d "$SITE/sglang" ] && [ -d .whl_sgl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl_sgl/*.whl
+fi
+bash examples/qwen3-8b-shape/prepare.sh >/dev/null
+python -m colocate prepare-vocab --config examples/qwen3-8b-shape/run.yaml >/dev/null 2>&1
+python -m colocate bench train --config examples/qwen3-8b-shape/run.yaml \
+  engine.backend=${ENGINE:-sglang} ${BENCH_ARGS:-} --steps ${STEPS:-10} --warmup ${WARMUP:-4} \
+  --modes ${MODES:-k2,k3,k1,ts,engine,trainer} --workdir "$OUT/bench" 2>&1 | tee "$OUT/bench_${ENGINE:-sglang}.txt"
