@@ -96,29 +96,37 @@ def resolve_aux_layer_ids(configured: list[int] | None, num_layers: int) -> list
 class TargetEngine(ABC):
     """One small interface for every backend; `prefill` is the only entry point callers use."""
 
-    @property
-    @abstractmethod
-    def hidden_size(self) -> int: ...
+    # Backends set these six in __init__; callers read them through the properties below.
+    _hidden_size: int
+    _num_layers: int
+    _vocab_size: int
+    _aux_layer_ids: list[int]
+    _dtype: torch.dtype
+    _device: torch.device
 
     @property
-    @abstractmethod
-    def num_layers(self) -> int: ...
+    def hidden_size(self) -> int:
+        return self._hidden_size
 
     @property
-    @abstractmethod
-    def aux_layer_ids(self) -> list[int]: ...
+    def num_layers(self) -> int:
+        return self._num_layers
 
     @property
-    @abstractmethod
-    def dtype(self) -> torch.dtype: ...
+    def aux_layer_ids(self) -> list[int]:
+        return list(self._aux_layer_ids)
 
     @property
-    @abstractmethod
-    def vocab_size(self) -> int: ...
+    def dtype(self) -> torch.dtype:
+        return self._dtype
 
     @property
-    @abstractmethod
-    def device(self) -> torch.device: ...
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
 
     @abstractmethod
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_lens: torch.Tensor,

@@ -32,29 +32,6 @@ class FakeEngine(TargetEngine):
         self.layer_offsets = torch.randn(num_layers + 1, hidden_size,
                                          generator=gen).to(self._device)
 
-    @property
-    def hidden_size(self) -> int:
-        return self._hidden_size
-
-    @property
-    def num_layers(self) -> int:
-        return self._num_layers
-
-    @property
-    def aux_layer_ids(self) -> list[int]:
-        return list(self._aux_layer_ids)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
 
     def features(self, input_ids: torch.Tensor, positions: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:

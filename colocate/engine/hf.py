@@ -155,31 +155,6 @@ class HFTargetEngine(TargetEngine):
             layers[layer_id].register_forward_hook(self._hook(f"layer{layer_id}"))
         norm.register_forward_hook(self._hook("norm"))
 
-    # ------------------------------------------------------------------ properties
-
-    @property
-    def hidden_size(self) -> int:
-        return self._hidden_size
-
-    @property
-    def num_layers(self) -> int:
-        return self._num_layers
-
-    @property
-    def aux_layer_ids(self) -> list[int]:
-        return list(self._aux_layer_ids)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
 
     # ------------------------------------------------------------------ capture
 

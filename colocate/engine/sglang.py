@@ -310,31 +310,6 @@ class SGLangTargetEngine(TargetEngine):
         # reference is dropped after the forward; the data is copied out before then.
         self._norm_out.append(output[0] if isinstance(output, (tuple, list)) else output)
 
-    # ------------------------------------------------------------------ properties
-
-    @property
-    def hidden_size(self) -> int:
-        return self._hidden_size
-
-    @property
-    def num_layers(self) -> int:
-        return self._num_layers
-
-    @property
-    def aux_layer_ids(self) -> list[int]:
-        return list(self._aux_layer_ids)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
 
     # ------------------------------------------------------------------ prefill
 
