@@ -21,6 +21,7 @@ import datetime
 import logging
 import os
 import secrets
+import signal
 import socket
 from dataclasses import dataclass
 from enum import Enum
@@ -255,10 +256,22 @@ def _setup_mps(info: RankInfo, mps_cfg, job_token: str, timeout_s: float):
     if info.local_rank == 0:
         handle = mps.start_daemon(plan, timeout_s=min(timeout_s, 120.0))
         status = mps.node_status(plan, handle)
+        if handle is not None and handle.owned:
+            _exit_cleanly_on_sigterm()
     statuses = _gather(status, info.world_size)  # start-up barrier: nobody touches CUDA before
     status = statuses[info.rank - info.local_rank]
     mps.activate(status, info.role.value, device=info.gpu_index)
     return status, handle
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """torchrun stops the surviving ranks with SIGTERM when one fails; Python's default
+    action skips atexit, which would leave the MPS daemon this rank owns running. Raising
+    SystemExit instead runs the atexit hook that stops it."""
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _bind_numa(info: RankInfo) -> None:
