@@ -58,3 +58,25 @@ def test_gpu_count_mismatch_names_the_nproc_to_use():
     with pytest.raises(TopologyError, match="--nproc-per-node 4 but 1 GPU.*use --nproc-per-node 2"):
         validate_gpu_count(RankInfo(0, 4, 0, 4), 1)
     validate_gpu_count(RankInfo(0, 4, 0, 4), 2)
+
+
+def test_sigterm_runs_atexit_on_the_mps_owner(tmp_path):
+    """The MPS daemon's owner stops it in an atexit hook; SIGTERM (torchrun's teardown)
+    must run that hook instead of killing the process outright."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    marker = tmp_path / "atexit-ran"
+    script = ("import atexit, time\n"
+              "from colocate.topology import _exit_cleanly_on_sigterm\n"
+              "_exit_cleanly_on_sigterm()\n"
+              f"atexit.register(lambda: open({str(marker)!r}, 'w').write('ok'))\n"
+              "print('ready', flush=True)\n"
+              "time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    assert marker.read_text() == "ok"
