@@ -310,7 +310,6 @@ class SGLangTargetEngine(TargetEngine):
         # reference is dropped after the forward; the data is copied out before then.
         self._norm_out.append(output[0] if isinstance(output, (tuple, list)) else output)
 
-
     # ------------------------------------------------------------------ prefill
 
     def prefill(self, batch, writer, *, budget: int) -> None:
@@ -392,7 +391,6 @@ class SGLangTargetEngine(TargetEngine):
                                               capture_hidden_mode=CaptureHiddenMode.FULL,
                                               return_hidden_states_before_norm=False)
         return runner.forward(forward_batch).logits_output.hidden_states
-
 
 def exchange_micro_batches(ids: torch.Tensor, lens: torch.Tensor
                            ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
