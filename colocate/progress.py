@@ -24,6 +24,89 @@ def peak_gib(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
 
 
+class PhaseTimer:
+    """Time spent in each phase of a step, without host synchronisation.
+
+    On CUDA each `mark` records an event on the current stream, so a phase is the GPU time
+    between two marks; the events are read only when the metrics are written (a sync point
+    already). On CPU the marks are wall-clock times. Disabled timers record nothing.
+    """
+
+    def __init__(self, device: torch.device, enabled: bool = True):
+        self.cuda = device.type == "cuda"
+        self.enabled = enabled
+        self.marks: list[tuple[str, object]] = []
+
+    def _now(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        """End the phase `phase` here (the first mark of a step starts it)."""
+        if self.enabled:
+            self.marks.append((phase, self._now()))
+
+    def take(self) -> list[tuple[str, object]]:
+        """This step's marks; the timer starts the next step from the last one."""
+        marks = self.marks
+        self.marks = marks[-1:] if marks else []
+        return marks
+
+
+def phase_seconds(marks: list[tuple[str, object]]) -> dict[str, float]:
+    """Seconds per phase from `PhaseTimer.take()` marks (waits for CUDA events to finish)."""
+    out: dict[str, float] = {}
+    for (_, start), (phase, end) in zip(marks, marks[1:]):
+        if isinstance(end, torch.cuda.Event):
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1e3
+        else:
+            seconds = end - start
+        out[phase] = out.get(phase, 0.0) + seconds
+    return out
+
+
+class BusyClock:
+    """Cumulative time inside begin()/end() intervals, read without host synchronisation:
+    on CUDA an interval counts once its end event has completed (`query`), so the total
+    may lag by the intervals still in flight."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.total_s = 0.0
+        self._open = None
+        self._pending: list[tuple[object, object]] = []
+
+    def begin(self) -> None:
+        self._open = self._stamp()
+
+    def end(self) -> None:
+        self._pending.append((self._open, self._stamp()))
+        self._open = None
+
+    def _stamp(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def read(self) -> float:
+        still = []
+        for start, end in self._pending:
+            if not self.cuda:
+                self.total_s += end - start
+            elif end.query():
+                self.total_s += start.elapsed_time(end) / 1e3
+            else:
+                still.append((start, end))
+        self._pending = still
+        return self.total_s
+
+
 def _duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
     h, rem = divmod(seconds, 3600)
@@ -68,13 +151,13 @@ class MetricsLog:
         return t
 
     def record(self, step: int, stats: torch.Tensor, grad_norm: torch.Tensor, *, lr: float,
-               tokens: int, seconds: float, **host: float) -> None:
+               tokens: int, seconds: float, phases: list | None = None, **host: float) -> None:
         """stats: [loss, acc_0..acc_{K-1}] averaged over this trainer's micro-steps; `host`:
         plain numbers of the first trainer's pair (waits, peak memory) written as they are."""
         vec = torch.cat([stats.float(), grad_norm.float().reshape(1) / self.num_pairs,
                          self._host_scalar(tokens)])
         work = dist.all_reduce(vec, group=self.group, async_op=True)
-        self.pending.append((step, vec, work, dict(lr=lr, seconds=seconds, **host)))
+        self.pending.append((step, vec, work, dict(lr=lr, seconds=seconds, **host), phases))
         if self.path is None:  # other trainers: nothing to write, just retire the handles
             self._retire(write=False)
         elif time.monotonic() - self._last_flush >= self.flush_every_s:
@@ -86,7 +169,7 @@ class MetricsLog:
 
     def _retire(self, write: bool) -> None:
         lines = []
-        for step, vec, work, host in self.pending:
+        for step, vec, work, host, phases in self.pending:
             work.wait()
             if not write:
                 continue
@@ -98,7 +181,8 @@ class MetricsLog:
                    "accept_length": simulated_accept_length(acc),
                    "grad_norm": values[1 + num_acc], "tokens": int(values[-1]),
                    "tokens_per_s": values[-1] / max(host["seconds"], 1e-9),
-                   "step_s": host.pop("seconds"), **host}
+                   "step_s": host.pop("seconds"), **host,
+                   **{f"{name}_s": v for name, v in phase_seconds(phases or []).items()}}
             lines.append(json.dumps(row))
             self.last = row
             if self._tb is not None:

@@ -15,7 +15,9 @@ ideal split 1/(1/E + 1/T) (engine GPUs in exact proportion to their load, free t
 Each mode's first --warmup steps (compilation, allocator warm-up) are left out.
 Columns: tokens/s per GPU, MFU (metrics.py; both processes share the GPU's peak), ratios to
 time-sliced / ideal / 1:1, the share of wall time each side waited for the other, the
-trainer's host time in ring calls (handoff) as a share of the step, peak memory per role.
+trainer's host time in ring calls (handoff) as a share of the step, peak memory per role;
+then a step-time breakdown: the engine's prefill time and the trainer's phases (receive,
+teacher distribution, forward, backward, optimizer) as shares of wall time.
 On a machine without CUDA the MPS modes are reported as unavailable, not faked.
 """
 
@@ -54,6 +56,10 @@ MODES = (
 )
 
 
+# The trainer's phases as `PhaseTimer` marks them (trainer.py), in step order.
+PHASES = ("receive", "teacher", "forward", "backward", "optimizer")
+
+
 @dataclass
 class Result:
     mode: Mode
@@ -64,6 +70,7 @@ class Result:
     handoff: float = 0.0
     trainer_gib: float = 0.0
     engine_gib: float = 0.0
+    breakdown: dict | None = None  # share of wall time per role and phase
 
 
 def summarize(mode: Mode, rows: list[dict], warmup: int) -> Result:
@@ -77,7 +84,10 @@ def summarize(mode: Mode, rows: list[dict], warmup: int) -> Result:
         start = before[key] if before else 0.0
         return (timed[-1][key] - start) / seconds
 
-    return Result(mode, tokens_per_s=sum(r["tokens"] for r in timed) / seconds,
+    breakdown = {"engine prefill": share("engine_prefill_s")}
+    for phase in PHASES:
+        breakdown[f"trainer {phase}"] = sum(r.get(f"{phase}_s", 0.0) for r in timed) / seconds
+    return Result(mode, breakdown=breakdown, tokens_per_s=sum(r["tokens"] for r in timed) / seconds,
                   trainer_wait=share("trainer_wait_s"), engine_wait=share("engine_wait_s"),
                   handoff=share("handoff_s"), trainer_gib=timed[-1]["trainer_peak_gib"],
                   engine_gib=timed[-1]["engine_peak_gib"])
@@ -152,6 +162,14 @@ def format_table(results: list[Result], flops: dict[str, float], peak: float | N
     for key, label in (("split_ideal", "ideal split"), ("split_1to1", "1:1 split")):
         if key in refs:
             lines.append(f"{label + ' (ref)':<20} {refs[key]:>10,.0f}")
+    lines += ["", "step-time breakdown, share of wall time (trainer phases: time between marks, "
+              "GPU-stream time on CUDA; 'receive' includes waiting for the engine's data)",
+              f"{'mode':<20} {'E prefill':>9} " + " ".join(f"{'T ' + p:>11}" for p in PHASES)]
+    for r in results:
+        if r.breakdown:
+            b = r.breakdown
+            lines.append(f"{r.mode.label:<20} {100 * b['engine prefill']:>8.1f}% " + " ".join(
+                f"{100 * b['trainer ' + p]:>10.1f}%" for p in PHASES))
     return "\n".join(lines)
 
 

@@ -22,7 +22,7 @@ from colocate.config import Config
 from colocate.data import DataStream, load_or_build_tokenized, load_or_build_vocab
 from colocate.engine import build_engine
 from colocate.topology import Topology
-from colocate.progress import peak_gib
+from colocate.progress import BusyClock, peak_gib
 from colocate.transport import PairChannel, RingProducer
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,7 @@ def run_engine(cfg: Config, topo: Topology, channel: PairChannel, *, target_conf
                               name=f"colocate-{topo.job_token}-pair{info.pair_index}",
                               timeout_s=startup)
     replay: list[tuple[dict, dict]] = []  # bench.engine=replay: captured micro-steps
+    busy = BusyClock(topo.device)  # prefill time, read without syncing the engine's stream
     for n in range(num_messages):
         writer = ring.acquire()
         if cfg.bench.engine == "replay" and len(replay) == cfg.bench.replay_micro_steps:
@@ -97,12 +98,15 @@ def run_engine(cfg: Config, topo: Topology, channel: PairChannel, *, target_conf
             writer.meta.update(meta)
         else:
             batch = stream.next_micro_batch()
+            busy.begin()
             engine.prefill(batch, writer, budget=budget)
+            busy.end()
             writer.meta.update(seq_lens=batch.seq_lens.tolist(), data_state=stream.state())
             if cfg.bench.engine == "replay":
                 replay.append(({k: v.clone() for k, v in writer.views().items()},
                                dict(writer.meta)))
-        writer.meta.update(engine_wait_s=ring.stats.wait_s, engine_peak_gib=peak_gib(topo.device))
+        writer.meta.update(engine_wait_s=ring.stats.wait_s, engine_peak_gib=peak_gib(topo.device),
+                           engine_prefill_s=busy.read())
         ring.publish(writer)
         if n == cfg.train.micro_steps + cfg.transport.num_slots:
             # The trainer finished its first optimizer step: start-up is over.

@@ -19,7 +19,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from colocate.config import Config
 from colocate.draft import DraftArch, Eagle3Draft, eagle3_unroll, target_distribution
 from colocate.engine import feature_needs, resolve_target_dtype
-from colocate.progress import MetricsLog, Progress, peak_gib
+from colocate.progress import MetricsLog, PhaseTimer, Progress, peak_gib
 from colocate.topology import Topology
 from colocate.train import checkpoint as ckpt
 from colocate.train.schedule import lr_at
@@ -114,6 +114,9 @@ class DraftTrainer:
         t = self.cfg.train
         discard = self.cfg.bench.trainer == "discard"
         first_step_done = False
+        # Step-time breakdown of the first trainer (the one that writes metrics.jsonl).
+        self.timer = PhaseTimer(self.topo.device, enabled=self.topo.is_first)
+        self.timer.mark("start")
         for step in range(self.start_step, self.cfg.last_step):
             lr = lr_at(step, lr=t.lr, warmup_steps=t.warmup_steps, max_steps=t.max_steps,
                        min_lr_ratio=t.min_lr_ratio)
@@ -123,6 +126,7 @@ class DraftTrainer:
             sums, tokens, engine_wait = None, 0, 0.0
             for micro in range(t.micro_steps):
                 delivery = self.ring.receive()
+                self.timer.mark("receive")  # GPU time: includes the wait for the slot's data
                 if delivery is None:
                     raise PeerError(f"{self.channel.me}: the engine ended the stream at step "
                                     f"{step} micro-step {micro}, before train.max_steps")
@@ -134,6 +138,7 @@ class DraftTrainer:
                     tokens += delivery.meta["num_tokens"]
                     engine_wait = delivery.meta["engine_wait_s"]
                     engine_peak = delivery.meta["engine_peak_gib"]
+                    delivery_meta = delivery.meta
                     self.data_state = delivery.meta["data_state"]
                 sums = stats if sums is None else sums + stats
                 self.progress.micro(step, micro, step_tokens=tokens,
@@ -141,10 +146,13 @@ class DraftTrainer:
                                     engine_wait_s=engine_wait)
             grad_norm = torch.zeros((), device=self.topo.device) if discard else \
                 self._clip_and_step()
+            self.timer.mark("optimizer")
             self.metrics.record(step, sums / t.micro_steps, grad_norm, lr=lr, tokens=tokens,
                                 seconds=time.monotonic() - step_start,
                                 trainer_wait_s=self.ring.stats.wait_s, engine_wait_s=engine_wait,
                                 handoff_s=self.ring.stats.handoff_s,
+                                engine_prefill_s=delivery_meta.get("engine_prefill_s", 0.0),
+                                phases=self.timer.take(),
                                 trainer_peak_gib=peak_gib(self.topo.device),
                                 engine_peak_gib=engine_peak)
             self.progress.step_done(step, self.metrics.last, tokens)
@@ -165,13 +173,16 @@ class DraftTrainer:
         with torch.no_grad():
             target_p, in_draft = target_distribution(feats["last_hidden"], self.lm_head,
                                                      self.draft_ids)
+        self.timer.mark("teacher")
         # Gradients are reduced across trainers once per optimizer step, not per micro-step.
         self.model.set_requires_gradient_sync(last)
         result = eagle3_unroll(self.model, self.embed, feats["aux_hidden"], target_p, in_draft,
                                feats["input_ids"], feats["loss_mask"], feats["positions"],
                                delivery.meta["seq_lens"], self.cfg.draft.unroll_steps,
                                self.cfg.draft.position_decay)
+        self.timer.mark("forward")
         (result.loss / self.cfg.train.micro_steps).backward()
+        self.timer.mark("backward")
         return torch.cat([result.loss.detach().float().reshape(1), result.acc.float()])
 
     def _clip_and_step(self) -> torch.Tensor:

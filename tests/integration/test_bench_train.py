@@ -15,7 +15,8 @@ def test_bench_train_cpu_prints_every_column(tiny_assets, tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.strip().splitlines()
+    table, breakdown = proc.stdout.strip().split("\n\n")
+    lines = table.splitlines()
     assert lines[1].split() == ["mode", "tok/s/GPU", "MFU", "vs", "ts", "vs", "ideal", "vs",
                                 "1:1", "T", "wait", "E", "wait", "handoff", "T", "GiB", "E",
                                 "GiB"]
@@ -30,3 +31,12 @@ def test_bench_train_cpu_prints_every_column(tiny_assets, tmp_path):
     ideal = float(rows["ideal split (ref)"][0].replace(",", ""))
     assert abs(ideal - e * t / (e + t)) <= 1.0  # rounding of the printed numbers
     assert os.path.isfile(tmp_path / "bench" / "table.txt")
+    b_lines = breakdown.splitlines()
+    assert b_lines[1].split() == ["mode", "E", "prefill", "T", "receive", "T", "teacher", "T",
+                                  "forward", "T", "backward", "T", "optimizer"]
+    shares = {l[:20].strip(): [float(x.rstrip("%")) for x in l[20:].split()] for l in b_lines[2:]}
+    assert set(shares) == {"time-sliced K=2", "engine alone (E)", "trainer alone (T)"}
+    assert shares["trainer alone (T)"][0] == 0.0          # replay: the engine never prefills
+    assert shares["time-sliced K=2"][0] > 0               # a real engine did
+    assert shares["engine alone (E)"][3:5] == [0.0, 0.0]  # discard: no forward, no backward
+    assert 50 < sum(shares["trainer alone (T)"][1:]) < 110  # phases cover the step
