@@ -85,11 +85,16 @@ def export_draft(state_dict: dict[str, torch.Tensor], arch: DraftArch, *, d2t: t
 
 def load_checkpoint_weights(path: str, arch: DraftArch) -> dict[str, torch.Tensor]:
     """The draft's weights from a DCP checkpoint, in one process (no process group)."""
+    import inspect
+
     import torch.distributed.checkpoint as dcp
 
     model = Eagle3Draft(arch)
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=path, no_dist=True)
+    # torch 2.6's dcp.load has no `no_dist` keyword (it infers it from an uninitialised
+    # process group, as later versions also do); pass it only where it exists.
+    kwargs = {"no_dist": True} if "no_dist" in inspect.signature(dcp.load).parameters else {}
+    dcp.load(state, checkpoint_id=path, **kwargs)
     return state["model"]
 
 
