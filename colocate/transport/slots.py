@@ -77,16 +77,23 @@ class ShmSlots(SlotPool):
     def create(cls, num_slots: int, slot_bytes: int, name: str) -> "ShmSlots":
         root = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
         paths, buffers = [], []
-        for s in range(num_slots):
-            path = os.path.join(root, f"{name}-slot{s}")
-            # O_EXCL: a stale file from an old job with the same token is a bug, not data.
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-            try:
-                os.ftruncate(fd, slot_bytes)
-            finally:
-                os.close(fd)
-            paths.append(path)
-            buffers.append(torch.from_file(path, shared=True, size=slot_bytes, dtype=torch.uint8))
+        try:
+            for s in range(num_slots):
+                path = os.path.join(root, f"{name}-slot{s}")
+                # O_EXCL: a stale file from an old job with the same token is a bug, not data.
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+                paths.append(path)  # ours from here on: removed again if a later step fails
+                try:
+                    os.ftruncate(fd, slot_bytes)
+                finally:
+                    os.close(fd)
+                buffers.append(torch.from_file(path, shared=True, size=slot_bytes,
+                                               dtype=torch.uint8))
+        except BaseException:
+            # No pool object exists yet to close: unlink what we created (e.g. slot 0 when
+            # slot 1's name is taken, or every slot when /dev/shm is full).
+            cls(buffers, paths, owner=True).close()
+            raise
         return cls(buffers, paths, owner=True)
 
     @classmethod
