@@ -16,7 +16,8 @@ from colocate import __version__
 # Errors that describe a user mistake or a peer's failure: printed as one line.
 _READABLE = ("ConfigError", "TopologyError", "DataError", "MpsError", "PeerError", "PeerDied",
              "PeerTimeout", "PeerReportedError", "LayoutMismatch", "SlotOverflow", "ExportError",
-             "PatchError", "FileNotFoundError")
+             "PatchError", "FileNotFoundError",
+             "ValueError")  # ours name the key and the fix (STYLE.md); others keep the hint
 
 
 # Raised identically on every rank before roles diverge (bad config, missing files).
@@ -63,5 +64,6 @@ def main(argv: list[str] | None = None) -> int:
         if type(e).__name__ in _SAME_ON_EVERY_RANK and rank not in (None, "0"):
             return 2  # every rank hit the same input error; rank 0 says it once
         where = f"[rank {rank}] " if rank is not None else ""
-        print(f"colocate {args.command}: error: {where}{e}", file=sys.stderr, flush=True)
+        hint = " (COLOCATE_DEBUG=1 shows the traceback)" if type(e) is ValueError else ""
+        print(f"colocate {args.command}: error: {where}{e}{hint}", file=sys.stderr, flush=True)
         return 2

@@ -78,8 +78,9 @@ def export_draft(state_dict: dict[str, torch.Tensor], arch: DraftArch, *, d2t: t
     save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(draft_config(arch, aux_layer_ids, target_config), f, indent=2)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    from colocate.train.checkpoint import replace_dir
+
+    replace_dir(tmp, out_dir)
     return out_dir
 
 

@@ -34,7 +34,7 @@ PREFIX = "step_"
 class CheckpointMeta:
     step: int                       # optimizer steps completed
     data_states: list[dict | None]  # per pair: the data position after its last micro-step
-    rng_states: list[str]           # per trainer: torch CPU RNG state, base64
+    rng_states: list[dict]          # per trainer: {"cpu": ..., "cuda": ...} RNG states, base64
     vocab_sha: str
 
     def to_json(self) -> dict[str, Any]:
@@ -48,8 +48,10 @@ def checkpoint_root(run_dir: str) -> str:
 def list_checkpoints(run_dir: str) -> list[str]:
     """Complete checkpoints, oldest first."""
     paths = [p for p in glob.glob(os.path.join(checkpoint_root(run_dir), PREFIX + "*"))
-             if not p.endswith(".tmp") and os.path.isfile(os.path.join(p, "meta.json"))]
-    return sorted(paths)
+             if os.path.basename(p)[len(PREFIX):].isdigit()
+             and os.path.isfile(os.path.join(p, "meta.json"))]
+    # By step number: as strings step_1000000 would sort before step_999999.
+    return sorted(paths, key=lambda p: int(os.path.basename(p)[len(PREFIX):]))
 
 
 def find_resume(run_dir: str, resume: str) -> str | None:
@@ -65,13 +67,37 @@ def find_resume(run_dir: str, resume: str) -> str | None:
     return resume
 
 
-def _rng_state() -> str:
-    return base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
+def _encode(state: torch.Tensor) -> str:
+    return base64.b64encode(state.cpu().numpy().tobytes()).decode()
 
 
-def _set_rng_state(text: str) -> None:
-    raw = torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
-    torch.set_rng_state(raw.clone())
+def _decode(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
+
+
+def _rng_state() -> dict[str, str]:
+    """CPU and (when used) current-CUDA-device generator states, base64."""
+    state = {"cpu": _encode(torch.get_rng_state())}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = _encode(torch.cuda.get_rng_state())
+    return state
+
+
+def _set_rng_state(state: dict[str, str]) -> None:
+    torch.set_rng_state(_decode(state["cpu"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(_decode(state["cuda"]))
+
+
+def replace_dir(tmp: str, final: str) -> None:
+    """Put the complete directory `tmp` at `final`. An existing `final` is renamed aside
+    first and removed only after the swap, so a crash never leaves neither of them."""
+    old = final + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module,
@@ -97,8 +123,7 @@ def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module,
                               rng_states=[g[1] for g in gathered], vocab_sha=vocab_sha)
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta.to_json(), f)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)
         for old in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier(group=group)

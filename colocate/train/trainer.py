@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from colocate.config import Config
+from colocate.config import Config, ConfigError
 from colocate.draft import DraftArch, Eagle3Draft, eagle3_unroll, target_distribution
 from colocate.engine import feature_needs, resolve_target_dtype
 from colocate.progress import MetricsLog, PhaseTimer, Progress, peak_gib
@@ -31,6 +31,16 @@ log = logging.getLogger(__name__)
 
 def vocab_sha(d2t: torch.Tensor) -> str:
     return hashlib.sha256(d2t.cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+def clip_(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float) -> None:
+    """Scale `grads` in place so their global `norm` is at most `max_norm` (0: no clipping);
+    zero them when `norm` is not finite. Decided on the device: no host sync."""
+    scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0) if max_norm else torch.ones_like(norm)
+    scale = torch.where(torch.isfinite(norm), scale, torch.zeros_like(scale))
+    torch._foreach_mul_(grads, scale)
+    for g in grads:  # inf * 0 is nan: clear what the zero scale could not
+        g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 class DraftTrainer:
@@ -87,10 +97,16 @@ class DraftTrainer:
             meta = ckpt.load_checkpoint(path, model, self.optimizer, group=topo.role_cpu_group,
                                         role_rank=topo.role_rank)
             if meta.vocab_sha != self.vocab_sha:
-                raise ValueError(f"checkpoint {path} was trained with another draft vocabulary "
+                raise ConfigError(f"checkpoint {path} was trained with another draft vocabulary "
                                  "(data or tokenizer changed); use checkpoint.resume=never or "
                                  "a new run.dir")
             self.start_step = meta.step
+            if len(meta.data_states) != topo.info.num_pairs:
+                raise ConfigError(
+                    f"checkpoint {path} was written by {len(meta.data_states)} trainer/engine "
+                    f"pair(s), this run has {topo.info.num_pairs}: the data positions are per "
+                    "pair; resume with the same GPU count, or start fresh with "
+                    "checkpoint.resume=never (or a new run.dir)")
             data_state = meta.data_states[topo.info.pair_index]
             if topo.is_first:
                 log.info("resumed from %s at step %d", path, meta.step)
@@ -189,17 +205,16 @@ class DraftTrainer:
         """Global grad-norm clip over the trainer group, then the optimizer step.
 
         Shards of an FSDP2 gradient are disjoint, so the global squared norm is the sum of
-        the local ones. A non-finite norm zeroes the update (checked on the device: no sync).
+        the local ones. A non-finite norm makes this step's gradients zero (decided on the
+        device: no sync; AdamW's momentum still moves the weights, no NaN reaches them). The
+        logged grad_norm shows inf/nan for such a step.
         """
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
         sq = torch.stack([x.float().pow(2).sum() for x in local]).sum()
         dist.all_reduce(sq, group=self.topo.role_group)
         norm = sq.sqrt()
-        clip = self.cfg.train.grad_clip
-        scale = torch.clamp(clip / (norm + 1e-6), max=1.0) if clip else torch.ones_like(norm)
-        scale = torch.where(torch.isfinite(norm), scale, torch.zeros_like(scale))
-        torch._foreach_mul_(local, scale)
+        clip_(local, norm, self.cfg.train.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm

@@ -118,10 +118,21 @@ class PairChannel:
             f"({last_error}); the peer may have failed during start-up, see its log")
 
     # ------------------------------------------------------------------ traffic
+    send_timeout_s = 300.0
+    """Bound on one send. Sends block only while the peer's receive buffer is full (a large
+    message such as the vocabulary plan, or a peer that stopped reading)."""
+
     def send(self, kind: str, **payload: Any) -> None:
         data = pickle.dumps((kind, payload), protocol=pickle.HIGHEST_PROTOCOL)
+        # The socket keeps whatever timeout the last receive left (possibly milliseconds).
+        self._sock.settimeout(self.send_timeout_s)
         try:
             self._sock.sendall(_HEADER.pack(len(data)) + data)
+        except socket.timeout:
+            raise PeerTimeout(
+                f"{self.me}: {self.peer} did not take our '{kind}' message within "
+                f"{self.send_timeout_s:.0f} s (its receive buffer stayed full: frozen, or "
+                "not reading the pair channel)") from None
         except (BrokenPipeError, ConnectionResetError) as e:
             self._raise_pending_error()  # the peer may have said why before it left
             raise PeerDied(f"{self.me}: {self.peer} closed the pair channel while we sent "

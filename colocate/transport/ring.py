@@ -276,7 +276,10 @@ class RingConsumer:
         if msg["step"] != step or slot != step % self.slots.num_slots:
             raise PeerError(f"{self.channel.me}: got step {msg['step']} in slot {slot} from "
                             f"{self.channel.peer}, expected step {step}")
-        problems = check_layout(specs, self.needs)
+        size = self.slots.slot_bytes
+        problems = [f"tensor '{s.name}' at bytes {s.offset}..{s.offset + s.nbytes} lies outside "
+                    f"the {size}-byte slot" for s in specs
+                    if s.offset < 0 or s.offset + s.nbytes > size] + check_layout(specs, self.needs)
         if problems:
             text = (f"ring layout mismatch at step {step} (slot {slot}): " + "; ".join(problems))
             self.channel.report_error(text)

@@ -122,3 +122,18 @@ def overflow(ctx):
     ring = _consumer(ctx, needs={"payload": Need(torch.uint8, (None,))})
     ring.receive()
     return None
+
+
+def out_of_bounds(ctx):
+    """A (buggy) engine describes a tensor past the end of its slot."""
+    from colocate.transport.layout import TensorSpec
+
+    if ctx.engine:
+        ring = _producer(ctx, 2, max_bytes=1000)
+        ring.channel.send("data", slot=0, step=0, meta={}, t_publish_ns=0,
+                          layout=[TensorSpec("payload", "uint8", (ring.slot_bytes,), 256)])
+        ring.channel.recv("ack", ctx.timeout_s, "an ack that must not come")
+        return None
+    ring = _consumer(ctx, needs={"payload": Need(torch.uint8, (None,))})
+    ring.receive()
+    return None

@@ -71,3 +71,10 @@ def test_overflow_names_the_capacity():
     assert engine.error.startswith("SlotOverflow"), engine.error
     assert "slot holds" in engine.error
     assert trainer.error is not None  # the engine went away without sending
+
+
+def test_out_of_bounds_layout_is_a_layout_error():
+    engine, trainer = run_local_pair(sc.out_of_bounds, timeout_s=10.0, grace_s=5.0)
+    assert trainer.error.startswith("LayoutMismatch"), trainer.error
+    assert "lies outside the" in trainer.error and "'payload'" in trainer.error
+    assert engine.error.startswith("PeerReportedError") and "lies outside" in engine.error

@@ -164,3 +164,16 @@ def test_prepare_vocab_fills_the_caches_training_uses(tiny_assets, tmp_path):
     assert "500 conversations" in proc.stdout and "draft vocabulary: 512 of" in proc.stdout
     names = sorted(p.name for p in cache.iterdir())
     assert names[0].startswith("tokenized-") and names[1].startswith("vocab-")
+
+
+def test_resume_on_more_pairs_names_both_counts(tiny_assets, tmp_path):
+    run_dir = str(tmp_path / "grow")
+    common = ["train.max_steps=4", "draft.unroll_steps=2"]
+    first = torchrun_train(tiny_overrides(tiny_assets, run_dir, *common, "train.stop_at_step=1"),
+                           nproc=2)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = torchrun_train(tiny_overrides(tiny_assets, run_dir, *common), nproc=4)
+    assert second.returncode != 0
+    lines = [l for l in second.stderr.splitlines() if l.startswith("colocate train: error:")]
+    assert lines and "written by 1 trainer/engine pair(s), this run has 2" in lines[0]
+    assert "checkpoint.resume=never" in lines[0]
