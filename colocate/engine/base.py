@@ -141,10 +141,6 @@ class TargetEngine(ABC):
     def num_aux(self) -> int:
         return len(self.aux_layer_ids)
 
-    def needs(self) -> dict[str, Need]:
-        """What a trainer paired with this engine should require (see `feature_needs`)."""
-        return feature_needs(self.hidden_size, self.num_aux, self.dtype)
-
     def _shapes(self, num_tokens: int, num_sequences: int
                 ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         t, h = num_tokens, self.hidden_size

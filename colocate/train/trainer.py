@@ -7,6 +7,7 @@ and data position from its checkpoint), so a resumed run continues exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -71,8 +72,9 @@ class DraftTrainer:
                 dtype=dtype, device=device)
 
         # 3. The draft, initialised identically on every trainer, then sharded over trainers.
-        self.arch = DraftArch.from_target_config(target_config, cfg.draft, len(aux_layer_ids))
-        assert self.arch.draft_vocab_size == len(self.draft_ids), "vocab and arch disagree"
+        # The plan's vocabulary is already clamped to the target's (and warned about once).
+        draft = dataclasses.replace(cfg.draft, draft_vocab_size=len(self.draft_ids))
+        self.arch = DraftArch.from_target_config(target_config, draft, len(aux_layer_ids))
         model = Eagle3Draft(self.arch, attention=cfg.draft.attention)
         model.init_weights(torch.Generator().manual_seed(cfg.run.seed))
         model.to(device)
