@@ -24,6 +24,15 @@ def peak_gib(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
 
 
+def _stamp(cuda: bool):
+    """A point in time: a CUDA event recorded on the current stream, or the wall clock."""
+    if cuda:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
+
+
 class PhaseTimer:
     """Time spent in each phase of a step, without host synchronisation.
 
@@ -37,17 +46,10 @@ class PhaseTimer:
         self.enabled = enabled
         self.marks: list[tuple[str, object]] = []
 
-    def _now(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
     def mark(self, phase: str) -> None:
         """End the phase `phase` here (the first mark of a step starts it)."""
         if self.enabled:
-            self.marks.append((phase, self._now()))
+            self.marks.append((phase, _stamp(self.cuda)))
 
     def take(self) -> list[tuple[str, object]]:
         """This step's marks; the timer starts the next step from the last one."""
@@ -81,18 +83,11 @@ class BusyClock:
         self._pending: list[tuple[object, object]] = []
 
     def begin(self) -> None:
-        self._open = self._stamp()
+        self._open = _stamp(self.cuda)
 
     def end(self) -> None:
-        self._pending.append((self._open, self._stamp()))
+        self._pending.append((self._open, _stamp(self.cuda)))
         self._open = None
-
-    def _stamp(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
 
     def read(self) -> float:
         still = []
