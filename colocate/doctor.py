@@ -34,6 +34,7 @@ from colocate.numa import numa_node_for_gpu, parse_cpulist
 from colocate.selftest import NEEDS, consume, produce, slot_capacity
 from colocate.transport import RingConsumer, RingProducer
 from colocate.transport.local_pair import run_local_pair
+from colocate.transport.slots import expandable_segments_env
 
 OK, WARN, FAIL, SKIP = "OK", "WARN", "FAIL", "SKIP"
 _TAGS = {OK: "[ OK ]", WARN: "[WARN]", FAIL: "[FAIL]", SKIP: "[ -- ]"}
@@ -238,11 +239,11 @@ def check_cuda_ring(ctx: Ctx) -> list[Result]:
 
 
 def check_allocator(ctx: Ctx) -> list[Result]:
-    for key in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
-        if "expandable_segments:true" in os.environ.get(key, "").replace(" ", "").lower():
-            return [Result("allocator", WARN, f"{key} enables expandable_segments: fine for the "
-                           "models; ring slots are allocated outside them (their IPC would need "
-                           "pidfd_getfd / CAP_SYS_PTRACE)")]
+    key = expandable_segments_env()
+    if key:
+        return [Result("allocator", WARN, f"{key} enables expandable_segments: fine for the "
+                       "models; ring slots are allocated outside them (their IPC would need "
+                       "pidfd_getfd / CAP_SYS_PTRACE)")]
     return [Result("allocator", OK, "expandable_segments off")]
 
 

@@ -125,12 +125,18 @@ class ShmSlots(SlotPool):
 # --------------------------------------------------------------------------- GPU
 
 
+def expandable_segments_env() -> str | None:
+    """The allocator variable that turns expandable segments on, or None."""
+    for key in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        if "expandable_segments:true" in os.environ.get(key, "").replace(" ", "").lower():
+            return key
+    return None
+
+
 @contextmanager
 def _plain_cuda_allocations():
     """Allocate from ordinary cudaMalloc segments even if expandable segments are on."""
-    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") + "," + os.environ.get(
-        "PYTORCH_ALLOC_CONF", "")
-    expandable = "expandable_segments:true" in conf.replace(" ", "").lower()
+    expandable = expandable_segments_env() is not None
     if expandable:
         torch.cuda.memory._set_allocator_settings("expandable_segments:False")
     try:
