@@ -27,8 +27,9 @@ class ShardedSampler:
         if not 0 <= shard_index < num_shards:
             raise ValueError(f"shard_index {shard_index} is outside 0..{num_shards - 1}")
         if num_items < num_shards:
-            raise DataError(f"{num_items} sequences cannot feed {num_shards} shards (one per "
-                            "engine): shard(s) would be empty; use more data or fewer GPUs")
+            raise DataError(f"{num_items} sequences cannot be split over {num_shards} shards "
+                            "(one per engine): some would be empty; use more data or fewer "
+                            "engines")
         self.num_items, self.seed, self.shuffle = num_items, seed, shuffle
         self.shard_index, self.num_shards = shard_index, num_shards
         self.shard_len = len(range(shard_index, num_items, num_shards))

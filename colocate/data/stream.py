@@ -15,10 +15,6 @@ from colocate.data.tokenized import TokenizedDataset
 class DataStream:
     def __init__(self, tokenized: TokenizedDataset, *, seed: int, shuffle: bool,
                  shard_index: int, num_shards: int, tokens_per_micro_step: int):
-        if num_shards > tokenized.num_sequences:
-            raise DataError(f"{tokenized.num_sequences} sequences cannot be split over "
-                            f"{num_shards} shards (one per engine): some would be empty; "
-                            "use more data or fewer engines")
         longest = int(tokenized.lengths().max())
         assert longest <= tokens_per_micro_step, (
             f"a {longest}-token sequence exceeds the {tokens_per_micro_step}-token budget")
