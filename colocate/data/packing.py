@@ -59,11 +59,16 @@ def pack_micro_batch(dataset: TokenizedDataset, sampler: ShardedSampler,
         used += length
     ids, masks = zip(*(dataset.sequence(i) for i in picked))
     seq_lens = torch.tensor([int(lengths[i]) for i in picked], dtype=torch.int32)
-    starts = torch.repeat_interleave(torch.cumsum(seq_lens, 0) - seq_lens,
-                                     seq_lens.to(torch.int64))
-    positions = torch.arange(used, dtype=torch.int64) - starts
+    positions = positions_from_lens(seq_lens)
     return MicroBatch(input_ids=torch.cat(ids).to(torch.int64), positions=positions,
                       loss_mask=torch.cat(masks), seq_lens=seq_lens,
                       indices=torch.tensor(picked, dtype=torch.int64),
                       epoch=start_state["epoch"], start_state=start_state,
                       end_state=sampler.state())
+
+
+def positions_from_lens(seq_lens: torch.Tensor) -> torch.Tensor:
+    """int64 [sum(seq_lens)]: 0..len-1 for each packed sequence, on seq_lens' device."""
+    lens = seq_lens.to(torch.int64)
+    starts = torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
+    return torch.arange(int(lens.sum()), dtype=torch.int64, device=lens.device) - starts

@@ -31,7 +31,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from colocate.data.packing import MicroBatch
+from colocate.data.packing import MicroBatch, positions_from_lens
 from colocate.transport.layout import Need
 from colocate.transport.ring import SlotWriter, layout_bytes
 
@@ -203,8 +203,7 @@ class TargetEngine(ABC):
         if lens.dim() != 1 or bool((lens64 <= 0).any()) or int(lens64.sum()) != num_tokens:
             raise ValueError(f"{what}, but seq_lens {lens.tolist()} do not sum to {num_tokens} "
                              "(or one is not positive)")
-        starts = torch.repeat_interleave(torch.cumsum(lens64, 0) - lens64, lens64)
-        expected = torch.arange(num_tokens, device=lens.device) - starts
+        expected = positions_from_lens(lens64)
         if not torch.equal(pos.to(torch.int64), expected.to(pos.device)):
             first = int((pos.to(expected.device) != expected).nonzero()[0, 0])
             raise ValueError(f"{what}, but positions are not 0..len-1 per sequence (first "
