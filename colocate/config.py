@@ -175,6 +175,9 @@ class DraftSection:
     """TTT attention: auto (flex on CUDA when torch.nn.attention.flex_attention and Triton are
     usable, else loop), loop (per-sequence reference), or flex (block-sparse flex_attention,
     compiled on CUDA; on CPU eager and forward-only, as torch allows there)."""
+    kernels: str = "auto"
+    """Norms, RoPE, SiLU and the soft cross-entropy: auto (fused by torch.compile on CUDA when
+    Triton is usable, else eager), eager, or compiled (see colocate/draft/kernels.py)."""
 
     def __post_init__(self):
         _require(self.draft_vocab_size >= 2, "draft.draft_vocab_size",
@@ -186,6 +189,8 @@ class DraftSection:
         _require(self.intermediate_size >= 0, "draft.intermediate_size", "must be >= 0")
         _require(self.attention in ("auto", "loop", "flex"), "draft.attention",
                  f"got {self.attention!r}; use auto, loop or flex")
+        _require(self.kernels in ("auto", "eager", "compiled"), "draft.kernels",
+                 f"got {self.kernels!r}; use auto, eager or compiled")
 
 
 @dataclass(kw_only=True)

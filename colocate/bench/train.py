@@ -13,6 +13,9 @@ prints one table:
 From E and T come two disaggregated references per GPU: the 1:1 split min(E, T)/2 and the
 ideal split 1/(1/E + 1/T) (engine GPUs in exact proportion to their load, free transport).
 Each mode's first --warmup steps (compilation, allocator warm-up) are left out.
+`--sweep key=v1,v2,...` runs the chosen modes once per value of one config key (an SM or
+memory split, the micro-step token budget) and prints one row per (value, mode); the
+ratio columns of a row use the reference rows of the same value.
 Columns: tokens/s per GPU, MFU (metrics.py; both processes share the GPU's peak), ratios to
 time-sliced / ideal / 1:1, the share of wall time each side waited for the other, the
 trainer's host time in ring calls (handoff) as a share of the step, peak memory per role;
@@ -29,6 +32,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +75,11 @@ class Result:
     trainer_gib: float = 0.0
     engine_gib: float = 0.0
     breakdown: dict | None = None  # share of wall time per role and phase
+    tag: str = ""  # the --sweep value of this row ("" without a sweep)
+
+    @property
+    def label(self) -> str:
+        return f"{self.mode.label} {self.tag}" if self.tag else self.mode.label
 
 
 def summarize(mode: Mode, rows: list[dict], warmup: int) -> Result:
@@ -93,27 +102,37 @@ def summarize(mode: Mode, rows: list[dict], warmup: int) -> Result:
                   engine_gib=timed[-1]["engine_peak_gib"])
 
 
-def run_mode(mode: Mode, args: argparse.Namespace, workdir: str, device: str) -> Result:
-    run_dir = os.path.join(workdir, mode.key)
+def run_mode(mode: Mode, args: argparse.Namespace, workdir: str, device: str,
+             sweep: str = "") -> Result:
+    """One mode as a real torchrun job; `sweep` is one extra key=value override."""
+    name = mode.key + (f"-{sweep.split('.')[-1].replace('=', '-')}" if sweep else "")
+    run_dir = os.path.join(workdir, name)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            "-m", "colocate", "train", *(["--config", args.config] if args.config else []),
-           *args.overrides, *mode.overrides, f"run.dir={run_dir}", f"train.max_steps={args.steps}",
+           *args.overrides, *([sweep] if sweep else []), *mode.overrides, f"run.dir={run_dir}", f"train.max_steps={args.steps}",
            "checkpoint.every_steps=0", "checkpoint.resume=never", "train.log_every_s=30"]
     if device == "cpu":
         cmd.append("run.device=cpu")
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    print(f"bench train: {mode.label} ...", file=sys.stderr, flush=True)
+    tag = sweep.split(".")[-1] if sweep else ""
+    print(f"bench train: {mode.label} {tag} ...", file=sys.stderr, flush=True)
+    started = time.monotonic()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
     except subprocess.TimeoutExpired:
-        return Result(mode, error=f"timed out after {args.timeout} s")
-    with open(os.path.join(workdir, f"{mode.key}.log"), "w") as f:
+        return Result(mode, error=f"timed out after {args.timeout} s", tag=tag)
+    print(f"bench train: {mode.label} {tag} done in {time.monotonic() - started:.0f} s",
+          file=sys.stderr, flush=True)
+    with open(os.path.join(workdir, f"{name}.log"), "w") as f:
         f.write(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         lines = [l for l in proc.stderr.splitlines() if l.startswith("colocate train: error")]
-        return Result(mode, error=(lines[-1] if lines else f"exit {proc.returncode}")[:160])
+        return Result(mode, error=(lines[-1] if lines else f"exit {proc.returncode}")[:160],
+                      tag=tag)
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return summarize(mode, [json.loads(line) for line in f], args.warmup)
+        result = summarize(mode, [json.loads(line) for line in f], args.warmup)
+    result.tag = tag
+    return result
 
 
 def flops_per_token(cfg) -> dict[str, float]:
@@ -133,15 +152,20 @@ def flops_per_token(cfg) -> dict[str, float]:
 
 def format_table(results: list[Result], flops: dict[str, float], peak: float | None,
                  device_name: str) -> str:
-    by_key = {r.mode.key: r for r in results if not r.error}
-    e, t = by_key.get("engine"), by_key.get("trainer")
-    refs = m.disaggregated_references(e.tokens_per_s, t.tokens_per_s) if e and t else {}
-    ts = by_key.get("ts")
+    width = max([20] + [len(r.label) for r in results])
+    refs_by_tag: dict[str, dict[str, float]] = {}  # references per sweep value
+    for tag in dict.fromkeys(r.tag for r in results):
+        by_key = {r.mode.key: r for r in results if not r.error and r.tag == tag}
+        e, t, ts = by_key.get("engine"), by_key.get("trainer"), by_key.get("ts")
+        refs = m.disaggregated_references(e.tokens_per_s, t.tokens_per_s) if e and t else {}
+        if ts:
+            refs["ts"] = ts.tokens_per_s
+        refs_by_tag[tag] = refs
 
     def ratio(x: float, ref: float | None) -> str:
         return f"{x / ref:.2f}x" if ref else "--"
 
-    head = (f"{'mode':<20} {'tok/s/GPU':>10} {'MFU':>6} {'vs ts':>6} {'vs ideal':>8} "
+    head = (f"{'mode':<{width}} {'tok/s/GPU':>10} {'MFU':>6} {'vs ts':>6} {'vs ideal':>8} "
             f"{'vs 1:1':>7} {'T wait':>7} {'E wait':>7} {'handoff':>8} {'T GiB':>6} {'E GiB':>6}")
     lines = [f"bench train on {device_name}: flops/token engine {flops['engine'] / 1e9:.2f} G, "
              f"trainer {flops['trainer'] / 1e9:.2f} G; peak "
@@ -149,26 +173,29 @@ def format_table(results: list[Result], flops: dict[str, float], peak: float | N
              "unknown (MFU not computed)", head]
     for r in results:
         if r.error:
-            lines.append(f"{r.mode.label:<20} {'unavailable: ' + r.error}")
+            lines.append(f"{r.label:<{width}} {'unavailable: ' + r.error}")
             continue
+        refs = refs_by_tag[r.tag]
         util = f"{100 * m.mfu(flops[r.mode.work], r.tokens_per_s, peak):.1f}%" if peak else "--"
         lines.append(
-            f"{r.mode.label:<20} {r.tokens_per_s:>10,.0f} {util:>6} "
-            f"{ratio(r.tokens_per_s, ts.tokens_per_s if ts else None):>6} "
+            f"{r.label:<{width}} {r.tokens_per_s:>10,.0f} {util:>6} "
+            f"{ratio(r.tokens_per_s, refs.get('ts')):>6} "
             f"{ratio(r.tokens_per_s, refs.get('split_ideal')):>8} "
             f"{ratio(r.tokens_per_s, refs.get('split_1to1')):>7} {100 * r.trainer_wait:>6.1f}% "
             f"{100 * r.engine_wait:>6.1f}% {100 * r.handoff:>7.2f}% {r.trainer_gib:>6.1f} "
             f"{r.engine_gib:>6.1f}")
-    for key, label in (("split_ideal", "ideal split"), ("split_1to1", "1:1 split")):
-        if key in refs:
-            lines.append(f"{label + ' (ref)':<20} {refs[key]:>10,.0f}")
+    for tag, refs in refs_by_tag.items():
+        for key, label in (("split_ideal", "ideal split"), ("split_1to1", "1:1 split")):
+            if key in refs:
+                name = f"{label} (ref){' ' + tag if tag else ''}"
+                lines.append(f"{name:<{width}} {refs[key]:>10,.0f}")
     lines += ["", "step-time breakdown, share of wall time (trainer phases: time between marks, "
               "GPU-stream time on CUDA; 'receive' includes waiting for the engine's data)",
-              f"{'mode':<20} {'E prefill':>9} " + " ".join(f"{'T ' + p:>11}" for p in PHASES)]
+              f"{'mode':<{width}} {'E prefill':>9} " + " ".join(f"{'T ' + p:>11}" for p in PHASES)]
     for r in results:
         if r.breakdown:
             b = r.breakdown
-            lines.append(f"{r.mode.label:<20} {100 * b['engine prefill']:>8.1f}% " + " ".join(
+            lines.append(f"{r.label:<{width}} {100 * b['engine prefill']:>8.1f}% " + " ".join(
                 f"{100 * b['trainer ' + p]:>10.1f}%" for p in PHASES))
     return "\n".join(lines)
 
@@ -182,10 +209,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma list of: " + ", ".join(mode.key for mode in MODES))
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per mode")
     p.add_argument("--workdir", default="", help="keep each mode's run dir and log here")
+    p.add_argument("--sweep", default="", metavar="KEY=V1,V2,...",
+                   help="run the modes once per value of this config key, e.g. "
+                        "mps.engine_sm_percent=100,60,40")
 
 
 def main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)  # fail fast on a bad config
+    sweeps = [""]
+    if args.sweep:
+        key, _, values = args.sweep.partition("=")
+        if not key or not values:
+            raise SystemExit(f"bench train: --sweep {args.sweep!r}: use KEY=V1,V2,... "
+                             "(e.g. mps.engine_sm_percent=100,60,40)")
+        sweeps = [f"{key}={v}" for v in values.split(",") if v]
+        for sweep in sweeps:  # fail fast on a bad key or value, before any run
+            load_config(args.config, [*args.overrides, sweep])
     wanted = [k for k in args.modes.split(",") if k]
     unknown = set(wanted) - {mode.key for mode in MODES}
     if unknown:
@@ -197,11 +236,13 @@ def main(args: argparse.Namespace) -> int:
     workdir = args.workdir or tempfile.mkdtemp(prefix="colocate-bench-")
     os.makedirs(workdir, exist_ok=True)
     results = []
-    for mode in (mode for mode in MODES if mode.key in wanted):
-        if mode.needs_mps and not cuda:
-            results.append(Result(mode, error="MPS needs a CUDA GPU"))
-            continue
-        results.append(run_mode(mode, args, workdir, "cuda" if cuda else "cpu"))
+    for sweep in sweeps:
+        for mode in (mode for mode in MODES if mode.key in wanted):
+            tag = sweep.split(".")[-1]
+            if mode.needs_mps and not cuda:
+                results.append(Result(mode, error="MPS needs a CUDA GPU", tag=tag))
+                continue
+            results.append(run_mode(mode, args, workdir, "cuda" if cuda else "cpu", sweep))
     table = format_table(results, flops_per_token(cfg), m.peak_flops(device_name) if cuda
                          else None, device_name)
     print(table, flush=True)

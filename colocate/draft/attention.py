@@ -27,26 +27,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-
-def upcast(x: torch.Tensor) -> torch.Tensor:
-    """At least float32 (bf16 -> fp32 for softmax/norm math; float64 stays float64 in tests)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions [T] -> (cos, sin), each [T, head_dim // 2] float32."""
-    freqs_TF = positions.to(torch.float32)[:, None] * inv_freq.to(positions.device)[None, :]
-    return freqs_TF.cos(), freqs_TF.sin()
-
-
-def apply_rope(x_TND: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor) -> torch.Tensor:
-    """Rotate-half (neox) RoPE, as Llama and sglang's default `is_neox_style=True` apply it."""
-    half = x_TND.shape[-1] // 2
-    x = upcast(x_TND)
-    x1, x2 = x[..., :half], x[..., half:]
-    cos, sin = cos_TF[:, None, :], sin_TF[:, None, :]
-    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-    return rotated.to(x_TND.dtype)
+from colocate.draft.kernels import upcast
 
 
 def seq_bounds_from_lens(seq_lens: torch.Tensor | list[int]) -> list[tuple[int, int]]:

@@ -32,11 +32,11 @@ shards or updates it. `d2t`/`t2d` vocab maps are written at export, not kept her
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from colocate.draft import kernels
 from colocate.draft.arch import DraftArch
-from colocate.draft.attention import apply_rope, rope_cos_sin, ttt_attention, upcast
+from colocate.draft.attention import ttt_attention
 from colocate.draft.flex import ttt_flex_attention, use_flex
 
 class KVCache:
@@ -62,24 +62,22 @@ class KVCache:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float):
+    def __init__(self, size: int, eps: float, kernels: str = "auto"):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        self.kernels = kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32, scale in the input dtype (the Llama/sglang convention).
-        x32 = upcast(x)
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return kernels.pick(kernels.rms_norm, self.kernels, x.device)(x, self.weight, self.eps)
 
 
 class Eagle3Attention(nn.Module):
-    def __init__(self, arch: DraftArch, attention: str = "auto"):
+    def __init__(self, arch: DraftArch, attention: str = "auto", kernels: str = "auto"):
         super().__init__()
-        # draft.attention (auto, loop or flex), resolved per call against the input's device:
-        # the module may be built on CPU or meta and moved afterwards.
-        self.attention = attention
+        # draft.attention (auto, loop or flex) and draft.kernels, resolved per call against
+        # the input's device: the module may be built on CPU or meta and moved afterwards.
+        self.attention, self.kernels = attention, kernels
         in_features = 2 * arch.hidden_size  # [embeds, hidden]
         self.num_heads, self.num_kv_heads, self.head_dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
         self.q_proj = nn.Linear(in_features, arch.num_heads * arch.head_dim, bias=False)
@@ -99,8 +97,8 @@ class Eagle3Attention(nn.Module):
         v = self.v_proj(x_T2H).view(num_tokens, self.num_kv_heads, self.head_dim)
         # Step k sits k positions further on, as the k-th draft token does when serving
         # (SpecForge rotates q and the new k with `position_ids + lck`).
-        cos, sin = rope_cos_sin(positions + step, self.inv_freq)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        rope_qk = kernels.pick(kernels.rope_qk, self.kernels, q.device)
+        q, k = rope_qk(q, k, positions + step, self.inv_freq)
         kv_cache.append((k, v))
         impl = ttt_flex_attention if use_flex(self.attention, q.device) else ttt_attention
         out = impl(q, [kk for kk, _ in kv_cache], [vv for _, vv in kv_cache], seq_bounds,
@@ -109,24 +107,27 @@ class Eagle3Attention(nn.Module):
 
 
 class Eagle3MLP(nn.Module):
-    def __init__(self, arch: DraftArch):
+    def __init__(self, arch: DraftArch, kernels: str = "auto"):
         super().__init__()
+        self.kernels = kernels
         self.gate_proj = nn.Linear(arch.hidden_size, arch.intermediate_size, bias=False)
         self.up_proj = nn.Linear(arch.hidden_size, arch.intermediate_size, bias=False)
         self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        silu_mul = kernels.pick(kernels.silu_mul, self.kernels, x.device)
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class Eagle3DecoderLayer(nn.Module):
-    def __init__(self, arch: DraftArch, attention: str = "auto"):
+    def __init__(self, arch: DraftArch, attention: str = "auto", kernels: str = "auto"):
         super().__init__()
-        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.hidden_norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.self_attn = Eagle3Attention(arch, attention)
-        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.mlp = Eagle3MLP(arch)
+        eps = arch.rms_norm_eps
+        self.input_layernorm = RMSNorm(arch.hidden_size, eps, kernels)
+        self.hidden_norm = RMSNorm(arch.hidden_size, eps, kernels)
+        self.self_attn = Eagle3Attention(arch, attention, kernels)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, eps, kernels)
+        self.mlp = Eagle3MLP(arch, kernels)
 
     def forward(self, embeds_TH: torch.Tensor, hidden_TH: torch.Tensor, positions: torch.Tensor,
                 seq_bounds: list[tuple[int, int]], kv_cache: KVCache) -> torch.Tensor:
@@ -144,13 +145,15 @@ class Eagle3Draft(nn.Module):
     would append again); checkpoint inside it (e.g. the MLP) if memory demands.
     """
 
-    def __init__(self, arch: DraftArch, attention: str = "auto"):
-        """attention: `draft.attention` (auto: flex on CUDA when usable, else the loop)."""
+    def __init__(self, arch: DraftArch, attention: str = "auto", kernels: str = "auto"):
+        """attention: `draft.attention` (auto: flex on CUDA when usable, else the loop);
+        kernels: `draft.kernels` (auto: compiled on CUDA when usable, else eager)."""
         super().__init__()
         self.arch = arch
+        self.kernels = kernels  # also read by the loss (`eagle3_unroll`)
         self.fc = nn.Linear(arch.num_aux * arch.hidden_size, arch.hidden_size, bias=False)
-        self.midlayer = Eagle3DecoderLayer(arch, attention)
-        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.midlayer = Eagle3DecoderLayer(arch, attention, kernels)
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, kernels)
         self.lm_head = nn.Linear(arch.hidden_size, arch.draft_vocab_size, bias=False)
 
     @torch.no_grad()

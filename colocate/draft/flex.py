@@ -73,6 +73,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from colocate.draft.kernels import triton_available
+
 try:
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
     FLEX_IMPORT_ERROR: ImportError | None = None
@@ -87,10 +89,7 @@ ATTENTION_IMPLS = ("auto", "loop", "flex")
 
 def flex_available(device: torch.device) -> bool:
     """Whether the memory-efficient flex path can run on `device` (compiled, CUDA + Triton)."""
-    if FLEX_IMPORT_ERROR is not None or device.type != "cuda":
-        return False
-    from torch.utils._triton import has_triton
-    return has_triton()
+    return FLEX_IMPORT_ERROR is None and triton_available(device)
 
 
 def use_flex(attention: str, device: torch.device) -> bool:

@@ -29,32 +29,57 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from colocate.draft.attention import seq_bounds_from_lens, upcast
+from colocate.draft import kernels
+from colocate.draft.attention import seq_bounds_from_lens
+from colocate.draft.kernels import upcast
 from colocate.draft.eagle3 import Eagle3Draft, KVCache
+
+
+@dataclass
+class TargetDistribution:
+    """The frozen target's next-token distribution per position, over the draft vocabulary.
+
+    Kept as logits in the head's dtype plus a float32 log-sum-exp, not as float32
+    probabilities: half the memory and half the reads per unroll step, and no precision
+    lost (the logits come out of a bf16 matmul); p = exp(logits - lse).
+    """
+
+    logits: torch.Tensor
+    """[T, Vd] target logits of the draft-vocabulary tokens, in the lm_head's dtype."""
+    lse: torch.Tensor
+    """[T] log-sum-exp of `logits` rows, float32 (float64 for float64 heads)."""
+    in_draft: torch.Tensor
+    """[T] bool: the full-vocabulary argmax is a draft-vocabulary token."""
+    top: torch.Tensor
+    """[T] int64 draft-vocabulary index of the most likely draft token."""
+
+    def probs(self) -> torch.Tensor:
+        """[T, Vd] probabilities (materialised: for tests and references)."""
+        return torch.exp(upcast(self.logits) - self.lse[:, None])
 
 
 @torch.no_grad()
 def target_distribution(last_hidden_TH: torch.Tensor, lm_head_weight_VH: torch.Tensor,
-                        draft_ids: torch.Tensor, chunk_tokens: int = 2048
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen target head on the final-norm hidden states.
+                        draft_ids: torch.Tensor, chunk_tokens: int = 2048) -> TargetDistribution:
+    """Frozen target head on the final-norm hidden states, softmax over the draft vocabulary.
 
-    Returns (target_p [T, Vd] float32: softmax over the draft-vocab logits only;
-    in_draft [T] bool: the full-vocab argmax is a draft-vocab token). Full-vocab logits
-    exist for `chunk_tokens` rows at a time only ([chunk, V] is the memory peak).
+    Full-vocab logits exist for `chunk_tokens` rows at a time only ([chunk, V] is the memory
+    peak): they are needed for the argmax that decides `in_draft`.
     """
     num_tokens = last_hidden_TH.shape[0]
     device = last_hidden_TH.device
     is_draft_V = torch.zeros(lm_head_weight_VH.shape[0], dtype=torch.bool, device=device)
     is_draft_V[draft_ids] = True
-    target_p = torch.empty(num_tokens, draft_ids.numel(), dtype=torch.float32, device=device)
+    logits_TV = torch.empty(num_tokens, draft_ids.numel(), dtype=lm_head_weight_VH.dtype,
+                            device=device)
     in_draft = torch.empty(num_tokens, dtype=torch.bool, device=device)
     for start in range(0, num_tokens, chunk_tokens):
         end = min(start + chunk_tokens, num_tokens)
-        logits_CV = last_hidden_TH[start:end].to(lm_head_weight_VH.dtype) @ lm_head_weight_VH.T
-        in_draft[start:end] = is_draft_V[logits_CV.argmax(-1)]
-        target_p[start:end] = torch.softmax(logits_CV[:, draft_ids].float(), dim=-1)
-    return target_p, in_draft
+        full_CV = last_hidden_TH[start:end].to(lm_head_weight_VH.dtype) @ lm_head_weight_VH.T
+        in_draft[start:end] = is_draft_V[full_CV.argmax(-1)]
+        torch.index_select(full_CV, 1, draft_ids, out=logits_TV[start:end])
+    return TargetDistribution(logits=logits_TV, lse=torch.logsumexp(upcast(logits_TV), dim=-1),
+                              in_draft=in_draft, top=logits_TV.argmax(-1))
 
 
 class _SoftCrossEntropy(torch.autograd.Function):
@@ -62,22 +87,22 @@ class _SoftCrossEntropy(torch.autograd.Function):
 
     Plain autograd would keep an [T, Vd] float32 log-softmax and the gathered target rows per
     unroll step for backward (7 steps x 16k tokens x 32k vocab x 4 B x 2 = 29 GB). Here the
-    gradient is formed in the forward pass and only it is kept, in the logits' dtype:
-    d/dz = w_t * (softmax(z) * sum(p) - p).
+    gradient is formed in the forward pass (`kernels.soft_ce_rows`, one fused kernel pair
+    when compiled) and only it is kept, in the logits' dtype.
     """
 
     @staticmethod
-    def forward(ctx, logits_TV, target_p_NV, src_T, weight_T, chunk_tokens):
+    def forward(ctx, logits_TV, target: TargetDistribution, src_T, weight_T, chunk_tokens,
+                kernel_mode):
+        rows = kernels.pick(kernels.soft_ce_rows, kernel_mode, logits_TV.device)
         grad_TV = torch.empty_like(logits_TV)
-        loss = torch.zeros((), dtype=torch.promote_types(logits_TV.dtype, torch.float32),
-                           device=logits_TV.device)
+        loss = torch.zeros((), dtype=upcast(logits_TV).dtype, device=logits_TV.device)
         for start in range(0, logits_TV.shape[0], chunk_tokens):
             end = min(start + chunk_tokens, logits_TV.shape[0])
-            logp = torch.log_softmax(upcast(logits_TV[start:end]), dim=-1)
-            p = target_p_NV[src_T[start:end]]
-            w = weight_T[start:end, None]
-            loss = loss + (w * -(p * logp)).sum()
-            grad_TV[start:end] = w * (logp.exp() * p.sum(-1, keepdim=True) - p)
+            chunk_loss, grad_TV[start:end] = rows(logits_TV[start:end], target.logits,
+                                                  target.lse, src_T[start:end],
+                                                  weight_T[start:end])
+            loss = loss + chunk_loss
         ctx.save_for_backward(grad_TV)
         return loss
 
@@ -85,16 +110,19 @@ class _SoftCrossEntropy(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
         (grad_TV,) = ctx.saved_tensors
-        return grad_TV * grad_loss.to(grad_TV.dtype), None, None, None, None
+        return grad_TV * grad_loss.to(grad_TV.dtype), None, None, None, None, None
 
 
-def soft_cross_entropy(logits_TV: torch.Tensor, target_p_NV: torch.Tensor, src_T: torch.Tensor,
-                       weight_T: torch.Tensor, chunk_tokens: int = 4096) -> torch.Tensor:
-    """Weighted soft cross-entropy of logits row t against target_p row src_t.
+def soft_cross_entropy(logits_TV: torch.Tensor, target: TargetDistribution, src_T: torch.Tensor,
+                       weight_T: torch.Tensor, chunk_tokens: int = 4096,
+                       kernel_mode: str = "eager") -> torch.Tensor:
+    """Weighted soft cross-entropy of logits row t against the target's row src_t.
 
     Scalar in float32 (float64 for float64 logits); gradient only to the logits.
+    kernel_mode: `draft.kernels` (see `colocate.draft.kernels`).
     """
-    return _SoftCrossEntropy.apply(logits_TV, target_p_NV, src_T, weight_T, chunk_tokens)
+    return _SoftCrossEntropy.apply(logits_TV, target, src_T, weight_T, chunk_tokens,
+                                   kernel_mode)
 
 
 @dataclass
@@ -104,7 +132,7 @@ class UnrollResult:
     step_losses: torch.Tensor
     """[K] detached per-step losses (mean over valid positions)."""
     acc: torch.Tensor
-    """[K] fraction of valid positions where the draft argmax equals the target_p argmax."""
+    """[K] fraction of valid positions where the draft argmax is the target's top draft token."""
     num_valid: torch.Tensor
     """[K] int64 valid positions per step (for token-weighted averaging across micro-steps)."""
 
@@ -121,14 +149,14 @@ def _seq_end_per_token(seq_bounds: list[tuple[int, int]], device: torch.device) 
 
 
 def eagle3_unroll(draft: Eagle3Draft, embed_weight: torch.Tensor, aux_hidden: torch.Tensor,
-                  target_p: torch.Tensor, in_draft: torch.Tensor, input_ids: torch.Tensor,
+                  target: TargetDistribution, input_ids: torch.Tensor,
                   loss_mask: torch.Tensor, positions: torch.Tensor,
                   seq_lens: torch.Tensor | list[int], unroll_steps: int, position_decay: float,
                   chunk_tokens: int = 4096) -> UnrollResult:
     """Eagle3 TTT unroll over one packed micro-step (see the module docstring).
 
     embed_weight [V, H] frozen target embedding (never receives gradient); aux_hidden
-    [T, num_aux * H]; target_p [T, Vd] float32 and in_draft [T] from `target_distribution`;
+    [T, num_aux * H]; target from `target_distribution`;
     input_ids [T]; loss_mask [T] bool; positions [T]; seq_lens [S] on the host (CPU tensor
     or list; the attention loops over sequences with them).
     """
@@ -139,7 +167,6 @@ def eagle3_unroll(draft: Eagle3Draft, embed_weight: torch.Tensor, aux_hidden: to
     index_T = torch.arange(num_tokens, device=device)
     loss_mask = loss_mask.bool()
     embed_weight = embed_weight.detach()
-    target_top_T = target_p.argmax(-1)
 
     kv_cache = KVCache()
     hidden = aux_hidden
@@ -151,17 +178,17 @@ def eagle3_unroll(draft: Eagle3Draft, embed_weight: torch.Tensor, aux_hidden: to
         src_T = torch.minimum(index_T + 1 + step, seq_end_T - 1)
         label_T = index_T + 2 + step
         valid_T = (label_T < seq_end_T) & loss_mask[label_T.clamp(max=num_tokens - 1)] \
-            & in_draft[src_T]
+            & target.in_draft[src_T]
         num_valid = valid_T.sum()
         denom = num_valid.clamp(min=1)
 
         embeds_TH = F.embedding(input_ids[src_T], embed_weight)
         hidden, logits_TV = draft(embeds_TH, hidden, positions, seq_bounds, kv_cache)
-        loss_k = soft_cross_entropy(logits_TV, target_p, src_T, valid_T.float() / denom,
-                                    chunk_tokens)
+        loss_k = soft_cross_entropy(logits_TV, target, src_T, valid_T.float() / denom,
+                                    chunk_tokens, draft.kernels)
         total = total + position_decay ** step * loss_k
         with torch.no_grad():
-            hits = (logits_TV.argmax(-1) == target_top_T[src_T]) & valid_T
+            hits = (logits_TV.argmax(-1) == target.top[src_T]) & valid_T
             accs.append(hits.sum() / denom)
         step_losses.append(loss_k.detach())
         counts.append(num_valid)

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from colocate.config import Config, ConfigError
+from colocate.config import Config, ConfigError, TrainSection
 from colocate.draft import DraftArch, Eagle3Draft, eagle3_unroll, target_distribution
 from colocate.engine import feature_needs, resolve_target_dtype
 from colocate.progress import MetricsLog, PhaseTimer, Progress, peak_gib
@@ -42,6 +42,68 @@ def clip_(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float) -> Non
     torch._foreach_mul_(grads, scale)
     for g in grads:  # inf * 0 is nan: clear what the zero scale could not
         g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def micro_step(model: Eagle3Draft, embed: torch.Tensor, lm_head: torch.Tensor,
+               draft_ids: torch.Tensor, feats: dict[str, torch.Tensor], seq_lens, cfg: Config,
+               *, last: bool, timer: PhaseTimer) -> torch.Tensor:
+    """Teacher, unroll forward and backward of one micro-step; returns device stats
+    [loss, acc_0..K-1]. Gradients are reduced across trainers only on the `last` micro-step
+    of an optimizer step."""
+    with torch.no_grad():
+        target = target_distribution(feats["last_hidden"], lm_head, draft_ids)
+    timer.mark("teacher")
+    model.set_requires_gradient_sync(last)
+    result = eagle3_unroll(model, embed, feats["aux_hidden"], target, feats["input_ids"],
+                           feats["loss_mask"], feats["positions"], seq_lens,
+                           cfg.draft.unroll_steps, cfg.draft.position_decay)
+    timer.mark("forward")
+    (result.loss / cfg.train.micro_steps).backward()
+    timer.mark("backward")
+    return torch.cat([result.loss.detach().float().reshape(1), result.acc.float()])
+
+
+def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, group,
+                  max_norm: float) -> torch.Tensor:
+    """Global grad-norm clip over the trainer `group`, then the optimizer step; returns the norm.
+
+    Shards of an FSDP2 gradient are disjoint, so the global squared norm is the sum of the
+    local ones. A non-finite norm makes this step's gradients zero (decided on the device:
+    no sync; AdamW's momentum still moves the weights, no NaN reaches them). The logged
+    grad_norm shows inf/nan for such a step.
+    """
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+    sq = torch.stack([x.float().pow(2).sum() for x in local]).sum()
+    dist.all_reduce(sq, group=group)
+    norm = sq.sqrt()
+    clip_(local, norm, max_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+def build_sharded_draft(arch: DraftArch, cfg: Config, mesh, dtype: torch.dtype,
+                        device: torch.device) -> Eagle3Draft:
+    """The draft, initialised identically on every trainer, sharded over `mesh` (FSDP2,
+    float32 master weights, `dtype` compute)."""
+    model = Eagle3Draft(arch, attention=cfg.draft.attention, kernels=cfg.draft.kernels)
+    model.init_weights(torch.Generator().manual_seed(cfg.run.seed))
+    model.to(device)
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    # The draft is small and every micro-step runs it unroll_steps times: keep it
+    # unsharded between forwards instead of all-gathering it on every step.
+    fully_shard(model.midlayer, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    return model
+
+
+def make_optimizer(model: torch.nn.Module, t: TrainSection) -> torch.optim.Optimizer:
+    """AdamW; on CUDA the fused kernel (one launch for all parameters, not ~10 per step)."""
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas,
+                             weight_decay=t.weight_decay, fused=on_cuda or None,
+                             foreach=False if on_cuda else None)
 
 
 class DraftTrainer:
@@ -71,26 +133,16 @@ class DraftTrainer:
                                                                   "tie_word_embeddings", False)),
                 dtype=dtype, device=device)
 
-        # 3. The draft, initialised identically on every trainer, then sharded over trainers.
-        # The plan's vocabulary is already clamped to the target's (and warned about once).
+        # 3. The draft, sharded over trainers. The plan's vocabulary is already clamped to
+        # the target's (and warned about once).
         draft = dataclasses.replace(cfg.draft, draft_vocab_size=len(self.draft_ids))
         self.arch = DraftArch.from_target_config(target_config, draft, len(aux_layer_ids))
-        model = Eagle3Draft(self.arch, attention=cfg.draft.attention)
-        model.init_weights(torch.Generator().manual_seed(cfg.run.seed))
-        model.to(device)
-        mesh = topo.trainer_mesh()
-        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-        # The draft is small and every micro-step runs it unroll_steps times: keep it
-        # unsharded between forwards instead of all-gathering it on every step.
-        fully_shard(model.midlayer, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
-        fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
-        self.model = model
+        self.model = model = build_sharded_draft(self.arch, cfg, topo.trainer_mesh(), dtype,
+                                                 device)
 
         # 4. AdamW over float32 master weights.
         t = cfg.train
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas,
-                                           weight_decay=t.weight_decay,
-                                           foreach=device.type == "cuda")
+        self.optimizer = make_optimizer(model, cfg.train)
 
         # 5. Resume: model, optimizer and where the data stream stood.
         self.start_step, data_state = 0, None
@@ -152,7 +204,10 @@ class DraftTrainer:
                     if discard:  # bench.trainer=discard: measure the engine alone
                         stats = torch.zeros(1 + self.cfg.draft.unroll_steps, device=self.topo.device)
                     else:
-                        stats = self._micro_step(delivery, last=micro == t.micro_steps - 1)
+                        stats = micro_step(
+                            self.model, self.embed, self.lm_head, self.draft_ids,
+                            delivery.tensors, delivery.meta["seq_lens"], self.cfg,
+                            last=micro == t.micro_steps - 1, timer=self.timer)
                     tokens += delivery.meta["num_tokens"]
                     engine_wait = delivery.meta["engine_wait_s"]
                     engine_peak = delivery.meta["engine_peak_gib"]
@@ -163,7 +218,7 @@ class DraftTrainer:
                                     trainer_wait_s=self.ring.stats.wait_s,
                                     engine_wait_s=engine_wait)
             grad_norm = torch.zeros((), device=self.topo.device) if discard else \
-                self._clip_and_step()
+                clip_and_step(self.model, self.optimizer, self.topo.role_group, t.grad_clip)
             self.timer.mark("optimizer")
             self.metrics.record(step, sums / t.micro_steps, grad_norm, lr=lr, tokens=tokens,
                                 seconds=time.monotonic() - step_start,
@@ -184,42 +239,6 @@ class DraftTrainer:
         if self.cfg.last_step > self.start_step:
             self.save(self.cfg.last_step)
         self.progress.finish(self.metrics.last)
-
-    def _micro_step(self, delivery, *, last: bool) -> torch.Tensor:
-        """Forward + backward of one micro-step; returns device stats [loss, acc_0..K-1]."""
-        feats = delivery.tensors
-        with torch.no_grad():
-            target_p, in_draft = target_distribution(feats["last_hidden"], self.lm_head,
-                                                     self.draft_ids)
-        self.timer.mark("teacher")
-        # Gradients are reduced across trainers once per optimizer step, not per micro-step.
-        self.model.set_requires_gradient_sync(last)
-        result = eagle3_unroll(self.model, self.embed, feats["aux_hidden"], target_p, in_draft,
-                               feats["input_ids"], feats["loss_mask"], feats["positions"],
-                               delivery.meta["seq_lens"], self.cfg.draft.unroll_steps,
-                               self.cfg.draft.position_decay)
-        self.timer.mark("forward")
-        (result.loss / self.cfg.train.micro_steps).backward()
-        self.timer.mark("backward")
-        return torch.cat([result.loss.detach().float().reshape(1), result.acc.float()])
-
-    def _clip_and_step(self) -> torch.Tensor:
-        """Global grad-norm clip over the trainer group, then the optimizer step.
-
-        Shards of an FSDP2 gradient are disjoint, so the global squared norm is the sum of
-        the local ones. A non-finite norm makes this step's gradients zero (decided on the
-        device: no sync; AdamW's momentum still moves the weights, no NaN reaches them). The
-        logged grad_norm shows inf/nan for such a step.
-        """
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
-        sq = torch.stack([x.float().pow(2).sum() for x in local]).sum()
-        dist.all_reduce(sq, group=self.topo.role_group)
-        norm = sq.sqrt()
-        clip_(local, norm, self.cfg.train.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
 
     def save(self, step: int) -> None:
         ckpt.save_checkpoint(self.cfg.run.dir, step, self.model, self.optimizer,

@@ -59,9 +59,8 @@ def reference_losses(cfg: Config, num_pairs: int) -> list[float]:
                 engine.prefill(batch, w, budget=budget)
                 f = w.tensors
                 with torch.no_grad():
-                    target_p, in_draft = target_distribution(f["last_hidden"], head,
-                                                             vocab.draft_ids)
-                r = eagle3_unroll(model, embed, f["aux_hidden"], target_p, in_draft,
+                    target = target_distribution(f["last_hidden"], head, vocab.draft_ids)
+                r = eagle3_unroll(model, embed, f["aux_hidden"], target,
                                   f["input_ids"], f["loss_mask"], f["positions"],
                                   batch.seq_lens.tolist(), cfg.draft.unroll_steps,
                                   cfg.draft.position_decay)

@@ -1,5 +1,6 @@
 """`colocate bench train` on CPU: every column printed, MPS modes reported as unavailable."""
 
+import json
 import os
 import subprocess
 import sys
@@ -40,3 +41,29 @@ def test_bench_train_cpu_prints_every_column(tiny_assets, tmp_path):
     assert shares["time-sliced K=2"][0] > 0               # a real engine did
     assert shares["engine alone (E)"][3:5] == [0.0, 0.0]  # discard: no forward, no backward
     assert 50 < sum(shares["trainer alone (T)"][1:]) < 110  # phases cover the step
+
+
+def test_bench_train_sweep_runs_each_value(tiny_assets, tmp_path):
+    """--sweep: one row per (value, mode), run with that value (the micro-step budget here:
+    a 512-token budget packs fewer tokens per step than 1024)."""
+    cmd = [sys.executable, "-m", "colocate", "bench", "train", "--config",
+           "examples/tiny/config.yaml", f"target.path={tiny_assets['target_llama']}",
+           f"data.path={tiny_assets['data']}", f"data.cache_dir={tmp_path / 'cache'}",
+           "--steps", "3", "--warmup", "1", "--modes", "k3,trainer", "--workdir",
+           str(tmp_path / "bench"), "--sweep", "data.tokens_per_micro_step=512,1024"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().split("\n\n")[0].splitlines()
+    width = lines[1].index("tok/s/GPU") - 2  # mode column, a space, " tok/s/GPU" (10 wide)
+    rows = {l[:width].strip(): l[width:].split() for l in lines[2:]}
+    assert set(rows) == {f"{mode} tokens_per_micro_step={v}" for v in (512, 1024)
+                         for mode in ("colocated MPS K=3", "trainer alone (T)")}
+    assert rows["colocated MPS K=3 tokens_per_micro_step=512"][0] == "unavailable:"
+    for v in (512, 1024):
+        metrics = [json.loads(l) for l in open(tmp_path / "bench" / f"trainer-tokens_per_micro_step-{v}"
+                                                / "metrics.jsonl")]
+        assert all(0 < r["tokens"] <= 2 * v for r in metrics)  # 2 micro-steps per step
+    bad = subprocess.run(cmd[:-1] + ["draft.no_such_key=1"], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode != 0 and "draft.no_such_key" in bad.stderr

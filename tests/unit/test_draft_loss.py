@@ -9,7 +9,7 @@ from transformers import LlamaConfig
 from colocate.config import DraftSection
 from colocate.draft import (DraftArch, Eagle3Draft, eagle3_unroll, simulated_accept_length,
                             target_distribution, unroll_metrics)
-from colocate.draft.loss import soft_cross_entropy
+from colocate.draft.loss import TargetDistribution, soft_cross_entropy
 
 H, V, VD, NUM_AUX = 32, 64, 40, 3
 
@@ -28,12 +28,12 @@ def make_batch(seq_lens, seed=0, dtype=torch.float64):
     num_tokens = sum(seq_lens)
     draft_ids = torch.randperm(V, generator=gen)[:VD].sort().values
     target_head = torch.randn(V, H, generator=gen, dtype=dtype)
-    target_p, in_draft = target_distribution(torch.randn(num_tokens, H, generator=gen, dtype=dtype),
-                                             target_head, draft_ids)
+    target = target_distribution(torch.randn(num_tokens, H, generator=gen, dtype=dtype),
+                                 target_head, draft_ids)
     return dict(
         embed_weight=torch.randn(V, H, generator=gen, dtype=dtype),
         aux_hidden=torch.randn(num_tokens, NUM_AUX * H, generator=gen, dtype=dtype),
-        target_p=target_p, in_draft=in_draft,
+        target=target,
         input_ids=torch.randint(0, V, (num_tokens,), generator=gen),
         loss_mask=torch.rand(num_tokens, generator=gen) < 0.8,
         positions=torch.cat([torch.arange(n) for n in seq_lens]),
@@ -49,13 +49,26 @@ def test_target_distribution_matches_full_softmax():
     hidden, weight = torch.randn(37, H, generator=gen), torch.randn(V, H, generator=gen)
     draft_ids = torch.randperm(V, generator=gen)[:VD]
     logits = hidden @ weight.T
-    target_p, in_draft = target_distribution(hidden, weight, draft_ids, chunk_tokens=1000)
-    torch.testing.assert_close(target_p, torch.softmax(logits[:, draft_ids], dim=-1))
+    target = target_distribution(hidden, weight, draft_ids, chunk_tokens=1000)
+    expected_p = torch.softmax(logits[:, draft_ids], dim=-1)
+    torch.testing.assert_close(target.probs(), expected_p)
+    assert torch.equal(target.top, expected_p.argmax(-1))
     expected = torch.tensor([int(a) in set(draft_ids.tolist()) for a in logits.argmax(-1)])
-    assert torch.equal(in_draft, expected) and expected.any() and not expected.all()
-    chunked_p, chunked_in = target_distribution(hidden, weight, draft_ids, chunk_tokens=5)
-    torch.testing.assert_close(chunked_p, target_p)
-    assert torch.equal(chunked_in, in_draft) and target_p.dtype == torch.float32
+    assert torch.equal(target.in_draft, expected) and expected.any() and not expected.all()
+    chunked = target_distribution(hidden, weight, draft_ids, chunk_tokens=5)
+    torch.testing.assert_close(chunked.probs(), target.probs())
+    assert torch.equal(chunked.in_draft, target.in_draft) and target.lse.dtype == torch.float32
+
+
+def test_target_distribution_keeps_bf16_logits_and_float32_lse():
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(9, H, generator=gen).bfloat16()
+    weight = torch.randn(V, H, generator=gen).bfloat16()
+    draft_ids = torch.arange(0, V, 2)
+    target = target_distribution(hidden, weight, draft_ids)
+    assert target.logits.dtype == torch.bfloat16 and target.lse.dtype == torch.float32
+    expected = torch.softmax((hidden @ weight.T)[:, draft_ids].float(), dim=-1)
+    torch.testing.assert_close(target.probs(), expected)
 
 
 # ----------------------------------------------------------------- soft cross-entropy
@@ -65,10 +78,14 @@ def test_target_distribution_matches_full_softmax():
 def test_soft_cross_entropy_matches_autograd(chunk_tokens):
     gen = torch.Generator().manual_seed(2)
     logits = torch.randn(10, VD, generator=gen, dtype=torch.float64, requires_grad=True)
-    target_p = torch.softmax(torch.randn(12, VD, generator=gen), dim=-1)
+    teacher_logits = 3 * torch.randn(12, VD, generator=gen, dtype=torch.float64)
+    target = TargetDistribution(logits=teacher_logits, lse=teacher_logits.logsumexp(-1),
+                                in_draft=torch.ones(12, dtype=torch.bool),
+                                top=teacher_logits.argmax(-1))
+    target_p = torch.softmax(teacher_logits, dim=-1)
     src = torch.randint(0, 12, (10,), generator=gen)
     weight = torch.rand(10, generator=gen)
-    ours = soft_cross_entropy(logits, target_p, src, weight, chunk_tokens)
+    ours = soft_cross_entropy(logits, target, src, weight, chunk_tokens)
     (grad_ours,) = torch.autograd.grad(3.0 * ours, logits)
     ref = (weight * -(target_p[src] * torch.log_softmax(logits, -1)).sum(-1)).sum()
     (grad_ref,) = torch.autograd.grad(3.0 * ref, logits)
@@ -108,7 +125,7 @@ def reference_unroll(draft, batch, unroll_steps, decay):
     for length in batch["seq_lens"]:
         sl = slice(start, start + length)
         ids, mask = batch["input_ids"][sl], batch["loss_mask"][sl]
-        tp, ind = batch["target_p"][sl].double(), batch["in_draft"][sl]
+        tp, ind = batch["target"].probs()[sl].double(), batch["target"].in_draft[sl]
         hidden = batch["aux_hidden"][sl] @ p["fc.weight"].T
         keys, values = [], []  # per step: [L, kv_heads, dim]
         for k in range(unroll_steps):
@@ -155,7 +172,7 @@ def unroll(draft, batch, unroll_steps=4, decay=0.8):
 def test_unroll_matches_reference():
     # std 0.3: peaked attention, so a wrong mask or RoPE offset moves the loss visibly.
     draft, batch = tiny_draft(std=0.3), make_batch([9, 3, 12], seed=5)
-    assert not batch["loss_mask"].all() and not batch["in_draft"].all()
+    assert not batch["loss_mask"].all() and not batch["target"].in_draft.all()
     result = unroll(draft, batch, unroll_steps=4, decay=0.8)
     total, step_losses, acc, counts = reference_unroll(draft, batch, 4, 0.8)
     assert result.num_valid.tolist() == counts and counts[0] > 0
@@ -182,8 +199,11 @@ def test_packed_loss_equals_per_sequence_losses():
     per_seq_count = torch.zeros(3, dtype=torch.long)
     start = 0
     for n in lens:
-        alone = {k: (v[start:start + n] if k not in ("embed_weight", "seq_lens") else v)
+        alone = {k: (v[start:start + n] if k not in ("embed_weight", "seq_lens", "target") else v)
                  for k, v in packed.items()}
+        alone["target"] = TargetDistribution(
+            **{f: getattr(packed["target"], f)[start:start + n]
+               for f in ("logits", "lse", "in_draft", "top")})
         alone["seq_lens"] = [n]
         r = unroll(draft, alone, unroll_steps=3)
         per_seq_sum += r.step_losses * r.num_valid

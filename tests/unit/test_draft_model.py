@@ -7,7 +7,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply
 
 from colocate.config import DraftSection
 from colocate.draft import DraftArch, Eagle3Draft
-from colocate.draft.attention import apply_rope, rope_cos_sin
+from colocate.draft.kernels import apply_rope, rope_cos_sin
 
 
 def qwen3_config(**kw):

@@ -1,0 +1,115 @@
+"""The draft's memory-bound maths, run eager or fused by `torch.compile` (`draft.kernels`).
+
+The unroll is mostly matmuls, but between them sit chains of elementwise ops and row
+reductions over [T, H] activations and [T, Vd] logits: RMSNorm in float32, RoPE, SiLU * up,
+and the soft cross-entropy over the draft vocabulary. Eager PyTorch runs each op as its
+own kernel and writes every intermediate to memory (the soft cross-entropy alone makes
+about fifteen passes over a float32 [T, Vd] block per unroll step). Compiled, each function
+below becomes one or two Triton kernels, forward and backward.
+
+Every function is plain PyTorch, so its eager form is the reference the compiled one is
+tested against (tests/unit/test_draft_kernels.py, on the CPU inductor backend).
+
+`draft.kernels`: auto (compiled on CUDA when Triton is usable, eager elsewhere), eager, or
+compiled (also on CPU, which needs a C++ compiler; the tests use it). Compiled functions use
+automatic dynamic shapes (`dynamic=None`): the first shape compiles static, the first
+change of token count recompiles once with it symbolic (micro-steps vary in length).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+KERNEL_MODES = ("auto", "eager", "compiled")
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (bf16 -> fp32 for softmax/norm math; float64 stays float64 in tests)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def triton_available(device: torch.device) -> bool:
+    """Whether compiled kernels can run on `device` (CUDA with Triton)."""
+    if device.type != "cuda":
+        return False
+    from torch.utils._triton import has_triton
+    return has_triton()
+
+
+def use_compiled(mode: str, device: torch.device) -> bool:
+    assert mode in KERNEL_MODES, mode
+    return triton_available(device) if mode == "auto" else mode == "compiled"
+
+
+@functools.cache
+def _compiled(fn: Callable) -> Callable:
+    return torch.compile(fn, dynamic=None)
+
+
+def pick(fn: Callable, mode: str, device: torch.device) -> Callable:
+    """`fn` itself, or its compiled form (made once per function, compiled at first call)."""
+    if use_compiled(mode, device) and not torch.compiler.is_compiling():
+        return _compiled(fn)
+    return fn
+
+
+# --------------------------------------------------------------------------- functions
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Normalise in float32, scale in the input dtype (the Llama/sglang convention)."""
+    x32 = upcast(x)
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions [T] -> (cos, sin), each [T, head_dim // 2] float32."""
+    freqs_TF = positions.to(torch.float32)[:, None] * inv_freq.to(positions.device)[None, :]
+    return freqs_TF.cos(), freqs_TF.sin()
+
+
+def apply_rope(x_TND: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor) -> torch.Tensor:
+    """Rotate-half (neox) RoPE, as Llama and sglang's default `is_neox_style=True` apply it."""
+    half = x_TND.shape[-1] // 2
+    x = upcast(x_TND)
+    x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = cos_TF[:, None, :], sin_TF[:, None, :]
+    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return rotated.to(x_TND.dtype)
+
+
+def rope_qk(q_TND: torch.Tensor, k_TND: torch.Tensor, positions: torch.Tensor,
+            inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE on queries and keys at `positions` (cos/sin built once for both)."""
+    cos, sin = rope_cos_sin(positions, inv_freq)
+    return apply_rope(q_TND, cos, sin), apply_rope(k_TND, cos, sin)
+
+
+def soft_ce_rows(logits_CV: torch.Tensor, teacher_logits_NV: torch.Tensor,
+                 teacher_lse_N: torch.Tensor, src_C: torch.Tensor, weight_C: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss and logits-gradient of sum_c w_c * -sum_v p[src_c, v] * log_softmax(logits_c)_v.
+
+    p = exp(teacher_logits - teacher_lse) is formed here, row by row, from the teacher's
+    draft-vocabulary logits (never stored as a float32 [T, Vd] tensor). Per row, with
+    z = logits and lse = logsumexp(z):  loss = sum(p) * lse - sum(p * z),
+    d loss / d z = softmax(z) * sum(p) - p  (sum(p) is 1 unless the teacher rows are
+    renormalised). Returns (loss scalar in float32 or wider, grad in the logits' dtype).
+    """
+    z = upcast(logits_CV)
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    p = torch.exp(upcast(teacher_logits_NV[src_C]) - teacher_lse_N[src_C, None])
+    p_sum = p.sum(-1, keepdim=True)
+    w = weight_C[:, None].to(z.dtype)
+    loss = (w * (p_sum * lse - (p * z).sum(-1, keepdim=True))).sum()
+    grad = w * (torch.exp(z - lse) * p_sum - p)
+    return loss, grad.to(logits_CV.dtype)

@@ -1,0 +1,89 @@
+"""draft.kernels=compiled computes what the eager reference computes (CPU inductor backend).
+
+The CUDA run uses Triton instead of C++ code generation; tests/gpu/profile_trainer.py
+compares the two modes on a GPU. Shapes change between calls on purpose: micro-steps vary
+in length, so the compiled functions must recompile (dynamic) and still agree.
+"""
+
+import pytest
+import torch
+
+from colocate.draft import kernels
+from tests.unit.test_draft_loss import make_batch, tiny_draft, unroll
+
+pytestmark = pytest.mark.skipif(not torch._inductor.cpp_builder.get_cpp_compiler(),
+                                reason="no C++ compiler for the CPU inductor backend")
+
+
+def _eager_and_compiled(fn, *inputs):
+    """(outputs, grads of float inputs) for fn eager and compiled on the same inputs."""
+    results = []
+    for call in (fn, kernels.pick(fn, "compiled", torch.device("cpu"))):
+        leaves = [x.detach().clone().requires_grad_(x.is_floating_point())
+                  if isinstance(x, torch.Tensor) else x for x in inputs]
+        out = call(*leaves)
+        outs = out if isinstance(out, tuple) else (out,)
+        total = sum((o.float() * (i + 1)).sum() for i, o in enumerate(outs))
+        grads = torch.autograd.grad(total, [x for x in leaves
+                                            if isinstance(x, torch.Tensor) and x.requires_grad])
+        results.append(([o.detach() for o in outs], grads))
+    return results
+
+
+@pytest.mark.parametrize("num_tokens", [24, 37])
+def test_rms_norm_silu_rope_compiled_equal_eager(num_tokens):
+    gen = torch.Generator().manual_seed(num_tokens)
+    x, w = torch.randn(num_tokens, 64, generator=gen), torch.rand(64, generator=gen) + 0.5
+    gate, up = torch.randn(num_tokens, 96, generator=gen), torch.randn(num_tokens, 96, generator=gen)
+    q, k = torch.randn(num_tokens, 4, 16, generator=gen), torch.randn(num_tokens, 2, 16, generator=gen)
+    positions = torch.randint(0, 500, (num_tokens,), generator=gen)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, 16, 2).float() / 16)
+    for fn, inputs in ((kernels.rms_norm, (x, w, 1e-6)), (kernels.silu_mul, (gate, up)),
+                       (kernels.rope_qk, (q, k, positions, inv_freq))):
+        (eager_out, eager_grads), (comp_out, comp_grads) = _eager_and_compiled(fn, *inputs)
+        for a, b in zip(eager_out + list(eager_grads), comp_out + list(comp_grads)):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [10, 13])
+def test_soft_ce_compiled_equals_eager(rows):
+    gen = torch.Generator().manual_seed(rows)
+    vocab = 50
+    logits = torch.randn(rows, vocab, generator=gen).bfloat16()
+    teacher = (3 * torch.randn(rows + 4, vocab, generator=gen)).bfloat16()
+    lse = teacher.float().logsumexp(-1)
+    src = torch.randint(0, rows + 4, (rows,), generator=gen)
+    weight = torch.rand(rows, generator=gen)
+    eager = kernels.soft_ce_rows(logits, teacher, lse, src, weight)
+    compiled = kernels.pick(kernels.soft_ce_rows, "compiled", torch.device("cpu"))(
+        logits, teacher, lse, src, weight)
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled[1].float(), eager[1].float(), rtol=1e-2, atol=1e-4)
+    # And both against plain autograd of the definition, in float32.
+    ref_logits = logits.float().requires_grad_(True)
+    p = torch.softmax(teacher.float(), -1)[src]
+    ref = (weight * -(p * torch.log_softmax(ref_logits, -1)).sum(-1)).sum()
+    (ref_grad,) = torch.autograd.grad(ref, ref_logits)
+    torch.testing.assert_close(eager[0], ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(eager[1].float(), ref_grad, rtol=1e-2, atol=1e-4)
+
+
+def test_unroll_compiled_equals_eager():
+    """Whole unroll, forward and backward, in float32: loss, metrics and every gradient."""
+    batch = make_batch([9, 14], seed=11, dtype=torch.float32)
+    results = {}
+    for mode in ("eager", "compiled"):
+        draft = tiny_draft(std=0.3, dtype=torch.float32)
+        for module in draft.modules():
+            if hasattr(module, "kernels"):
+                module.kernels = mode
+        result = unroll(draft, batch, unroll_steps=3)
+        result.loss.backward()
+        results[mode] = (result, {n: p.grad for n, p in draft.named_parameters()})
+    (eager, eager_grads), (comp, comp_grads) = results["eager"], results["compiled"]
+    torch.testing.assert_close(comp.loss, eager.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(comp.step_losses, eager.step_losses, rtol=1e-5, atol=1e-6)
+    assert torch.equal(comp.num_valid, eager.num_valid)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(comp_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
