@@ -83,7 +83,7 @@ def target_distribution(last_hidden_TH: torch.Tensor, lm_head_weight_VH: torch.T
 
 
 class _SoftCrossEntropy(torch.autograd.Function):
-    """sum_t w_t * (-sum_v p[src_t, v] * log_softmax(logits_t)_v), chunked over rows.
+    """sum_t w_t * (-sum_v p[src_t, v] * log_softmax(logits_t)_v), chunked over rows when eager.
 
     Plain autograd would keep an [T, Vd] float32 log-softmax and the gathered target rows per
     unroll step for backward (7 steps x 16k tokens x 32k vocab x 4 B x 2 = 29 GB). Here the
@@ -95,6 +95,12 @@ class _SoftCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits_TV, target: TargetDistribution, src_T, weight_T, chunk_tokens,
                 kernel_mode):
         rows = kernels.pick(kernels.soft_ce_rows, kernel_mode, logits_TV.device)
+        if kernels.use_compiled(kernel_mode, logits_TV.device):
+            # Fused: no [rows, Vd] float32 intermediate exists, so one call over all rows
+            # (and the gradient it returns is kept as is, not copied into a buffer).
+            loss, grad_TV = rows(logits_TV, target.logits, target.lse, src_T, weight_T)
+            ctx.save_for_backward(grad_TV)
+            return loss
         grad_TV = torch.empty_like(logits_TV)
         loss = torch.zeros((), dtype=upcast(logits_TV).dtype, device=logits_TV.device)
         for start in range(0, logits_TV.shape[0], chunk_tokens):
