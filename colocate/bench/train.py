@@ -83,22 +83,37 @@ class Result:
 
 
 def summarize(mode: Mode, rows: list[dict], warmup: int) -> Result:
-    """Steady-state numbers from metrics.jsonl rows (cumulative waits are differenced)."""
+    """Steady-state numbers from metrics.jsonl rows (cumulative counters are differenced).
+
+    Each side's shares are taken on its own timeline: the trainer's waits and phases over
+    the trainer's step time, the engine's wait and prefill over the engine's clock between
+    the same two messages. (The engine runs up to K messages ahead: on the trainer's
+    timeline its counters would include the trainer's warm-up.) Tokens/s come from the
+    trainer's steps, except engine-alone, where the trainer discards instantly and
+    messages buffered at the window's start would inflate its rate: that row uses the
+    engine's clock.
+    """
     if len(rows) <= warmup:
         return Result(mode, error=f"only {len(rows)} steps, need more than --warmup {warmup}")
     before, timed = rows[warmup - 1] if warmup else None, rows[warmup:]
     seconds = sum(r["step_s"] for r in timed)
+    engine_seconds = timed[-1].get("engine_clock_s", 0.0) - (
+        before.get("engine_clock_s", 0.0) if before else 0.0)
+    if engine_seconds <= 0:  # metrics from before the engine clock existed
+        engine_seconds = seconds
 
-    def share(key: str) -> float:
-        start = before[key] if before else 0.0
-        return (timed[-1][key] - start) / seconds
+    def delta(key: str) -> float:
+        return timed[-1][key] - (before[key] if before else 0.0)
 
-    breakdown = {"engine prefill": share("engine_prefill_s")}
+    tokens = sum(r["tokens"] for r in timed)
+    breakdown = {"engine prefill": delta("engine_prefill_s") / engine_seconds}
     for phase in PHASES:
         breakdown[f"trainer {phase}"] = sum(r.get(f"{phase}_s", 0.0) for r in timed) / seconds
-    return Result(mode, breakdown=breakdown, tokens_per_s=sum(r["tokens"] for r in timed) / seconds,
-                  trainer_wait=share("trainer_wait_s"), engine_wait=share("engine_wait_s"),
-                  handoff=share("handoff_s"), trainer_gib=timed[-1]["trainer_peak_gib"],
+    return Result(mode, breakdown=breakdown,
+                  tokens_per_s=tokens / (engine_seconds if mode.work == "engine" else seconds),
+                  trainer_wait=delta("trainer_wait_s") / seconds,
+                  engine_wait=delta("engine_wait_s") / engine_seconds,
+                  handoff=delta("handoff_s") / seconds, trainer_gib=timed[-1]["trainer_peak_gib"],
                   engine_gib=timed[-1]["engine_peak_gib"])
 
 
@@ -231,6 +246,11 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit(f"bench train: unknown --modes {sorted(unknown)}")
     if args.steps <= args.warmup:
         raise SystemExit("bench train: --steps must exceed --warmup")
+    timed = (args.steps - args.warmup) * cfg.train.micro_steps
+    if timed < 10:
+        print(f"bench train: warning: only {timed} timed micro-steps per mode; the engine runs "
+              "up to transport.num_slots ahead, so short windows skew the rates: raise --steps",
+              file=sys.stderr)
     cuda = torch.cuda.is_available()
     device_name = torch.cuda.get_device_name(0) if cuda else "cpu"
     workdir = args.workdir or tempfile.mkdtemp(prefix="colocate-bench-")

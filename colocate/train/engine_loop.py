@@ -89,6 +89,7 @@ def run_engine(cfg: Config, topo: Topology, channel: PairChannel, *, target_conf
                               timeout_s=startup)
     replay: list[tuple[dict, dict]] = []  # bench.engine=replay: captured micro-steps
     busy = BusyClock(topo.device)  # prefill time, read without syncing the engine's stream
+    clock_start = time.monotonic()  # the engine's own timeline, for its wait/prefill shares
     for n in range(num_messages):
         writer = ring.acquire()
         if cfg.bench.engine == "replay" and len(replay) == cfg.bench.replay_micro_steps:
@@ -106,7 +107,8 @@ def run_engine(cfg: Config, topo: Topology, channel: PairChannel, *, target_conf
                 replay.append(({k: v.clone() for k, v in writer.views().items()},
                                dict(writer.meta)))
         writer.meta.update(engine_wait_s=ring.stats.wait_s, engine_peak_gib=peak_gib(topo.device),
-                           engine_prefill_s=busy.read())
+                           engine_prefill_s=busy.read(),
+                           engine_clock_s=time.monotonic() - clock_start)
         ring.publish(writer)
         if n == cfg.train.micro_steps + cfg.transport.num_slots:
             # The trainer finished its first optimizer step: start-up is over.

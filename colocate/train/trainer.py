@@ -225,6 +225,7 @@ class DraftTrainer:
                                 trainer_wait_s=self.ring.stats.wait_s, engine_wait_s=engine_wait,
                                 handoff_s=self.ring.stats.handoff_s,
                                 engine_prefill_s=delivery_meta.get("engine_prefill_s", 0.0),
+                                engine_clock_s=delivery_meta.get("engine_clock_s", 0.0),
                                 phases=self.timer.take(),
                                 trainer_peak_gib=peak_gib(self.topo.device),
                                 engine_peak_gib=engine_peak)

@@ -1,0 +1,48 @@
+"""`bench train`'s steady-state numbers from metrics rows, against hand-computed values."""
+
+import pytest
+
+from colocate.bench.train import MODES, summarize
+
+MODE = {m.key: m for m in MODES}
+
+
+def rows(engine_clock_per_step, step_s=2.0, tokens=1000, warmup_engine_wait=50.0):
+    """Four steps; the engine waited 50 s during the trainer's warm-up (before step 2)."""
+    out, clock, wait = [], 0.0, 0.0
+    for i in range(4):
+        clock += engine_clock_per_step if i else 60.0
+        wait += 0.5 if i else warmup_engine_wait
+        out.append(dict(step_s=step_s, tokens=tokens, engine_clock_s=clock, engine_wait_s=wait,
+                        engine_prefill_s=1.0 * (i + 1), trainer_wait_s=0.1 * (i + 1),
+                        handoff_s=0.01 * (i + 1), trainer_peak_gib=3.0, engine_peak_gib=4.0,
+                        forward_s=1.0, backward_s=0.5))
+    return out
+
+
+def test_engine_shares_use_the_engines_clock():
+    r = summarize(MODE["k3"], rows(engine_clock_per_step=2.0), warmup=1)
+    # 3 timed steps: engine wait grew 1.5 s and prefill 3 s over 6 s of the engine's clock.
+    assert r.engine_wait == pytest.approx(1.5 / 6.0)
+    assert r.breakdown["engine prefill"] == pytest.approx(3.0 / 6.0)
+    assert r.tokens_per_s == pytest.approx(3000 / 6.0)     # trainer-side rate
+    assert r.trainer_wait == pytest.approx(0.3 / 6.0)
+    assert r.breakdown["trainer forward"] == pytest.approx(0.5)
+
+
+def test_engine_alone_rate_comes_from_the_engine_clock():
+    # The trainer discards instantly (step_s 0.5 s) but the engine needs 2 s per step.
+    r = summarize(MODE["engine"], rows(engine_clock_per_step=2.0, step_s=0.5), warmup=1)
+    assert r.tokens_per_s == pytest.approx(3000 / 6.0)
+
+
+def test_rows_without_an_engine_clock_fall_back_to_step_time():
+    data = rows(engine_clock_per_step=2.0)
+    for row in data:
+        del row["engine_clock_s"]
+    r = summarize(MODE["ts"], data, warmup=1)
+    assert r.engine_wait == pytest.approx(1.5 / 6.0)
+
+
+def test_too_few_steps_is_an_error_row():
+    assert "need more than --warmup" in summarize(MODE["k3"], rows(2.0), warmup=4).error
