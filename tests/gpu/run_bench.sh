@@ -13,5 +13,5 @@ fi
 bash examples/qwen3-8b-shape/prepare.sh >/dev/null
 python -m colocate prepare-vocab --config examples/qwen3-8b-shape/run.yaml >/dev/null 2>&1
 python -m colocate bench train --config examples/qwen3-8b-shape/run.yaml \
-  engine.backend=${ENGINE:-sglang} ${BENCH_ARGS:-} --steps ${STEPS:-10} --warmup ${WARMUP:-4} \
+  engine.backend=${ENGINE:-sglang} ${BENCH_ARGS:-} --steps ${STEPS:-16} --warmup ${WARMUP:-6} \
   --modes ${MODES:-k2,k3,k1,ts,engine,trainer} --workdir "$OUT/bench" 2>&1 | tee "$OUT/bench_${ENGINE:-sglang}.txt"
