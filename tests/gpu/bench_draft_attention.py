@@ -25,7 +25,7 @@ from transformers import LlamaConfig
 
 from colocate.config import DraftSection
 from colocate.draft import DraftArch, Eagle3Draft
-from colocate.draft.loss import eagle3_unroll
+from colocate.draft.loss import TargetDistribution, eagle3_unroll
 
 QWEN3_8B = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                 intermediate_size=12288, vocab_size=151936, num_hidden_layers=36,
@@ -40,14 +40,15 @@ def make_inputs(num_tokens: int, seq_len: int, hidden: int, device: torch.device
     seq_lens = [seq_len] * (num_tokens // seq_len)
     if num_tokens % seq_len:
         seq_lens.append(num_tokens % seq_len)
-    logits = torch.randn(num_tokens, DRAFT_VOCAB, device=device, generator=gen) * 4
+    logits = (torch.randn(num_tokens, DRAFT_VOCAB, device=device, generator=gen) * 4).bfloat16()
     return dict(
         embed_weight=torch.randn(QWEN3_8B["vocab_size"], hidden, device=device, generator=gen,
                                  dtype=torch.bfloat16) * 0.02,
         aux_hidden=torch.randn(num_tokens, NUM_AUX * hidden, device=device, generator=gen,
                                dtype=torch.bfloat16),
-        target_p=torch.softmax(logits, dim=-1),
-        in_draft=torch.ones(num_tokens, dtype=torch.bool, device=device),
+        target=TargetDistribution(logits=logits, lse=logits.float().logsumexp(-1),
+                                  in_draft=torch.ones(num_tokens, dtype=torch.bool, device=device),
+                                  top=logits.argmax(-1)),
         input_ids=torch.randint(0, QWEN3_8B["vocab_size"], (num_tokens,), device=device,
                                 generator=gen),
         loss_mask=torch.ones(num_tokens, dtype=torch.bool, device=device),
