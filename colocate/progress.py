@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from colocate.draft import simulated_accept_length
+from colocate.hostcopy import to_device
 
 
 def peak_gib(device: torch.device) -> float:
@@ -140,10 +141,7 @@ class MetricsLog:
                 self._tb = _tensorboard_writer(tensorboard_dir)
 
     def _host_scalar(self, value: float) -> torch.Tensor:
-        t = torch.tensor([float(value)], dtype=torch.float32)
-        if self.device.type == "cuda":  # pinned + non_blocking: no stream sync
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t
+        return to_device(torch.tensor([float(value)], dtype=torch.float32), self.device)
 
     def record(self, step: int, stats: torch.Tensor, grad_norm: torch.Tensor, *, lr: float,
                tokens: int, seconds: float, phases: list | None = None, **host: float) -> None:

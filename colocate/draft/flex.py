@@ -74,6 +74,7 @@ import torch
 import torch.nn.functional as F
 
 from colocate.draft.kernels import triton_available
+from colocate.hostcopy import to_device
 
 try:
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -139,11 +140,7 @@ class StepMasks:
         padded = -(-num_tokens // block_size) * block_size
         doc_T = torch.repeat_interleave(torch.arange(len(seq_lens), dtype=torch.int32),
                                         torch.tensor(seq_lens, dtype=torch.long))
-        if device.type == "cuda":
-            # Pinned + non_blocking: a pageable host-to-device copy would wait for the stream.
-            doc_T = doc_T.pin_memory().to(device, non_blocking=True)
-        else:
-            doc_T = doc_T.to(device)
+        doc_T = to_device(doc_T, device)
         pad = padded - num_tokens
         pos = torch.arange(padded, dtype=torch.int32, device=device)
         return cls(num_tokens=num_tokens, padded_tokens=padded, block_size=block_size,

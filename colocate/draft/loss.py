@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from colocate.draft import kernels
 from colocate.draft.attention import seq_bounds_from_lens
 from colocate.draft.kernels import upcast
+from colocate.hostcopy import to_device
 from colocate.draft.eagle3 import Eagle3Draft, KVCache
 
 
@@ -147,11 +148,7 @@ def _seq_end_per_token(seq_bounds: list[tuple[int, int]], device: torch.device) 
     """[T] exclusive end index of each token's sequence, built on the host."""
     ends = torch.tensor([end for _, end in seq_bounds], dtype=torch.long)
     lens = torch.tensor([end - start for start, end in seq_bounds], dtype=torch.long)
-    seq_end_T = torch.repeat_interleave(ends, lens)
-    if device.type == "cuda":
-        # Pinned + non_blocking: a pageable host-to-device copy would wait for the stream.
-        return seq_end_T.pin_memory().to(device, non_blocking=True)
-    return seq_end_T.to(device)
+    return to_device(torch.repeat_interleave(ends, lens), device)
 
 
 def eagle3_unroll(draft: Eagle3Draft, embed_weight: torch.Tensor, aux_hidden: torch.Tensor,
