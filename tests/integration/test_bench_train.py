@@ -64,6 +64,8 @@ def test_bench_train_sweep_runs_each_value(tiny_assets, tmp_path):
         metrics = [json.loads(l) for l in open(tmp_path / "bench" / f"trainer-tokens_per_micro_step-{v}"
                                                 / "metrics.jsonl")]
         assert all(0 < r["tokens"] <= 2 * v for r in metrics)  # 2 micro-steps per step
+        clocks = [r["engine_clock_s"] for r in metrics]  # the engine's own timeline
+        assert clocks == sorted(clocks) and clocks[-1] > clocks[0] > 0
     bad = subprocess.run(cmd[:-1] + ["draft.no_such_key=1"], cwd=REPO, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode != 0 and "draft.no_such_key" in bad.stderr
