@@ -117,19 +117,25 @@ def summarize(mode: Mode, rows: list[dict], warmup: int) -> Result:
                   engine_gib=timed[-1]["engine_peak_gib"])
 
 
+def sweep_tag(sweep: str) -> str:
+    """Row label suffix of a --sweep override (mps.engine_sm_percent=70 -> engine_sm_percent=70)."""
+    return sweep.split(".")[-1]
+
+
 def run_mode(mode: Mode, args: argparse.Namespace, workdir: str, device: str,
              sweep: str = "") -> Result:
     """One mode as a real torchrun job; `sweep` is one extra key=value override."""
-    name = mode.key + (f"-{sweep.split('.')[-1].replace('=', '-')}" if sweep else "")
+    tag = sweep_tag(sweep)
+    name = mode.key + (f"-{tag.replace('=', '-')}" if tag else "")
     run_dir = os.path.join(workdir, name)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            "-m", "colocate", "train", *(["--config", args.config] if args.config else []),
-           *args.overrides, *([sweep] if sweep else []), *mode.overrides, f"run.dir={run_dir}", f"train.max_steps={args.steps}",
-           "checkpoint.every_steps=0", "checkpoint.resume=never", "train.log_every_s=30"]
+           *args.overrides, *([sweep] if sweep else []), *mode.overrides, f"run.dir={run_dir}",
+           f"train.max_steps={args.steps}", "checkpoint.every_steps=0",
+           "checkpoint.resume=never", "train.log_every_s=30"]
     if device == "cpu":
         cmd.append("run.device=cpu")
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    tag = sweep.split(".")[-1] if sweep else ""
     print(f"bench train: {mode.label} {tag} ...", file=sys.stderr, flush=True)
     started = time.monotonic()
     try:
@@ -258,9 +264,8 @@ def main(args: argparse.Namespace) -> int:
     results = []
     for sweep in sweeps:
         for mode in (mode for mode in MODES if mode.key in wanted):
-            tag = sweep.split(".")[-1]
             if mode.needs_mps and not cuda:
-                results.append(Result(mode, error="MPS needs a CUDA GPU", tag=tag))
+                results.append(Result(mode, error="MPS needs a CUDA GPU", tag=sweep_tag(sweep)))
                 continue
             results.append(run_mode(mode, args, workdir, "cuda" if cuda else "cpu", sweep))
     table = format_table(results, flops_per_token(cfg), m.peak_flops(device_name) if cuda

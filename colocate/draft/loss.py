@@ -31,9 +31,9 @@ import torch.nn.functional as F
 
 from colocate.draft import kernels
 from colocate.draft.attention import seq_bounds_from_lens
+from colocate.draft.eagle3 import Eagle3Draft, KVCache
 from colocate.draft.kernels import upcast
 from colocate.hostcopy import to_device
-from colocate.draft.eagle3 import Eagle3Draft, KVCache
 
 
 @dataclass
@@ -96,7 +96,7 @@ class _SoftCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits_TV, target: TargetDistribution, src_T, weight_T, chunk_tokens,
                 kernel_mode):
         rows = kernels.pick(kernels.soft_ce_rows, kernel_mode, logits_TV.device)
-        if kernels.use_compiled(kernel_mode, logits_TV.device):
+        if rows is not kernels.soft_ce_rows:
             # Fused: no [rows, Vd] float32 intermediate exists, so one call over all rows
             # (and the gradient it returns is kept as is, not copied into a buffer).
             loss, grad_TV = rows(logits_TV, target.logits, target.lse, src_T, weight_T)
