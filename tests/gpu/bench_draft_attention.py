@@ -26,13 +26,7 @@ from transformers import LlamaConfig
 from colocate.config import DraftSection
 from colocate.draft import DraftArch, Eagle3Draft
 from colocate.draft.loss import TargetDistribution, eagle3_unroll
-
-QWEN3_8B = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                intermediate_size=12288, vocab_size=151936, num_hidden_layers=36,
-                rms_norm_eps=1e-6, rope_theta=1_000_000.0, max_position_embeddings=40960)
-DRAFT_VOCAB = 32000
-NUM_AUX = 3
-REL_TOL = 2e-2  # bf16 carries ~3 significant digits; attention sums a few thousand terms
+from draft_shapes import DRAFT_VOCAB, NUM_AUX, QWEN3_8B, REL_TOL, mismatches
 
 
 def make_inputs(num_tokens: int, seq_len: int, hidden: int, device: torch.device, seed: int = 0):
@@ -96,19 +90,6 @@ def bench(attention: str, inputs: dict, steps: int, iters: int, device: torch.de
     return ms, peak_gib, loss.float().item(), grads
 
 
-def compare(ref: tuple, other: tuple) -> list[str]:
-    """Names (with their relative error) that differ by more than REL_TOL."""
-    bad = []
-    loss_err = abs(other[2] - ref[2]) / max(abs(ref[2]), 1e-6)
-    if loss_err > REL_TOL:
-        bad.append(f"loss ({ref[2]:.5f} vs {other[2]:.5f})")
-    for name, grad in ref[3].items():
-        err = ((other[3][name] - grad).norm() / grad.norm().clamp(min=1e-12)).item()
-        if err > REL_TOL:
-            bad.append(f"grad {name} (rel L2 {err:.3g})")
-    return bad
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", default="8192,16384", help="tokens per micro-step, comma list")
@@ -137,7 +118,8 @@ def main() -> int:
                   f"{peak:>9.2f}")
             torch.cuda.empty_cache()
         if results.get("loop") and results.get("flex"):
-            bad = compare(results["loop"], results["flex"])
+            (_, _, ref_loss, ref_grads), (_, _, loss, grads) = results["loop"], results["flex"]
+            bad = mismatches(ref_loss, ref_grads, loss, grads)
             status = "agree" if not bad else "DISAGREE: " + "; ".join(bad)
             print(f"{num_tokens:>7} loop vs flex (rel tol {REL_TOL}): {status}")
             failures += bad

@@ -35,12 +35,8 @@ from colocate.draft import DraftArch
 from colocate.progress import PhaseTimer, peak_gib, phase_seconds
 from colocate.train.target_tensors import dummy_embed_and_head
 from colocate.train.trainer import build_sharded_draft, clip_and_step, make_optimizer, micro_step
+from draft_shapes import DRAFT_VOCAB, NUM_AUX, QWEN3_8B, REL_TOL, mismatches
 
-QWEN3_8B = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                intermediate_size=12288, vocab_size=151936, num_hidden_layers=36,
-                rms_norm_eps=1e-6, rope_theta=1_000_000.0, max_position_embeddings=40960)
-NUM_AUX = 3
-REL_TOL = 2e-2  # bf16; eager and fused kernels round differently
 KINDS = [  # kernel name pattern -> kind, first match wins
     ("flex attention", r"flex|triton_tem_fused"),
     ("matmul", r"gemm|nvjet|cutlass|sm90_xmma|ampere_|cublas|mm_"),
@@ -106,7 +102,7 @@ def print_profile(prof, step_ms: float, top: int) -> None:
 def run_mode(mode: str, args, shape, batches, device, mesh, embed, head, draft_ids, flops_per_token,
              peak):
     cfg = load_config(None, [f"draft.kernels={mode}", f"draft.attention={args.attention}",
-                             f"draft.unroll_steps={args.unroll}", "draft.draft_vocab_size=32000",
+                             f"draft.unroll_steps={args.unroll}", f"draft.draft_vocab_size={DRAFT_VOCAB}",
                              f"train.micro_steps={len(batches)}"])
     arch = DraftArch.from_target_config(LlamaConfig(**shape), cfg.draft, NUM_AUX)
     model = build_sharded_draft(arch, cfg, mesh, torch.bfloat16, device)
@@ -164,17 +160,6 @@ def run_mode(mode: str, args, shape, batches, device, mesh, embed, head, draft_i
     return tps, first
 
 
-def compare(ref: dict, other: dict) -> list[str]:
-    bad = []
-    if abs(other["loss"] - ref["loss"]) > REL_TOL * max(abs(ref["loss"]), 1e-6):
-        bad.append(f"loss ({ref['loss']:.5f} vs {other['loss']:.5f})")
-    for name, grad in ref["grads"].items():
-        err = ((other["grads"][name] - grad).norm() / grad.norm().clamp(min=1e-12)).item()
-        if err > REL_TOL:
-            bad.append(f"grad {name} (rel L2 {err:.3g})")
-    return bad
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kernels", default="eager,compiled", help="draft.kernels modes")
@@ -212,10 +197,10 @@ def main() -> int:
                for i in range(args.micro_steps)]
     embed, head = dummy_embed_and_head(shape["vocab_size"], shape["hidden_size"], seed=0,
                                        dtype=torch.bfloat16, device=device)
-    draft_ids = torch.randperm(shape["vocab_size"], device=device)[:32000].sort().values
+    draft_ids = torch.randperm(shape["vocab_size"], device=device)[:DRAFT_VOCAB].sort().values
     geom = metrics.Geometry.from_hf_config(LlamaConfig(**shape))
     flops_per_token = metrics.draft_train_flops_per_token(
-        geom, args.seq_len, draft_vocab_size=32000, unroll_steps=args.unroll)
+        geom, args.seq_len, draft_vocab_size=DRAFT_VOCAB, unroll_steps=args.unroll)
     device_name = torch.cuda.get_device_name() if cuda else "cpu"
     peak = metrics.peak_flops(device_name) or 989e12
     print(f"torch {torch.__version__}, {device_name}, {args.micro_steps} x "
@@ -231,7 +216,8 @@ def main() -> int:
     failures = []
     modes = list(results)
     for mode in modes[1:]:
-        bad = compare(results[modes[0]][1], results[mode][1])
+        ref, other = results[modes[0]][1], results[mode][1]
+        bad = mismatches(ref["loss"], ref["grads"], other["loss"], other["grads"])
         print(f"{modes[0]} vs {mode} (rel tol {REL_TOL}): "
               f"{'agree' if not bad else 'DISAGREE: ' + '; '.join(bad)}")
         failures += bad
