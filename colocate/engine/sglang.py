@@ -58,8 +58,8 @@ What the engine configures (DESIGN section 4)
   mps.engine_mem_fraction (`static_mem_fraction`). The KV pools are cleared after every
   micro-step, so every forward starts from an empty cache.
 * flashinfer: sgl_kernel routes rmsnorm/fused_add_rmsnorm/top-k-top-p to flashinfer when it
-  imports, which then JIT-compiles (no sources in the slim bundle); `_avoid_flashinfer_jit`
-  flips sgl_kernel's switches to its precompiled kernels.
+  imports, which then JIT-compiles (no sources in the slim bundle);
+  `sglang_env.avoid_flashinfer_jit` flips sgl_kernel's switches to its precompiled kernels.
 
 The forward
 -----------
@@ -97,6 +97,7 @@ from types import SimpleNamespace
 import torch
 
 from colocate.engine.base import TargetEngine, resolve_aux_layer_ids
+from colocate.engine.sglang_env import avoid_flashinfer_jit
 from colocate.engine.sglang_groups import (engine_group_layout, micro_batch_offsets,
                                            validate_engine_tp)
 
@@ -143,21 +144,6 @@ def server_args_kwargs(*, path: str, dtype: torch.dtype, load_format: str, atten
         random_seed=seed,
         log_level="warning",
     )
-
-
-def _avoid_flashinfer_jit() -> None:
-    """See the docstring: keep sgl_kernel on its precompiled norm/sampling kernels."""
-    try:
-        import sgl_kernel.elementwise
-        import sgl_kernel.sampling
-    except ImportError:
-        return
-    for module in (sgl_kernel.elementwise, sgl_kernel.sampling):
-        if hasattr(module, "_has_flashinfer"):
-            module._has_flashinfer = False
-        else:
-            log.warning("%s has no _has_flashinfer switch; flashinfer may JIT-compile",
-                        module.__name__)
 
 
 class _NoPrefixCache(SimpleNamespace):
@@ -227,7 +213,7 @@ class SGLangTargetEngine(TargetEngine):
         from sglang.srt.model_executor.model_runner import ModelRunner
         from sglang.srt.server_args import PortArgs, ServerArgs
 
-        _avoid_flashinfer_jit()
+        avoid_flashinfer_jit()
         gpu = self._device.index if self._device.index is not None else torch.cuda.current_device()
         free, total = torch.cuda.mem_get_info(gpu)
         server_args = ServerArgs(**server_args_kwargs(

@@ -1,0 +1,93 @@
+"""sglang process settings that must hold in every process sglang starts.
+
+The flashinfer switch: sgl_kernel routes rmsnorm, fused_add_rmsnorm and top-k/top-p
+sampling to flashinfer whenever flashinfer imports, and flashinfer then JIT-compiles CUDA
+sources (absent from the slim offline bundle, slow anyway). Setting
+`sgl_kernel.elementwise._has_flashinfer = False` and `sgl_kernel.sampling._has_flashinfer =
+False` right after those modules load keeps sgl_kernel on its precompiled kernels.
+
+In-process that is one assignment (`avoid_flashinfer_jit`). But sglang's offline `Engine`
+spawns its scheduler (and detokenizer) in fresh Python processes, where an in-process
+assignment does not exist. So `offline_engine_env()` puts this package's `_sitecustomize/`
+directory on PYTHONPATH and sets COLOCATE_SGLANG_NO_FLASHINFER=1: every child Python then
+imports that `sitecustomize`, which installs `install_import_hook()` below, and the switch
+is set the moment sgl_kernel's modules load there too.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import logging
+import os
+import sys
+
+log = logging.getLogger(__name__)
+
+ENV_SWITCH = "COLOCATE_SGLANG_NO_FLASHINFER"
+"""Set to 1 in a process's environment: its sitecustomize turns the flashinfer routing off."""
+
+_SWITCHED_MODULES = ("sgl_kernel.elementwise", "sgl_kernel.sampling")
+_SITE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sitecustomize")
+
+
+def _switch_off(module) -> None:
+    if hasattr(module, "_has_flashinfer"):
+        module._has_flashinfer = False
+    else:
+        log.warning("%s has no _has_flashinfer switch; flashinfer may JIT-compile",
+                    module.__name__)
+
+
+def avoid_flashinfer_jit() -> None:
+    """Switch sgl_kernel's routing to flashinfer off in this process (imports sgl_kernel)."""
+    try:
+        import sgl_kernel.elementwise
+        import sgl_kernel.sampling
+    except ImportError:
+        return
+    for name in _SWITCHED_MODULES:
+        _switch_off(sys.modules[name])
+
+
+class _SwitchAfterLoad(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: wraps the real loader of the switched modules so the switch is
+    set right after the module body runs, before any caller can use it."""
+
+    def find_spec(self, name, path, target=None):
+        if name not in _SWITCHED_MODULES:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        exec_module = spec.loader.exec_module
+
+        def exec_then_switch(module):
+            exec_module(module)
+            _switch_off(module)
+
+        spec.loader.exec_module = exec_then_switch
+        return spec
+
+
+def install_import_hook() -> None:
+    """Set the switch whenever sgl_kernel's modules load in this process (idempotent)."""
+    if not any(isinstance(f, _SwitchAfterLoad) for f in sys.meta_path):
+        sys.meta_path.insert(0, _SwitchAfterLoad())
+    for name in _SWITCHED_MODULES:  # already imported: switch now
+        if name in sys.modules:
+            _switch_off(sys.modules[name])
+
+
+def offline_engine_env() -> None:
+    """Make the switch reach every process an sglang `Engine` spawns (call before creating
+    it): children inherit os.environ, and Python imports `sitecustomize` at start-up."""
+    install_import_hook()
+    os.environ[ENV_SWITCH] = "1"
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if _SITE_DIR not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([_SITE_DIR] + [p for p in paths if p])

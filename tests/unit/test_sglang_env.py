@@ -1,0 +1,75 @@
+"""The flashinfer switch reaches processes spawned the way sglang's Engine spawns its
+scheduler: a fresh interpreter that inherits only the environment."""
+
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from colocate.engine import sglang_env
+
+
+@pytest.fixture
+def fake_sgl_kernel(tmp_path, monkeypatch):
+    """A stand-in sgl_kernel whose modules set `_has_flashinfer = True` when they load."""
+    pkg = tmp_path / "sgl_kernel"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    for name in ("elementwise", "sampling"):
+        (pkg / f"{name}.py").write_text("_has_flashinfer = True\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("sgl_kernel", "sgl_kernel.elementwise", "sgl_kernel.sampling"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    yield tmp_path
+    for name in ("sgl_kernel", "sgl_kernel.elementwise", "sgl_kernel.sampling"):
+        sys.modules.pop(name, None)
+
+
+_CHILD = textwrap.dedent("""
+    import sgl_kernel.elementwise, sgl_kernel.sampling
+    print(sgl_kernel.elementwise._has_flashinfer, sgl_kernel.sampling._has_flashinfer)
+""")
+
+
+def _child_flags(env):
+    out = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()
+
+
+def test_without_the_env_a_child_keeps_flashinfer(fake_sgl_kernel):
+    assert _child_flags(dict(os.environ)) == ["True", "True"]
+
+
+def test_offline_engine_env_switches_it_off_in_children(fake_sgl_kernel, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.environ["PYTHONPATH"])  # restored after the test
+    monkeypatch.delenv(sglang_env.ENV_SWITCH, raising=False)
+    sglang_env.offline_engine_env()
+    assert _child_flags(dict(os.environ)) == ["False", "False"]
+    # And in this process, through the import hook.
+    import sgl_kernel.elementwise
+    assert sgl_kernel.elementwise._has_flashinfer is False
+
+
+def _spawned(queue):
+    import sgl_kernel.sampling
+    queue.put(sgl_kernel.sampling._has_flashinfer)
+
+
+def test_multiprocessing_spawn_children_get_it(fake_sgl_kernel, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.environ["PYTHONPATH"])
+    monkeypatch.delenv(sglang_env.ENV_SWITCH, raising=False)
+    sglang_env.offline_engine_env()
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_spawned, args=(queue,))
+    proc.start()
+    try:
+        assert queue.get(timeout=60) is False
+    finally:
+        proc.join(timeout=60)
