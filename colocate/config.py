@@ -147,6 +147,12 @@ class DataSection:
     """Count and skip malformed lines instead of failing on the first one."""
     chat_template: str = ""
     """Jinja chat template (inline, or a path to a file). Empty: the tokenizer's own."""
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra variables for the chat template, e.g. {enable_thinking: false} for Qwen3.
+    `colocate generate` and training must use the same ones (they decide the prompt)."""
+    holdout: int = 0
+    """Conversations held out of training (the same lines in every run on this file):
+    validation during training and the prompts `colocate eval` serves by default."""
     shuffle: bool = True
     """Shuffle conversation order per epoch (deterministic in run.seed and the epoch)."""
     cache_dir: str = ""
@@ -155,6 +161,11 @@ class DataSection:
     def __post_init__(self):
         _require(bool(self.path), "data.path", "set the JSONL file to train on")
         _require(self.max_length >= 2, "data.max_length", f"got {self.max_length}; must be >= 2")
+        _require(isinstance(self.chat_template_kwargs, dict), "data.chat_template_kwargs",
+                 f"expected a mapping, e.g. {{enable_thinking: false}}, got "
+                 f"{self.chat_template_kwargs!r}")
+        _require(self.holdout >= 0, "data.holdout", f"got {self.holdout}; use 0 (none) or a "
+                 "number of conversations")
         _require(self.tokens_per_micro_step >= self.max_length, "data.tokens_per_micro_step",
                  f"{self.tokens_per_micro_step} is below data.max_length ({self.max_length}); "
                  "a micro-step must hold one whole conversation")

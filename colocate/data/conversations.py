@@ -6,16 +6,25 @@ Accepted lines (one JSON object each; blank lines are ignored)::
     {"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", ...}]}
 
 Either may carry ``"last_assistant_turn_only": true|false``, overriding the run's
-``data.last_assistant_turn_only`` for that sample. Everything downstream sees only
-``Conversation``: (role, content) turns with roles ``system``, ``user``, ``assistant``.
+``data.last_assistant_turn_only`` for that sample. A turn may also carry:
+
+* ``"reasoning_content"`` (string): the reasoning of an assistant reply, handed to the chat
+  template as reasoning templates (Qwen3, DeepSeek-R1) expect it;
+* ``"token_ids"`` (list of ints, assistant turns only): the target's own token ids for the
+  reply, as `colocate generate` writes them. Training uses them instead of re-tokenizing
+  the text wherever the template renders the reply as the target produced it, because
+  decoded text does not always tokenize back to the ids the target emitted.
+
+Everything downstream sees only ``Conversation``: ``Turn``s with roles ``system``, ``user``,
+``assistant``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
-from typing import Any, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
 
 from colocate.data.errors import DataError
 from colocate.data.stats import DataStats
@@ -34,21 +43,48 @@ _MAX_LOGGED_SKIPS = 5
 
 
 @dataclass(frozen=True)
+class Turn:
+    role: str
+    """system, user or assistant."""
+    content: str
+    reasoning: str | None = None
+    """`reasoning_content` of an assistant reply, when the record has one."""
+    token_ids: tuple[int, ...] | None = None
+    """The target's own ids for this assistant reply (written by `colocate generate`)."""
+
+    def message(self) -> dict[str, str]:
+        """The turn as a chat-template message."""
+        message = {"role": self.role, "content": self.content}
+        if self.reasoning is not None:
+            message["reasoning_content"] = self.reasoning
+        return message
+
+
+@dataclass(frozen=True)
 class Conversation:
-    turns: tuple[tuple[str, str], ...]
-    """(role, content) pairs in order; roles are system, user or assistant."""
+    turns: tuple[Turn, ...]
+    """The turns in order."""
     last_assistant_turn_only: bool | None
     """The sample's own override, or None to use data.last_assistant_turn_only."""
     where: str
     """FILE:LINE, for error messages further down the pipeline."""
+    form: str = "messages"
+    """The record's form: "messages" (OpenAI) or "conversations" (ShareGPT)."""
+    record: dict = field(default_factory=dict, compare=False, repr=False)
+    """The decoded JSON line, so a rewrite (`colocate generate`) keeps every other field."""
 
-    def messages(self) -> list[dict[str, str]]:
-        """The turns as chat-template messages."""
-        return [{"role": r, "content": c} for r, c in self.turns]
+    def messages(self, num_turns: int | None = None) -> list[dict[str, str]]:
+        """The first `num_turns` turns (all by default) as chat-template messages."""
+        return [turn.message() for turn in self.turns[:num_turns]]
 
     @property
     def has_assistant(self) -> bool:
-        return any(r == "assistant" for r, _ in self.turns)
+        return any(turn.role == "assistant" for turn in self.turns)
+
+    @property
+    def assistant_turns(self) -> list[int]:
+        """Indices of the assistant turns."""
+        return [i for i, turn in enumerate(self.turns) if turn.role == "assistant"]
 
 
 def _invalid(where: str, what: str) -> DataError:
@@ -86,27 +122,53 @@ def parse_record(record: Any, where: str) -> Conversation:
         if not isinstance(content, str):
             raise _invalid(where, f"{at}.{content_key} must be a string, got "
                                   f"{type(content).__name__}")
-        turns.append((role_map[role], content))
+        turns.append(Turn(role_map[role], content, _reasoning(turn, at, where),
+                          _token_ids(turn, role_map[role], at, where)))
     override = record.get("last_assistant_turn_only")
     if override is not None and not isinstance(override, bool):
         raise _invalid(where, f"'last_assistant_turn_only' must be true or false, got "
                               f"{override!r}")
-    return Conversation(tuple(turns), override, where)
+    return Conversation(tuple(turns), override, where, form, record)
 
 
-def read_conversations(path: str, *, skip_invalid: bool,
-                       stats: DataStats) -> Iterator[Conversation]:
+def _reasoning(turn: dict, at: str, where: str) -> str | None:
+    reasoning = turn.get("reasoning_content")
+    if reasoning is not None and not isinstance(reasoning, str):
+        raise _invalid(where, f"{at}.reasoning_content must be a string, got "
+                              f"{type(reasoning).__name__}")
+    return reasoning
+
+
+def _token_ids(turn: dict, role: str, at: str, where: str) -> tuple[int, ...] | None:
+    ids = turn.get("token_ids")
+    if ids is None:
+        return None
+    if role != "assistant":
+        raise _invalid(where, f"{at} has token_ids but is a {role} turn; only assistant replies "
+                              "carry the target's token ids")
+    if not isinstance(ids, list) or not all(type(i) is int and i >= 0 for i in ids):
+        raise _invalid(where, f"{at}.token_ids must be a list of non-negative integers")
+    return tuple(ids)
+
+
+def read_conversations(path: str, *, skip_invalid: bool, stats: DataStats,
+                       keep_line: Callable[[int], bool] | None = None,
+                       ) -> Iterator[Conversation]:
     """Yield the conversations of a JSONL file that have an assistant turn.
 
-    Counts into ``stats``: ``lines``, ``skipped_invalid`` and ``skipped_no_assistant``.
-    Malformed lines raise DataError unless ``skip_invalid``; then the first few are logged
-    so a user can see why data went missing.
+    Counts into ``stats``: ``lines``, ``held_out`` (lines `keep_line` rejects: the split
+    that is not being read), ``skipped_invalid`` and ``skipped_no_assistant``. Malformed
+    lines raise DataError unless ``skip_invalid``; then the first few are logged so a user
+    can see why data went missing.
     """
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             stats.lines += 1
+            if keep_line is not None and not keep_line(line_no):
+                stats.held_out += 1
+                continue
             where = f"{path}:{line_no}"
             try:
                 try:

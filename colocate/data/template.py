@@ -1,4 +1,4 @@
-"""Chat template resolution, and token ids + loss mask for one conversation.
+"""Chat templates: which template, rendering, and where each assistant reply lives.
 
 The loss mask must cover exactly what the assistant says, for *any* template, without
 knowing its markup. So we let the template tell us where each reply lives:
@@ -8,22 +8,41 @@ knowing its markup. So we let the template tell us where each reply lives:
     reply i   = full[len(before_i) : len(through_i)], trailing whitespace trimmed
 
 The reply span then holds the content and the template's end-of-turn marker (the draft
-must learn to stop) but not the role header. Character spans become token positions
-through the fast tokenizer's offsets. This only works when the template renders
-prefix-stably (a prefix of the conversation renders as a prefix of the whole); templates
-that rewrite earlier turns (e.g. drop reasoning of old replies) are rejected with a clear
-error rather than given a silently wrong mask.
+must learn to stop) but not the role header. That needs the template to be prefix-stable,
+and many are not:
+
+* Qwen3 renders an (empty) think block into the LAST assistant reply only, so `through_i`
+  of an earlier reply is not a prefix of the whole conversation. Then the reply ends at
+  the first end-of-turn marker after its start (the marker is what the template writes
+  after any reply: the common suffix of two renders with different contents).
+* With `enable_thinking: false` Qwen3's generation prompt carries the empty think block,
+  so `before_i` is not a prefix either. Then the reply starts after the part of the
+  generation prompt that the whole conversation really renders (its common prefix with
+  the text after the earlier turns).
+* DeepSeek-R1 drops the reasoning of every reply from history; the spans still hold what
+  the template renders.
+
+Each located reply is checked to contain its visible content (the text after any
+`</think>`); a reply that cannot be located is a `DataError` naming FILE:LINE, which the
+dataset build counts and skips. Character spans become token positions in
+`colocate.data.encode`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 from colocate.data.conversations import Conversation
 from colocate.data.errors import DataError
 
 log = logging.getLogger(__name__)
+
+# Two contents that differ only at their end: what their renders share at the end is the
+# template's end-of-turn marker.
+_PROBE_CONTENTS = ("colocate probe reply a", "colocate probe reply b")
 
 
 def resolve_chat_template(setting: str, tokenizer, tokenizer_path: str) -> str:
@@ -46,92 +65,108 @@ def resolve_chat_template(setting: str, tokenizer, tokenizer_path: str) -> str:
     return template
 
 
-def _render(tokenizer, template: str, messages: list[dict], generation_prompt: bool,
-            where: str) -> str:
-    try:
-        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                             add_generation_prompt=generation_prompt)
-    except Exception as e:  # Jinja errors, raise_exception() calls in the template
-        raise DataError(f"{where}: the chat template failed to render the first "
-                        f"{len(messages)} messages: {type(e).__name__}: {e}. Fix the "
-                        "conversation or data.chat_template") from e
-    assert isinstance(text, str), type(text)
-    return text
+@dataclass(frozen=True)
+class Renderer:
+    """A tokenizer, the resolved template and `data.chat_template_kwargs`: everything that
+    decides how messages become text."""
+
+    tokenizer: Any
+    template: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def render(self, messages: list[dict], generation_prompt: bool, where: str) -> str:
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages, chat_template=self.template, tokenize=False,
+                add_generation_prompt=generation_prompt, **self.kwargs)
+        except Exception as e:  # Jinja errors, raise_exception() calls in the template
+            raise DataError(f"{where}: the chat template failed to render the first "
+                            f"{len(messages)} messages: {type(e).__name__}: {e}. Fix the "
+                            "conversation or data.chat_template") from e
+        assert isinstance(text, str), type(text)
+        return text
 
 
-def _not_prefix_stable(where: str, num_messages: int, prefix: str, full: str) -> DataError:
-    at = next((i for i, (a, b) in enumerate(zip(prefix, full)) if a != b),
-              min(len(prefix), len(full)))
-    return DataError(
-        f"{where}: the chat template is not prefix-stable: the first {num_messages} messages "
-        f"render to text that is not a prefix of the whole conversation (they differ at "
-        f"character {at}: {prefix[at:at + 40]!r} vs {full[at:at + 40]!r}). The loss mask is "
-        "derived from rendered prefixes, so set data.chat_template to a template that "
-        "renders each turn independently of later ones")
+@dataclass(frozen=True)
+class ReplySpan:
+    turn: int
+    """Index of the assistant turn in the conversation."""
+    start: int
+    """First character of the reply in the rendered text (after the role header)."""
+    end: int
+    """One past its end-of-turn marker."""
 
 
-def assistant_char_spans(conversation: Conversation, tokenizer, template: str,
-                         ) -> tuple[str, list[tuple[int, int]]]:
-    """Rendered text of the whole conversation and the [start, end) character span of each
-    assistant reply, in order."""
+def _unlocatable(where: str, turn: int, why: str) -> DataError:
+    return DataError(f"{where}: cannot locate assistant turn {turn} in the rendered "
+                     f"conversation: {why}. The sample is skipped; set data.chat_template to "
+                     "a template that renders each reply as the model writes it")
+
+
+def _reply_start(renderer: Renderer, messages: list[dict], i: int, text: str,
+                 where: str) -> int:
+    before = renderer.render(messages[:i], True, where)
+    if text.startswith(before):
+        return len(before)
+    prior = renderer.render(messages[:i], False, where)
+    if not text.startswith(prior):
+        raise _unlocatable(where, i, "the turns before it render differently once later turns "
+                                     "follow (the template rewrites earlier turns)")
+    header = before[len(prior):]  # the generation prompt, e.g. the role header
+    return len(prior) + len(os.path.commonprefix([header, text[len(prior):]]))
+
+
+def _end_marker(renderer: Renderer, messages: list[dict], i: int, where: str) -> str:
+    """What the template writes after a reply (e.g. "<|im_end|>"), found by rendering the
+    turns before `i` plus two probe replies and keeping their common ending."""
+    a, b = (renderer.render(messages[:i] + [{"role": "assistant", "content": c}], False, where)
+            for c in _PROBE_CONTENTS)
+    return os.path.commonprefix([a[::-1], b[::-1]])[::-1].strip()
+
+
+def _visible_content(message: dict) -> str:
+    """The part of a reply any template shows: the text after a `</think>`, stripped."""
+    return message["content"].split("</think>")[-1].strip()
+
+
+def locate_replies(renderer: Renderer, conversation: Conversation, *,
+                   num_turns: int | None = None, generation_prompt: bool = False,
+                   ) -> tuple[str, list[ReplySpan]]:
+    """The rendered text of the first `num_turns` turns (all by default; with the generation
+    prompt when asked) and the span of every assistant reply in it, in order."""
     where = conversation.where
-    messages = conversation.messages()
-    full = _render(tokenizer, template, messages, False, where)
-    spans = []
-    for i, (role, _) in enumerate(conversation.turns):
-        if role != "assistant":
+    messages = conversation.messages(num_turns)
+    text = renderer.render(messages, generation_prompt, where)
+    spans, marker = [], None
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
             continue
-        before = _render(tokenizer, template, messages[:i], True, where)
-        through = _render(tokenizer, template, messages[:i + 1], False, where)
-        for n, prefix in ((i, before), (i + 1, through)):
-            if not full.startswith(prefix):
-                raise _not_prefix_stable(where, n, prefix, full)
-        if not through.startswith(before):
-            raise _not_prefix_stable(where, i, before, through)
-        start, end = len(before), len(through)
-        while end > start and full[end - 1].isspace():
+        start = _reply_start(renderer, messages, i, text, where)
+        through = renderer.render(messages[:i + 1], False, where)
+        if text.startswith(through) and len(through) >= start:
+            end = len(through)
+        else:  # rendered differently when later turns follow: end at its end-of-turn marker
+            if marker is None:
+                marker = _end_marker(renderer, messages, i, where)
+            found = text.find(marker, start) if marker else -1
+            if found < 0:
+                raise _unlocatable(where, i, "the template writes no end-of-turn marker to "
+                                             "find it by")
+            end = found + len(marker)
+        while end > start and text[end - 1].isspace():
             end -= 1  # the newline after an end-of-turn marker is the template's, not the reply's
-        spans.append((start, end))
-    return full, spans
+        if _visible_content(message) not in text[start:end]:
+            raise _unlocatable(where, i, f"its content is not inside the located span "
+                                         f"{text[start:end][:60]!r}")
+        spans.append(ReplySpan(i, start, end))
+    return text, spans
 
 
-def check_generation_prompt(conversation: Conversation, tokenizer, template: str) -> None:
+def check_generation_prompt(conversation: Conversation, renderer: Renderer) -> None:
     """Warn when the template ignores add_generation_prompt: the role header of each reply
     then lands inside the loss mask."""
-    messages = conversation.messages()
-    first = next(i for i, (r, _) in enumerate(conversation.turns) if r == "assistant")
-    with_prompt = _render(tokenizer, template, messages[:first], True, conversation.where)
-    without = _render(tokenizer, template, messages[:first], False, conversation.where)
-    if with_prompt == without:
+    messages = conversation.messages(conversation.assistant_turns[0])
+    where = conversation.where
+    if renderer.render(messages, True, where) == renderer.render(messages, False, where):
         log.warning("the chat template ignores add_generation_prompt, so assistant role "
                     "headers will be trained on; give data.chat_template one that supports it")
-
-
-def tokenize_conversation(conversation: Conversation, tokenizer, template: str,
-                          last_assistant_turn_only: bool) -> tuple[list[int], list[bool]]:
-    """Token ids of the rendered conversation and, per token, whether it is trainable.
-
-    A token is trainable when it overlaps a trainable reply span: a token that straddles
-    the header/reply boundary (``"] 5"`` tokenized as ``"]"``, ``" 5"``) carries reply
-    text, so the draft must learn it. Special tokens are not added again: the template
-    already writes any BOS it wants.
-    """
-    text, spans = assistant_char_spans(conversation, tokenizer, template)
-    if last_assistant_turn_only:
-        spans = spans[-1:]
-    spans = [span for span in spans if span[1] > span[0]]  # an empty reply has nothing to learn
-    try:
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    except NotImplementedError as e:
-        raise DataError(f"{conversation.where}: the tokenizer cannot return offsets; the "
-                        "data pipeline needs a fast (tokenizers-backed) tokenizer") from e
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    mask = [False] * len(ids)
-    s = 0
-    for t, (tok_start, tok_end) in enumerate(offsets):
-        while s < len(spans) and tok_start >= spans[s][1]:
-            s += 1
-        if s == len(spans):
-            break
-        mask[t] = max(tok_end, tok_start + 1) > spans[s][0]  # and tok_start < its end
-    return list(ids), mask

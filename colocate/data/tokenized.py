@@ -15,6 +15,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -24,12 +25,14 @@ from colocate.data.cache import (atomic_torch_save, load_cached, update_with_fil
 from colocate.data.conversations import read_conversations
 from colocate.data.errors import DataError
 from colocate.data.stats import DataStats
-from colocate.data.template import (check_generation_prompt, resolve_chat_template,
-                                    tokenize_conversation)
+from colocate.data.encode import encode_conversation
+from colocate.data.holdout import holdout_lines
+from colocate.data.template import Renderer, check_generation_prompt, resolve_chat_template
 
 log = logging.getLogger(__name__)
+_MAX_LOGGED_SKIPS = 5
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Bump when tokenization or the stored layout changes, to invalidate old cache entries."""
 
 
@@ -65,28 +68,43 @@ class TokenizedDataset:
         return self.offsets[1:] - self.offsets[:-1]
 
 
-def tokenize_file(path: str, tokenizer, template: str, *, max_length: int,
+def tokenize_file(path: str, renderer: Renderer, *, max_length: int,
                   last_assistant_turn_only: bool, skip_invalid: bool,
+                  keep_line: Callable[[int], bool] | None = None,
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DataStats]:
-    """Read, render, tokenize, mask and truncate every conversation of a JSONL file.
+    """Read, render, tokenize, mask and truncate every conversation of a JSONL file (the
+    lines `keep_line` accepts; all by default).
 
-    Returns (ids int32, loss_mask bool, offsets int64, stats). Raises DataError when
-    nothing usable is left, since training on an empty stream can only hang later.
+    Returns (ids int32, loss_mask bool, offsets int64, stats). A conversation whose replies
+    cannot be masked is counted and skipped (the first few logged with FILE:LINE). Raises
+    DataError when nothing usable is left, since training on an empty stream can only hang
+    later.
     """
     stats = DataStats()
     ids, mask = array.array("i"), array.array("b")  # compact, unlike lists of Python ints
     offsets = [0]
-    checked = False
-    for conversation in read_conversations(path, skip_invalid=skip_invalid, stats=stats):
-        if not checked:
-            check_generation_prompt(conversation, tokenizer, template)
-            checked = True
+    checked, first_skip = False, ""
+    for conversation in read_conversations(path, skip_invalid=skip_invalid, stats=stats,
+                                           keep_line=keep_line):
         last_only = conversation.last_assistant_turn_only
         if last_only is None:
             last_only = last_assistant_turn_only
-        seq_ids, seq_mask = tokenize_conversation(conversation, tokenizer, template, last_only)
-        cut = len(seq_ids) > max_length
-        seq_ids, seq_mask = seq_ids[:max_length], seq_mask[:max_length]
+        try:
+            if not checked:
+                check_generation_prompt(conversation, renderer)
+                checked = True
+            encoded = encode_conversation(conversation, renderer,
+                                          last_assistant_turn_only=last_only)
+        except DataError as e:
+            stats.skipped_unmaskable += 1
+            first_skip = first_skip or str(e)
+            if stats.skipped_unmaskable <= _MAX_LOGGED_SKIPS:
+                log.warning("skipping: %s", e)
+            continue
+        stats.replies_own_ids += encoded.ids_used
+        stats.replies_ids_unusable += encoded.ids_unusable
+        cut = len(encoded.ids) > max_length
+        seq_ids, seq_mask = encoded.ids[:max_length], encoded.mask[:max_length]
         num_trainable = sum(seq_mask)
         if num_trainable == 0:
             stats.skipped_no_trainable += 1
@@ -99,21 +117,24 @@ def tokenize_file(path: str, tokenizer, template: str, *, max_length: int,
         mask.extend(seq_mask)
         offsets.append(len(ids))
     if stats.conversations == 0:
+        why = f"; the first skip: {first_skip}" if first_skip else ""
         raise DataError(f"{path}: no usable conversation ({stats.format()}); check the file "
-                        "and data.max_length")
+                        f"and data.max_length{why}")
     # frombuffer shares the array's memory; clone so the tensors own theirs.
     return (torch.frombuffer(ids, dtype=torch.int32).clone(),
             torch.frombuffer(mask, dtype=torch.int8).to(torch.bool),
             torch.tensor(offsets, dtype=torch.int64), stats)
 
 
-def tokenized_key(cfg: DataSection, template: str, tokenizer, tokenizer_path: str) -> str:
+def tokenized_key(cfg: DataSection, template: str, tokenizer, tokenizer_path: str,
+                  split: str = "train") -> str:
     """Hash of every input that changes the tokenized result."""
     h = hashlib.sha256()
     settings = {"format": FORMAT_VERSION, "max_length": cfg.max_length,
                 "last_assistant_turn_only": cfg.last_assistant_turn_only,
                 "skip_invalid": cfg.skip_invalid, "tokenizer_class": type(tokenizer).__name__,
-                "template": template}
+                "template": template, "template_kwargs": cfg.chat_template_kwargs,
+                "holdout": cfg.holdout, "split": split}
     h.update(json.dumps(settings, sort_keys=True).encode() + b"\0")
     update_with_file(h, cfg.path)
     h.update(b"\0tokenizer\0")
@@ -121,18 +142,27 @@ def tokenized_key(cfg: DataSection, template: str, tokenizer, tokenizer_path: st
     return h.hexdigest()
 
 
+def renderer_for(cfg: DataSection, tokenizer, tokenizer_path: str) -> Renderer:
+    """The template `cfg` asks for, with its `chat_template_kwargs`, bound to `tokenizer`."""
+    template = resolve_chat_template(cfg.chat_template, tokenizer, tokenizer_path)
+    return Renderer(tokenizer, template, dict(cfg.chat_template_kwargs))
+
+
 def load_or_build_tokenized(cfg: DataSection, tokenizer, tokenizer_path: str,
-                            default_cache_dir: str) -> TokenizedDataset:
+                            default_cache_dir: str, *, split: str = "train") -> TokenizedDataset:
     """The tokenized dataset for ``cfg``, from the cache when an entry for exactly these
-    inputs exists, else tokenized now and cached (atomically) for the next process."""
+    inputs exists, else tokenized now and cached (atomically) for the next process.
+
+    split: "train" (every line but the `data.holdout` ones) or "holdout" (only those)."""
+    assert split in ("train", "holdout"), split
     if not os.path.isfile(cfg.path):
         raise DataError(f"data.path: {cfg.path} is not a file; point it at a JSONL of "
                         "conversations")
-    template = resolve_chat_template(cfg.chat_template, tokenizer, tokenizer_path)
-    key = tokenized_key(cfg, template, tokenizer, tokenizer_path)
+    renderer = renderer_for(cfg, tokenizer, tokenizer_path)
+    key = tokenized_key(cfg, renderer.template, tokenizer, tokenizer_path, split)
     cache_dir = cfg.cache_dir or default_cache_dir
     assert cache_dir, "pass default_cache_dir for when data.cache_dir is empty"
-    cache_path = os.path.join(cache_dir, f"tokenized-{key[:24]}.pt")
+    cache_path = os.path.join(cache_dir, f"tokenized-{split}-{key[:24]}.pt")
     payload = load_cached(cache_path, key)
     if payload is not None:
         dataset = TokenizedDataset(payload["ids"], payload["loss_mask"], payload["offsets"],
@@ -140,9 +170,12 @@ def load_or_build_tokenized(cfg: DataSection, tokenizer, tokenizer_path: str,
                                    from_cache=True)
         log.info("data: %s (cached in %s)", dataset.stats.format(), cache_path)
         return dataset
+    held_out = holdout_lines(cfg.path, cfg.holdout)
+    keep = held_out.__contains__ if split == "holdout" else lambda n: n not in held_out
     ids, loss_mask, offsets, stats = tokenize_file(
-        cfg.path, tokenizer, template, max_length=cfg.max_length,
-        last_assistant_turn_only=cfg.last_assistant_turn_only, skip_invalid=cfg.skip_invalid)
+        cfg.path, renderer, max_length=cfg.max_length,
+        last_assistant_turn_only=cfg.last_assistant_turn_only, skip_invalid=cfg.skip_invalid,
+        keep_line=keep)
     atomic_torch_save({"key": key, "ids": ids, "loss_mask": loss_mask, "offsets": offsets,
                        "stats": stats.to_dict()}, cache_path)
     log.info("data: %s (cached to %s)", stats.format(), cache_path)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from colocate.data import DataError, DataStats, parse_record, read_conversations
+from colocate.data import DataError, DataStats, Turn, parse_record, read_conversations
 
 
 def _write(tmp_path, lines: list[str]) -> str:
@@ -22,7 +22,8 @@ def test_openai_and_sharegpt_forms_give_the_same_turns():
                                   {"from": "human", "value": "Q"},
                                   {"from": "gpt", "value": "A"}]}
     a, b = parse_record(openai, "f:1"), parse_record(sharegpt, "f:2")
-    assert a.turns == b.turns == (("system", "S"), ("user", "Q"), ("assistant", "A"))
+    assert a.turns == b.turns == (Turn("system", "S"), Turn("user", "Q"), Turn("assistant", "A"))
+    assert (a.form, b.form) == ("messages", "conversations")
     assert a.last_assistant_turn_only is None
     override = parse_record({**openai, "last_assistant_turn_only": True}, "f:3")
     assert override.last_assistant_turn_only is True

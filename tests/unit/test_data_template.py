@@ -9,11 +9,17 @@ import torch
 from transformers import AutoTokenizer
 
 from colocate.config import DataSection
-from colocate.data import (DataError, load_or_build_tokenized, parse_record,
-                           read_conversations, resolve_chat_template, tokenize_conversation)
+from colocate.data import (DataError, Renderer, encode_conversation, load_or_build_tokenized,
+                           parse_record, read_conversations, resolve_chat_template)
 from colocate.data.stats import DataStats
 
 END = "<|im_end|>"
+
+
+def tokenize_conversation(conv, tok, template, last_only):
+    encoded = encode_conversation(conv, Renderer(tok, template),
+                                  last_assistant_turn_only=last_only)
+    return encoded.ids, encoded.mask
 
 
 def _masked_runs(tok, ids, mask) -> list[str]:
@@ -37,7 +43,7 @@ def test_loss_mask_is_exactly_each_reply_and_its_end_token(tiny_assets, tiny_tok
     multi_turn = 0
     for conv in conversations[:120]:
         ids, mask = tokenize_conversation(conv, tiny_tokenizer, template, False)
-        replies = [c + END for r, c in conv.turns if r == "assistant"]
+        replies = [t.content + END for t in conv.turns if t.role == "assistant"]
         assert _masked_runs(tiny_tokenizer, ids, mask) == replies
         multi_turn += len(replies) > 1
         ids, mask = tokenize_conversation(conv, tiny_tokenizer, template, True)
@@ -64,7 +70,7 @@ def test_any_prefix_stable_template_masks_correctly(tiny_tokenizer, tmp_path):
 
 
 def test_template_that_rewrites_earlier_turns_is_refused(tiny_tokenizer):
-    # Like reasoning templates that drop old replies' content: not prefix-stable.
+    # A template that replaces old replies' content: no mask can find the reply.
     template = ("{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}"
                 "{{ '<|im_start|>assistant\\n(earlier)<|im_end|>\\n' }}{% else %}"
                 "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
@@ -73,8 +79,8 @@ def test_template_that_rewrites_earlier_turns_is_refused(tiny_tokenizer):
     conv = parse_record({"messages": [
         {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
         {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}, "f.jsonl:7")
-    with pytest.raises(DataError, match=r"^f\.jsonl:7: the chat template is not prefix-stable"
-                                        r".*data\.chat_template"):
+    with pytest.raises(DataError, match=r"^f\.jsonl:7: cannot locate assistant turn 1 .*"
+                                        r"its content is not inside.*data\.chat_template"):
         tokenize_conversation(conv, tiny_tokenizer, template, False)
 
 
