@@ -91,7 +91,9 @@ def run_eval(cfg: Config, draft_dir: str) -> dict:
         target, draft = load_reference(cfg.target.path, export, device=device,
                                        dtype=resolve_target_dtype(cfg.target.dtype, device))
         runs["hf"] = reference_eval(target, draft, prompts, **gen)
-        del target, draft  # the sglang engine wants the GPU memory
+        del target, draft  # sglang sizes its pools from the GPU memory free at its start
+        if cuda:
+            torch.cuda.empty_cache()
     if "sglang" in engines:
         from colocate.eval.sglang_eval import sglang_eval
 
