@@ -280,6 +280,40 @@ class BenchSection:
 
 
 @dataclass(kw_only=True)
+class EvalSection:
+    engine: str = "auto"
+    """auto (sglang when CUDA is available and sglang imports, else hf), hf (the plain-torch
+    reference decoder, any device), sglang (GPU only), or both (and their difference)."""
+    num_prompts: int = 48
+    """Held-out prompts to decode (the first N usable ones)."""
+    steps: int = 4
+    """Draft tokens per verify step (a chain: sglang's speculative_num_steps, topk 1)."""
+    max_new_tokens: int = 128
+    """Completion tokens per prompt at most (greedy; stop tokens end a prompt earlier)."""
+    batch_size: int = 8
+    """Prompts per generate call for the larger-batch tokens/s (sglang); batch 1 is always
+    measured."""
+    data: str = ""
+    """Held-out JSONL of conversations. Empty: the data.holdout split of data.path, which
+    training never sees."""
+    at_end: bool = False
+    """Evaluate the exported draft when training ends."""
+    every_steps: int = 0
+    """Also evaluate every N optimizer steps during training. 0: never."""
+
+    def __post_init__(self):
+        _require(self.engine in ("auto", "hf", "sglang", "both"), "eval.engine",
+                 f"got {self.engine!r}; use auto, hf, sglang or both")
+        _require(self.num_prompts >= 1, "eval.num_prompts", f"got {self.num_prompts}; must be >= 1")
+        _require(1 <= self.steps <= 32, "eval.steps", f"got {self.steps}; use 1..32 (4 is typical)")
+        _require(self.max_new_tokens >= 1, "eval.max_new_tokens",
+                 f"got {self.max_new_tokens}; must be >= 1")
+        _require(self.batch_size >= 1, "eval.batch_size", f"got {self.batch_size}; must be >= 1")
+        _require(self.every_steps >= 0, "eval.every_steps",
+                 f"got {self.every_steps}; use 0 (never) or a step interval")
+
+
+@dataclass(kw_only=True)
 class Config:
     run: RunSection = field(default_factory=RunSection)
     mps: MpsSection = field(default_factory=MpsSection)
@@ -291,6 +325,7 @@ class Config:
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     bench: BenchSection = field(default_factory=BenchSection)
+    eval: EvalSection = field(default_factory=EvalSection)
 
     def __post_init__(self):
         _require(self.engine.backend != "sglang" or self.run.device != "cpu", "engine.backend",
@@ -298,6 +333,9 @@ class Config:
         _require(self.engine.tp_size == 1 or self.engine.backend == "sglang", "engine.tp_size",
                  f"{self.engine.tp_size} needs engine.backend=sglang (the hf engine runs the "
                  "whole target on each engine rank); use engine.tp_size=1")
+        _require(self.eval.engine not in ("sglang", "both") or self.run.device != "cpu",
+                 "eval.engine", f"{self.eval.engine} needs CUDA; use eval.engine=hf with "
+                 "run.device=cpu")
 
     @property
     def last_step(self) -> int:

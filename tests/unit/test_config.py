@@ -34,6 +34,9 @@ def test_off_stays_a_string_and_only_true_false_are_booleans(tmp_path):
     ("bench.engine=replay", None),
     ("target.load_format=safetensors", "target.load_format: got 'safetensors'"),
     ("train.max_steps", "expected key=value"),
+    ("eval.engine=vllm", "eval.engine: got 'vllm'; use auto, hf, sglang or both"),
+    ("eval.steps=40", "eval.steps: got 40"),
+    ("eval.every_steps=-1", "eval.every_steps: got -1"),
 ])
 def test_bad_values_name_the_key(override, message):
     if message is None:
@@ -47,6 +50,8 @@ def test_bad_values_name_the_key(override, message):
 def test_cross_section_check():
     with pytest.raises(ConfigError, match="engine.backend: sglang needs CUDA"):
         load_config(None, ["engine.backend=sglang", "run.device=cpu"])
+    with pytest.raises(ConfigError, match="eval.engine: both needs CUDA"):
+        load_config(None, ["eval.engine=both", "run.device=cpu"])
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

@@ -1,0 +1,172 @@
+"""`colocate eval`: the accept length an exported draft gets, greedy, on held-out prompts.
+
+    python -m colocate eval --config CFG --draft EXPORT_DIR --out EVAL.json [--data JSONL]
+        [--engine auto|hf|sglang|both] [--limit N] [--steps K] [--max-new-tokens N] [key=value ...]
+
+Engines: hf, the plain-torch reference decoder (any device, the one CI runs); sglang, the
+real server's speculative decoder (GPU). Both report accept length = completion tokens /
+verify steps (the prompt's first token included, as sglang counts it), the histogram of
+accepted drafts per verify step and tokens/s with and without the draft (sglang at batch 1
+and eval.batch_size; the reference decodes one prompt at a time: batch 1 only). EVAL.json holds
+each engine's run and, at the top level, the numbers of the served engine (sglang when it
+ran, else hf).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+
+from colocate.config import Config, load_config
+from colocate.eval.exported import EvalError, check_target, read_export
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="YAML run config (target, data, eval)")
+    p.add_argument("--draft", required=True, help="export directory (config.json + "
+                   "model.safetensors), e.g. RUN_DIR/export")
+    p.add_argument("--out", required=True, help="where to write the results (JSON)")
+    p.add_argument("--data", default=None, help="held-out JSONL (eval.data)")
+    p.add_argument("--engine", default=None, choices=("auto", "hf", "sglang", "both"),
+                   help="eval.engine")
+    p.add_argument("--limit", type=int, default=None, help="prompts (eval.num_prompts)")
+    p.add_argument("--steps", type=int, default=None, help="draft steps K (eval.steps)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="eval.max_new_tokens")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+
+
+def _with_flags(cfg: Config, args: argparse.Namespace) -> Config:
+    """Flags win over the config; replacing the sections re-runs their validation."""
+    flags = {"data": args.data, "engine": args.engine, "num_prompts": args.limit,
+             "steps": args.steps, "max_new_tokens": args.max_new_tokens}
+    changes = {k: v for k, v in flags.items() if v is not None}
+    return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, **changes))
+
+
+def _engines(setting: str) -> list[str]:
+    from colocate.eval.sglang_eval import sglang_available
+
+    if setting == "auto":
+        return ["sglang" if sglang_available() else "hf"]
+    engines = ["hf", "sglang"] if setting == "both" else [setting]
+    if "sglang" in engines and not sglang_available():
+        raise EvalError(f"eval.engine={setting} needs CUDA and sglang, and this machine lacks "
+                        "one of them; use --engine hf")
+    return engines
+
+
+def run_eval(cfg: Config, draft_dir: str) -> dict:
+    """Evaluate the export in `draft_dir` as `cfg.eval` says; returns the EVAL.json dict."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    from colocate.data import resolve_chat_template
+    from colocate.engine import resolve_target_dtype
+    from colocate.engine.hf import _check_model_dir
+    from colocate.eval.prompts import eval_conversations, eval_prompts, fit_context, stop_token_ids
+
+    ev = cfg.eval
+    export = read_export(draft_dir)
+    _check_model_dir(cfg.target.path)
+    target_config = AutoConfig.from_pretrained(cfg.target.path, local_files_only=True)
+    check_target(export, target_config, cfg.target.path)
+    engines = _engines(ev.engine)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.target.path, local_files_only=True)
+    template = resolve_chat_template(cfg.data.chat_template, tokenizer, cfg.target.path)
+    conversations, source = eval_conversations(cfg)
+    prompts = eval_prompts(conversations, tokenizer, template, ev.num_prompts)
+    context = int(target_config.get_text_config().max_position_embeddings)
+    prompts, num_too_long = fit_context(prompts, context, ev.max_new_tokens, source)
+    stop_ids = stop_token_ids(cfg.target.path, target_config.get_text_config(), tokenizer)
+    gen = dict(num_steps=ev.steps, max_new_tokens=ev.max_new_tokens, stop_ids=stop_ids)
+
+    runs = {}
+    if "hf" in engines:
+        from colocate.eval.reference import load_reference, reference_eval
+
+        cuda = cfg.run.device != "cpu" and torch.cuda.is_available()
+        device = torch.device("cuda" if cuda else "cpu")
+        target, draft = load_reference(cfg.target.path, export, device=device,
+                                       dtype=resolve_target_dtype(cfg.target.dtype, device))
+        runs["hf"] = reference_eval(target, draft, prompts, **gen)
+        del target, draft  # sglang sizes its pools from the GPU memory free at its start
+        if cuda:
+            torch.cuda.empty_cache()
+    if "sglang" in engines:
+        from colocate.eval.sglang_eval import sglang_eval
+
+        dtype = resolve_target_dtype(cfg.target.dtype, torch.device("cuda"))
+        runs["sglang"] = sglang_eval(cfg.target.path, export, prompts, **gen,
+                                     batch_size=ev.batch_size, dtype=str(dtype).split(".")[-1],
+                                     attention_backend=cfg.engine.attention_backend,
+                                     seed=cfg.run.seed)
+    return summarize(runs, draft=export.path, target=cfg.target.path, data=source,
+                     steps=ev.steps, max_new_tokens=ev.max_new_tokens,
+                     num_skipped_too_long=num_too_long)
+
+
+def summarize(runs: dict, **header) -> dict:
+    """EVAL.json: the header, the served engine's numbers on top, every run under `runs`."""
+    primary = runs["sglang"] if "sglang" in runs else runs["hf"]
+    top = primary.to_dict()
+    result = {**header, "engine": primary.engine,
+              **{k: top[k] for k in ("accept_length", "num_prompts", "histogram",
+                                     "completion_tokens", "verify_steps")},
+              "runs": {name: run.to_dict() for name, run in runs.items()}}
+    if len(runs) == 2:
+        hf, sgl = runs["hf"].stats.accept_length, runs["sglang"].stats.accept_length
+        result["accept_length_rel_diff"] = (sgl - hf) / hf if hf and sgl is not None else None
+        result["same_outputs_hf_sglang"] = sum(
+            a == b for a, b in zip(runs["hf"].outputs, runs["sglang"].outputs))
+    return result
+
+
+def _num(x: float | None, fmt: str = ".2f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def format_table(result: dict) -> str:
+    """A few lines for the terminal: one row per engine."""
+    batches = sorted({b for run in result["runs"].values() for b in run["tokens_per_s"]},
+                     key=lambda b: int(b.split("_")[1]))
+    head = f"{'engine':8s} {'accept':>7s} {'tokens':>7s} {'verify':>7s}"
+    head += "".join(f"  {'tok/s ' + b.replace('_', ' ') + ' draft/alone':>28s}" for b in batches)
+    lines = [f"{result['draft']}: {result['num_prompts']} prompts from {result['data']} "
+             f"({result['num_skipped_too_long']} too long), {result['steps']} draft steps, "
+             f"greedy, at most {result['max_new_tokens']} new tokens",
+             head + "  verify steps by accepted drafts 0..K"]
+    for name, run in result["runs"].items():
+        row = (f"{name:8s} {_num(run['accept_length']):>7s} {run['completion_tokens']:7d} "
+               f"{run['verify_steps']:7d}")
+        for b in batches:
+            r = run["tokens_per_s"].get(b)
+            cell = "-" if r is None else (f"{_num(r['with_draft'], '.1f')} / "
+                                          f"{_num(r['without_draft'], '.1f')} "
+                                          f"({_num(r['speedup'])}x)")
+            row += f"  {cell:>28s}"
+        lines.append(f"{row}  {run['histogram']}")
+    if "accept_length_rel_diff" in result:
+        lines.append(f"sglang vs hf accept length {_num(result['accept_length_rel_diff'], '+.1%')}, "
+                     f"same outputs {result['same_outputs_hf_sglang']}/{result['num_prompts']}")
+    return "\n".join(lines)
+
+
+def write_json(result: dict, path: str) -> None:
+    """Atomically: a reader sees the old file or the whole new one."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = _with_flags(load_config(args.config, args.overrides), args)
+    result = run_eval(cfg, args.draft)
+    print(format_table(result))
+    write_json(result, args.out)
+    print(f"wrote {args.out}")
+    return 0

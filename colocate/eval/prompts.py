@@ -1,0 +1,82 @@
+"""The prompts an evaluation decodes: held-out conversations up to their first reply, as the
+target's token ids, and the token ids that end a reply."""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+from colocate.config import Config
+from colocate.data import Conversation, DataStats, read_conversations
+from colocate.eval.exported import EvalError
+
+
+def eval_conversations(cfg: Config) -> tuple[Iterable[Conversation], str]:
+    """(conversations, where they come from): eval.data, else data.path's held-out split."""
+    path = cfg.eval.data
+    if path:
+        if not os.path.isfile(path):
+            raise EvalError(f"eval.data / --data {path}: no such file; give a JSONL of held-out "
+                            "conversations")
+        return read_conversations(path, skip_invalid=cfg.data.skip_invalid,
+                                  stats=DataStats()), path
+    try:
+        from colocate.data.holdout import read_holdout_conversations
+    except ImportError:
+        raise EvalError("no held-out prompts: this version has no data.holdout split to take "
+                        "them from; set --data or eval.data to a JSONL of held-out "
+                        "conversations") from None
+    return (read_holdout_conversations(cfg.data, seed=cfg.run.seed),
+            f"{cfg.data.path} (held-out split)")
+
+
+def eval_prompts(conversations: Iterable[Conversation], tokenizer, template: str,
+                 limit: int) -> list[list[int]]:
+    """One prompt per conversation: its turns before the first assistant turn, rendered with
+    the generation prompt and tokenized without added special tokens (the template writes
+    any it wants). Conversations that open with the assistant give none. At most `limit`.
+    """
+    prompts = []
+    for conversation in conversations:
+        first = next(i for i, (role, _) in enumerate(conversation.turns) if role == "assistant")
+        if first == 0:
+            continue
+        text = tokenizer.apply_chat_template(conversation.messages()[:first],
+                                             chat_template=template, tokenize=False,
+                                             add_generation_prompt=True)
+        prompts.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
+        if len(prompts) == limit:
+            break
+    return prompts
+
+
+def fit_context(prompts: list[list[int]], context_length: int, max_new_tokens: int,
+                source: str) -> tuple[list[list[int]], int]:
+    """(prompts that leave room for max_new_tokens in the target's context, number dropped)."""
+    if not prompts:
+        raise EvalError(f"{source}: no usable prompt (no conversation has a turn before its "
+                        "first assistant turn); give conversations that start with a user turn")
+    room = context_length - max_new_tokens
+    kept = [p for p in prompts if len(p) <= room]
+    if not kept:
+        raise EvalError(f"{source}: all {len(prompts)} prompts are longer than the target's "
+                        f"context ({context_length}) minus eval.max_new_tokens "
+                        f"({max_new_tokens}); lower eval.max_new_tokens or use shorter prompts")
+    return kept, len(prompts) - len(kept)
+
+
+def stop_token_ids(target_path: str, target_config, tokenizer) -> frozenset[int]:
+    """The target's end-of-sequence ids (generation_config, config) and the tokenizer's."""
+    from transformers import GenerationConfig
+
+    values = [getattr(target_config, "eos_token_id", None), tokenizer.eos_token_id]
+    try:
+        values.append(GenerationConfig.from_pretrained(target_path, local_files_only=True)
+                      .eos_token_id)
+    except OSError:  # no generation_config.json
+        pass
+    ids = set()
+    for value in values:
+        if value is not None:
+            ids.update(value if isinstance(value, (list, tuple)) else [value])
+    return frozenset(int(i) for i in ids)
