@@ -62,7 +62,7 @@ def run_eval(cfg: Config, draft_dir: str) -> dict:
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    from colocate.data import resolve_chat_template
+    from colocate.data import renderer_for
     from colocate.engine import resolve_target_dtype
     from colocate.engine.hf import _check_model_dir
     from colocate.eval.prompts import eval_conversations, eval_prompts, fit_context, stop_token_ids
@@ -74,9 +74,9 @@ def run_eval(cfg: Config, draft_dir: str) -> dict:
     check_target(export, target_config, cfg.target.path)
     engines = _engines(ev.engine)
     tokenizer = AutoTokenizer.from_pretrained(cfg.target.path, local_files_only=True)
-    template = resolve_chat_template(cfg.data.chat_template, tokenizer, cfg.target.path)
+    renderer = renderer_for(cfg.data, tokenizer, cfg.target.path)
     conversations, source = eval_conversations(cfg)
-    prompts = eval_prompts(conversations, tokenizer, template, ev.num_prompts)
+    prompts = eval_prompts(conversations, renderer, ev.num_prompts)
     context = int(target_config.get_text_config().max_position_embeddings)
     prompts, num_too_long = fit_context(prompts, context, ev.max_new_tokens, source)
     stop_ids = stop_token_ids(cfg.target.path, target_config.get_text_config(), tokenizer)

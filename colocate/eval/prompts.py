@@ -7,7 +7,9 @@ import os
 from typing import Iterable
 
 from colocate.config import Config
-from colocate.data import Conversation, DataStats, read_conversations
+from colocate.data import (Conversation, DataError, DataStats, Renderer, encode_prompt,
+                           read_conversations)
+from colocate.data.holdout import read_holdout_conversations
 from colocate.eval.exported import EvalError
 
 
@@ -20,31 +22,29 @@ def eval_conversations(cfg: Config) -> tuple[Iterable[Conversation], str]:
                             "conversations")
         return read_conversations(path, skip_invalid=cfg.data.skip_invalid,
                                   stats=DataStats()), path
-    try:
-        from colocate.data.holdout import read_holdout_conversations
-    except ImportError:
-        raise EvalError("no held-out prompts: this version has no data.holdout split to take "
-                        "them from; set --data or eval.data to a JSONL of held-out "
-                        "conversations") from None
-    return (read_holdout_conversations(cfg.data, seed=cfg.run.seed),
-            f"{cfg.data.path} (held-out split)")
+    if cfg.data.holdout <= 0:
+        raise EvalError("no held-out prompts: data.holdout is 0; set --data or eval.data to a "
+                        "JSONL of held-out conversations, or train with data.holdout > 0 so "
+                        "eval can use the conversations training never saw")
+    return read_holdout_conversations(cfg.data), f"{cfg.data.path} (data.holdout split)"
 
 
-def eval_prompts(conversations: Iterable[Conversation], tokenizer, template: str,
+def eval_prompts(conversations: Iterable[Conversation], renderer: Renderer,
                  limit: int) -> list[list[int]]:
-    """One prompt per conversation: its turns before the first assistant turn, rendered with
-    the generation prompt and tokenized without added special tokens (the template writes
-    any it wants). Conversations that open with the assistant give none. At most `limit`.
+    """One prompt per conversation: the ids of its turns before the first assistant turn plus
+    the generation prompt, exactly as training and `colocate generate` build them
+    (`encode_prompt`). Conversations that open with the assistant, or whose prompt the
+    template cannot render, give none. At most `limit`.
     """
     prompts = []
     for conversation in conversations:
-        first = next(i for i, (role, _) in enumerate(conversation.turns) if role == "assistant")
+        first = conversation.assistant_turns[0]
         if first == 0:
             continue
-        text = tokenizer.apply_chat_template(conversation.messages()[:first],
-                                             chat_template=template, tokenize=False,
-                                             add_generation_prompt=True)
-        prompts.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
+        try:
+            prompts.append(encode_prompt(conversation, renderer, first))
+        except DataError:
+            continue
         if len(prompts) == limit:
             break
     return prompts

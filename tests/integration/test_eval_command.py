@@ -106,8 +106,18 @@ def test_no_usable_prompt(tiny_assets, export, tmp_path):
 
 def test_no_data_without_a_holdout_split(tiny_assets, export, tmp_path):
     line = one_error_line(run_eval(tiny_assets["target_llama"], export, tmp_path / "o.json",
-                                   "--engine", "hf"))
-    assert "set --data or eval.data" in line
+                                   f"data.path={tiny_assets['data']}", "--engine", "hf"))
+    assert "data.holdout is 0" in line and "set --data or eval.data" in line
+
+
+def test_the_holdout_split_is_the_default_prompts(tiny_assets, export, tmp_path):
+    out = tmp_path / "eval.json"
+    proc = run_eval(tiny_assets["target_llama"], export, out, f"data.path={tiny_assets['data']}",
+                    "data.holdout=5", "--engine", "hf", "--steps", "2", "--max-new-tokens", "8")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    # eval.num_prompts is 48: only the 5 held-out conversations are there to decode.
+    assert result["num_prompts"] == 5 and "data.holdout split" in result["data"]
 
 
 def short_context_target(tiny_assets, tmp_path, context):
