@@ -34,6 +34,11 @@ def test_off_stays_a_string_and_only_true_false_are_booleans(tmp_path):
     ("bench.engine=replay", None),
     ("target.load_format=safetensors", "target.load_format: got 'safetensors'"),
     ("train.max_steps", "expected key=value"),
+    ("generate.engine=vllm", "generate.engine: got 'vllm'; use auto, hf or sglang"),
+    ("generate.top_p=0", "generate.top_p: got 0.0"),
+    ("generate.temperature=-1", "generate.temperature: got -1.0"),
+    ("generate.mem_fraction=1", "generate.mem_fraction: got 1.0"),
+    ("generate.chunk_records=0", "generate.chunk_records: got 0"),
 ])
 def test_bad_values_name_the_key(override, message):
     if message is None:
