@@ -345,3 +345,22 @@ def test_bad_input_is_one_readable_line(tiny_assets, tmp_path, capsys, case, mes
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and message in err, err
     assert err.startswith("colocate generate: error: ")
+
+
+def test_sampling_is_seeded_by_run_seed(tiny_assets, tmp_path):
+    data = head(tiny_assets, tmp_path, 4)
+    # At temperature 100 any target's distribution is nearly flat over its vocabulary, so
+    # 4 records x 8 tokens drawn with two seeds (or greedily) cannot plausibly agree.
+    sampled = ["generate.temperature=100", "generate.top_p=0.95", "generate.max_new_tokens=8"]
+
+    def run(name: str, *extra: str) -> str:
+        out = str(tmp_path / name)
+        generate_file(tiny_cfg(tiny_assets["target_llama"], data, *extra),
+                      data_path=data, out_path=out)
+        with open(out) as f:
+            return f.read()
+
+    first = run("a.jsonl", *sampled)
+    assert run("b.jsonl", *sampled) == first  # same run.seed: the same samples
+    assert run("c.jsonl", *sampled, "run.seed=1") != first
+    assert run("greedy.jsonl", "generate.max_new_tokens=8") != first
