@@ -19,7 +19,7 @@ from colocate.data.template import Renderer
 from colocate.data.tokenized import renderer_for
 from colocate.generate.engines import Generator, Sampling, build_generator, stop_token_ids
 from colocate.generate.rewrite import ChunkRewriter
-from colocate.generate.store import PartStore
+from colocate.generate.store import GenerateError, PartStore
 from colocate.progress import GenerateProgress
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,8 @@ def generate_file(cfg: Config, *, data_path: str, out_path: str, limit: int | No
 
     `generator`: a ready backend (tests); by default generate.engine's is loaded once
     there is a record left to regenerate, and closed at the end."""
+    if os.path.abspath(out_path) == os.path.abspath(data_path):
+        raise GenerateError(f"--out {out_path} is the input file; write the answers elsewhere")
     job = prepare(cfg, data_path)
     store = PartStore(out_path)
     done = None if force else store.complete_summary(job.key)

@@ -22,7 +22,7 @@ from colocate.data import (DataStats, Renderer, encode_conversation, encode_prom
 from colocate.generate.engines import Generation
 from colocate.generate.rewrite import round_trips
 from colocate.generate.run import generate_file
-from colocate.generate.store import GenerateError
+from colocate.generate.store import GenerateError, PartStore
 from tests.unit.test_data_reasoning_templates import QWEN3_STYLE, _not_round_tripping_ids
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -364,3 +364,17 @@ def test_sampling_is_seeded_by_run_seed(tiny_assets, tmp_path):
     assert run("b.jsonl", *sampled) == first  # same run.seed: the same samples
     assert run("c.jsonl", *sampled, "run.seed=1") != first
     assert run("greedy.jsonl", "generate.max_new_tokens=8") != first
+
+
+def test_one_writer_per_output(tiny_assets, tmp_path):
+    out = str(tmp_path / "o.jsonl")
+    first = PartStore(out)
+    first.open("key", {}, force=False)
+    with pytest.raises(GenerateError, match="another `colocate generate` is writing it"):
+        PartStore(out).open("key", {}, force=False)
+    first.close()
+    PartStore(out).open("key", {}, force=False)  # released
+    data = head(tiny_assets, tmp_path, 1)
+    with pytest.raises(GenerateError, match="is the input file"):
+        generate_file(tiny_cfg(tiny_assets["target_llama"], data), data_path=data,
+                      out_path=data)
