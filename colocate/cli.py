@@ -16,7 +16,7 @@ from colocate import __version__
 # Errors that describe a user mistake or a peer's failure: printed as one line.
 _READABLE = ("ConfigError", "TopologyError", "DataError", "MpsError", "PeerError", "PeerDied",
              "PeerTimeout", "PeerReportedError", "LayoutMismatch", "SlotOverflow", "ExportError",
-             "PatchError", "EvalError", "FileNotFoundError",
+             "PatchError", "EvalError", "GenerateError", "FileNotFoundError",
              "ValueError")  # ours name the key and the fix (STYLE.md); others keep the hint
 
 
@@ -29,6 +29,8 @@ def _commands() -> dict[str, tuple[str, str]]:
     return {
         "train": ("colocate.train.command", "train a draft with the target on the same GPUs"),
         "export": ("colocate.export", "write a run's draft as an sglang EAGLE3 checkpoint"),
+        "generate": ("colocate.generate.command",
+                     "regenerate a dataset's assistant turns with the target (resumable)"),
         "eval": ("colocate.eval.command",
                  "serve an exported draft greedily and report its accept length"),
         "prepare-vocab": ("colocate.train.prepare_vocab",

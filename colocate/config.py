@@ -280,6 +280,52 @@ class BenchSection:
 
 
 @dataclass(kw_only=True)
+class GenerateSection:
+    """`colocate generate`: regenerate a dataset's assistant turns with the target."""
+
+    engine: str = "auto"
+    """auto (sglang when CUDA is available and sglang is installed, else hf), hf
+    (transformers on run.device; the CPU path and the reference) or sglang (one offline
+    sglang Engine over all visible GPUs)."""
+    max_new_tokens: int = 256
+    """Tokens generated per reply at most (a reply cut there ends with finish reason length)."""
+    temperature: float = 0.0
+    """0: greedy (the target's most likely answer, what a draft serves against best)."""
+    top_p: float = 1.0
+    """Nucleus sampling when temperature > 0 (no top-k, whatever the model's
+    generation_config suggests: both engines sample from the same distribution)."""
+    batch_size: int = 0
+    """Prompts per hf generate call / per sglang submission. 0: auto (hf 32; sglang every
+    prompt of a round at once, which its scheduler batches itself)."""
+    chunk_records: int = 1024
+    """Records regenerated together and written as one part file: a crash loses at most one
+    chunk. Each chunk runs one round per assistant turn, so larger chunks keep more prompts
+    in flight."""
+    tp_size: int = 1
+    """sglang: GPUs per engine replica; the visible GPUs / tp_size replicas run data
+    parallel (sglang dp_size)."""
+    mem_fraction: float = 0.85
+    """sglang mem_fraction_static: the share of GPU memory for weights and KV cache."""
+    thinking: bool = True
+    """true: replies keep reasoning text as the model writes it. false: render prompts with
+    data.chat_template_kwargs.enable_thinking=false (templates with that switch, e.g.
+    Qwen3); train with the same data.chat_template_kwargs then."""
+
+    def __post_init__(self):
+        _require(self.engine in ("auto", "hf", "sglang"), "generate.engine",
+                 f"got {self.engine!r}; use auto, hf or sglang")
+        _require(self.max_new_tokens >= 1, "generate.max_new_tokens",
+                 f"got {self.max_new_tokens}; must be >= 1")
+        _require(self.temperature >= 0, "generate.temperature",
+                 f"got {self.temperature}; use 0 (greedy) or a positive temperature")
+        _require(0 < self.top_p <= 1, "generate.top_p", f"got {self.top_p}; use (0, 1]")
+        _require(self.batch_size >= 0, "generate.batch_size",
+                 f"got {self.batch_size}; use 0 (auto) or a number of prompts")
+        _require(self.chunk_records >= 1, "generate.chunk_records",
+                 f"got {self.chunk_records}; must be >= 1")
+        _require(self.tp_size >= 1, "generate.tp_size", f"got {self.tp_size}; must be >= 1")
+        _require(0 < self.mem_fraction < 1, "generate.mem_fraction",
+                 f"got {self.mem_fraction}; use a fraction in (0, 1)")
 class EvalSection:
     engine: str = "auto"
     """auto (sglang when CUDA is available and sglang imports, else hf), hf (the plain-torch
@@ -325,6 +371,7 @@ class Config:
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     bench: BenchSection = field(default_factory=BenchSection)
+    generate: GenerateSection = field(default_factory=GenerateSection)
     eval: EvalSection = field(default_factory=EvalSection)
 
     def __post_init__(self):

@@ -242,3 +242,51 @@ class Progress:
             print(f"done: {self.steps_done} steps in {_duration(elapsed)} | final loss "
                   f"{metrics['loss']:.4f} | {accs} | accept length "
                   f"{metrics['accept_length']:.2f}", file=self.stream, flush=True)
+
+
+class GenerateProgress:
+    """`colocate generate`: records done / total, generated tokens/s and ETA. A line at most
+    every `every_s` seconds while replies come in, and one per finished chunk.
+
+    Records finish only with their chunk (its last round), so the ETA comes from turns: the
+    turn rate so far against the turns still due, estimated from the turns per record of
+    the chunks seen so far."""
+
+    def __init__(self, *, total: int, done: int, every_s: float = 2.0, stream=None):
+        self.total = total
+        self.done = done  # including records finished by earlier runs
+        self.every_s = every_s
+        self.stream = stream or sys.stdout
+        self.start = time.monotonic()
+        self._todo = total - done  # records this run started with
+        self._seen = [0, 0]  # records, turns of the chunks started in this run
+        self._turns = 0
+        self._tokens = 0
+        self._last_print = self.start
+
+    def chunk(self, num_records: int, num_turns: int) -> None:
+        """A chunk starts: `num_turns` assistant turns to generate for its records."""
+        self._seen[0] += num_records
+        self._seen[1] += num_turns
+
+    def replies(self, num_replies: int, num_tokens: int) -> None:
+        self._turns += num_replies
+        self._tokens += num_tokens
+        if time.monotonic() - self._last_print >= self.every_s:
+            self._print()
+
+    def records(self, num_records: int) -> None:
+        """A chunk is written."""
+        self.done += num_records
+        self._print()
+
+    def _print(self) -> None:
+        now = time.monotonic()
+        self._last_print = now
+        elapsed = max(now - self.start, 1e-9)
+        eta = "--"
+        if self._turns and self._seen[0]:
+            due = self._seen[1] / self._seen[0] * self._todo - self._turns
+            eta = _duration(max(due, 0) * elapsed / self._turns)
+        print(f"generate: {self.done:,}/{self.total:,} records | {self._tokens / elapsed:,.0f} "
+              f"tok/s | ETA {eta}", file=self.stream, flush=True)

@@ -11,7 +11,7 @@ import hashlib
 import logging
 import os
 import tempfile
-from typing import Any
+from typing import IO, Any, Callable
 
 import torch
 
@@ -46,20 +46,26 @@ def update_with_tokenizer_files(h: "hashlib._Hash", tokenizer_path: str) -> None
         update_with_file(h, path)
 
 
-def atomic_torch_save(obj: Any, path: str) -> None:
-    """``torch.save`` to a private temporary file in the same directory, then rename."""
+def atomic_write(path: str, write: Callable[[IO], None], *, binary: bool = True) -> None:
+    """Call ``write(f)`` on a private temporary file in the same directory, then rename it to
+    ``path``: a reader (or a rerun after a crash) sees either no file or a whole one."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
                                dir=directory)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")) as f:
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """``torch.save`` to a private temporary file in the same directory, then rename."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_cached(path: str, key: str) -> dict[str, Any] | None:

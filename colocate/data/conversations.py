@@ -151,15 +151,15 @@ def _token_ids(turn: dict, role: str, at: str, where: str) -> tuple[int, ...] | 
     return tuple(ids)
 
 
-def read_conversations(path: str, *, skip_invalid: bool, stats: DataStats,
-                       keep_line: Callable[[int], bool] | None = None,
-                       ) -> Iterator[Conversation]:
-    """Yield the conversations of a JSONL file that have an assistant turn.
+def read_lines(path: str, *, stats: DataStats,
+               keep_line: Callable[[int], bool] | None = None,
+               ) -> Iterator[tuple[int, Conversation | DataError]]:
+    """Yield (line number, Conversation or the DataError saying why the line is not one) for
+    every non-blank line `keep_line` accepts (all by default), with or without an assistant
+    turn. The one parser of the format: `read_conversations` (training) and `colocate
+    generate` (which must account for every line it does not rewrite) both read through it.
 
-    Counts into ``stats``: ``lines``, ``held_out`` (lines `keep_line` rejects: the split
-    that is not being read), ``skipped_invalid`` and ``skipped_no_assistant``. Malformed
-    lines raise DataError unless ``skip_invalid``; then the first few are logged so a user
-    can see why data went missing.
+    Counts into ``stats``: ``lines`` and ``held_out`` (lines `keep_line` rejects).
     """
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
@@ -175,15 +175,36 @@ def read_conversations(path: str, *, skip_invalid: bool, stats: DataStats,
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise _invalid(where, f"not valid JSON ({e.msg} at column {e.colno})") from None
-                conversation = parse_record(record, where)
+                item = parse_record(record, where)
             except DataError as e:
-                if not skip_invalid:
-                    raise
-                stats.skipped_invalid += 1
-                if stats.skipped_invalid <= _MAX_LOGGED_SKIPS:
-                    log.warning("skipping malformed line: %s", str(e).split(". Fix")[0])
-                continue
-            if not conversation.has_assistant:
-                stats.skipped_no_assistant += 1
-                continue
-            yield conversation
+                item = e
+            yield line_no, item
+
+
+def skip_invalid_line(error: DataError, *, skip_invalid: bool, stats: DataStats) -> None:
+    """A malformed line: raise unless ``skip_invalid``; else count it and log the first few,
+    so a user can see why data went missing."""
+    if not skip_invalid:
+        raise error
+    stats.skipped_invalid += 1
+    if stats.skipped_invalid <= _MAX_LOGGED_SKIPS:
+        log.warning("skipping malformed line: %s", str(error).split(". Fix")[0])
+
+
+def read_conversations(path: str, *, skip_invalid: bool, stats: DataStats,
+                       keep_line: Callable[[int], bool] | None = None,
+                       ) -> Iterator[Conversation]:
+    """Yield the conversations of a JSONL file that have an assistant turn.
+
+    Counts into ``stats``: ``lines``, ``held_out`` (lines `keep_line` rejects: the split
+    that is not being read), ``skipped_invalid`` and ``skipped_no_assistant``. Malformed
+    lines raise DataError unless ``skip_invalid`` (see `skip_invalid_line`).
+    """
+    for _, item in read_lines(path, stats=stats, keep_line=keep_line):
+        if isinstance(item, DataError):
+            skip_invalid_line(item, skip_invalid=skip_invalid, stats=stats)
+            continue
+        if not item.has_assistant:
+            stats.skipped_no_assistant += 1
+            continue
+        yield item

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # GPU verification of the sglang engine backend (one H100 is enough). Repo root:
 #   OUT=/tmp/out bash tests/gpu/run_sglang.sh            -> $OUT/sglang.log, json, metrics
-# STAGES (default "check parity tiny q8b"): pick a subset, e.g. STAGES=parity.
+# STAGES (default "check parity generate tiny q8b"): pick a subset, e.g. STAGES=parity.
 # Needs the offline wheel bundle in .whl_sgl/ (docs/sglang.md) or sglang already on PYTHONPATH.
 set -uo pipefail
 SITE=${SITE:-/tmp/site}
 export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/colocate-sglang}; mkdir -p "$OUT"; LOG=$OUT/sglang.log
-STAGES=${STAGES:-check parity tiny q8b}
+STAGES=${STAGES:-check parity generate tiny q8b}
 run() { echo "=== $*" | tee -a "$LOG"; "$@" 2>&1 | grep -v "^W11\|^\*\*\*\*" | tee -a "$LOG"; echo "=== exit ${PIPESTATUS[0]}" | tee -a "$LOG"; }
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 
@@ -20,6 +20,13 @@ if has parity; then
   for arch in llama qwen3; do  # one process per arch: a process holds one sglang engine
     run timeout 420 torchrun --standalone --nproc-per-node 2 tests/gpu/sglang_parity.py --arch "$arch" --out "$OUT"
   done
+fi
+if has generate; then  # the tiny target's answers: sglang (all GPUs) against hf on 64 records
+  run timeout 540 python -m colocate generate --config examples/tiny/config.yaml --force \
+    --engine sglang --out "$OUT/gen_sglang.jsonl"
+  run timeout 300 python -m colocate generate --config examples/tiny/config.yaml --force \
+    --engine hf --limit 64 --out "$OUT/gen_hf.jsonl" target.dtype=bfloat16
+  run python tests/gpu/generate_compare.py "$OUT/gen_sglang.jsonl" "$OUT/gen_hf.jsonl"
 fi
 if has tiny; then
   rm -rf runs/sgl-tiny

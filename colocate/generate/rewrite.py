@@ -1,0 +1,238 @@
+"""One chunk of records regenerated turn by turn, and the counts of what happened to it.
+
+Round r asks the target for the r-th assistant turn of every record in the chunk that has
+one (one batched `Generator.generate` call), each prompt built by `encode_prompt` from the
+record as regenerated so far: the target answers turn r after ITS OWN earlier replies,
+spliced in as their token ids exactly as training will see them. Round r + 1 starts when
+round r is done.
+
+A record whose prompt cannot be built (the template fails: `DataError`) or does not fit the
+target's context with room for the reply is skipped and counted, with FILE:LINE; so is a
+malformed line (with data.skip_invalid). A record without an assistant turn is copied
+unchanged: it has nothing to regenerate, and copying keeps one output line per usable
+input line (training skips it as it would have skipped the original).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+from colocate.data.conversations import FORMS, Conversation, Turn
+from colocate.data.encode import encode_prompt
+from colocate.data.errors import DataError
+from colocate.data.template import Renderer
+from colocate.generate.engines import Generation, Generator
+
+log = logging.getLogger(__name__)
+_MAX_LOGGED_SKIPS = 5
+MAX_LISTED_SKIPS = 10
+"""Skips listed by FILE:LINE in a part and in the summary (all are counted)."""
+
+
+@dataclass
+class GenerateCounts:
+    """Every record read ends in one bucket: ``records_read == records_written +
+    skipped_invalid + skipped_template_error + skipped_prompt_too_long``. Turn and token
+    counts cover the written records."""
+
+    records_read: int = 0
+    """Non-blank input lines handled."""
+    records_written: int = 0
+    """Output lines: regenerated records plus copies of records without an assistant turn."""
+    copied_no_assistant: int = 0
+    """Of those, records without an assistant turn, copied unchanged."""
+    skipped_invalid: int = 0
+    """Malformed lines (data.skip_invalid=true; otherwise they stop the run)."""
+    skipped_template_error: int = 0
+    """Records whose prompt the chat template cannot render (DataError)."""
+    skipped_prompt_too_long: int = 0
+    """Records with a prompt longer than the target's context minus max_new_tokens."""
+    turns_generated: int = 0
+    """Assistant turns written, each the target's own reply."""
+    generated_tokens: int = 0
+    """Their token ids (stop ids included)."""
+    finished_stop: int = 0
+    """Turns that ended on a stop id."""
+    finished_length: int = 0
+    """Turns cut at generate.max_new_tokens."""
+    not_round_tripping: int = 0
+    """Turns whose decoded text tokenizes to other ids than the target produced (training
+    uses the token_ids, which is why they are written)."""
+    generate_seconds: float = 0.0
+    """Time spent regenerating chunks (summed over resumed runs)."""
+
+    def add(self, other: "GenerateCounts") -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "GenerateCounts":
+        return cls(**values)
+
+    def format(self) -> str:
+        rate = self.generated_tokens / self.generate_seconds if self.generate_seconds else 0.0
+        return (f"{self.records_read:,} records -> {self.records_written:,} written "
+                f"({self.copied_no_assistant:,} without assistant turn, copied); skipped: "
+                f"{self.skipped_invalid:,} invalid, {self.skipped_template_error:,} template "
+                f"errors, {self.skipped_prompt_too_long:,} prompts too long | "
+                f"{self.turns_generated:,} turns, {self.generated_tokens:,} tokens "
+                f"({rate:,.0f} tok/s), finished: {self.finished_stop:,} stop, "
+                f"{self.finished_length:,} length | {self.not_round_tripping:,} turns whose "
+                f"text does not round-trip to their token ids")
+
+
+@dataclass
+class ChunkResult:
+    first_line: int
+    last_line: int
+    """The input lines the chunk accounts for (every non-blank one in between)."""
+    lines: list[str]
+    """Output JSON lines, in input order."""
+    counts: GenerateCounts
+    skips: list[str]
+    """FILE:LINE and reason of the first MAX_LISTED_SKIPS skipped records."""
+
+
+@dataclass
+class _Record:
+    line_no: int
+    conversation: Conversation
+    replies: list[Generation] = field(default_factory=list)
+    skipped: bool = False
+    """Counted as skipped (template error, prompt too long): not written."""
+
+
+def reply_seed(seed: int, line_no: int, turn: int) -> int:
+    """A sampling seed that depends on the record and turn only, not on batching."""
+    digest = hashlib.sha256(f"colocate-generate:{seed}:{line_no}:{turn}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def round_trips(tokenizer, ids: list[int], stop_ids: tuple[int, ...]) -> bool:
+    """Whether the reply's text (special tokens dropped) tokenizes back to its ids, stop id
+    excluded."""
+    body = ids[:-1] if ids and ids[-1] in stop_ids else ids
+    text = tokenizer.decode(body, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"] == list(body)
+
+
+class ChunkRewriter:
+    """Regenerates chunks with one generator, renderer and set of limits (lives for a run)."""
+
+    def __init__(self, generator: Generator, renderer: Renderer, *, max_prompt_tokens: int,
+                 stop_ids: tuple[int, ...], seed: int,
+                 on_batch: Callable[[int, int], None] | None = None):
+        self.generator = generator
+        self.renderer = renderer
+        self.max_prompt_tokens = max_prompt_tokens
+        self.stop_ids = stop_ids
+        self.seed = seed
+        self.on_batch = on_batch
+        self._num_logged = 0
+
+    def run(self, items: list[tuple[int, Conversation | DataError]]) -> ChunkResult:
+        """Regenerate `items` (line number, parsed line; invalid lines already let through
+        by data.skip_invalid) and return their output lines and counts."""
+        counts, skips = GenerateCounts(records_read=len(items)), []
+        records = []
+        for line_no, item in items:
+            if isinstance(item, DataError):
+                counts.skipped_invalid += 1
+                self._note_skip(skips, str(item).split(". Fix")[0], logged=True)
+            else:
+                records.append(_Record(line_no, item))
+        for r in range(max((len(rec.conversation.assistant_turns) for rec in records),
+                           default=0)):
+            self._round(r, records, counts, skips)
+        lines = []
+        for rec in records:
+            if rec.skipped:
+                continue
+            lines.append(json.dumps(self._output(rec, counts), ensure_ascii=False))
+        counts.records_written = len(lines)
+        return ChunkResult(items[0][0], items[-1][0], lines, counts, skips)
+
+    def _round(self, r: int, records: list[_Record], counts: GenerateCounts,
+               skips: list[str]) -> None:
+        todo, prompts = [], []
+        for rec in records:
+            turns = rec.conversation.assistant_turns
+            if rec.skipped or len(turns) <= r:
+                continue
+            prompt = self._prompt(rec, turns[r], counts, skips)
+            if prompt is not None:
+                todo.append(rec)
+                prompts.append(prompt)
+        if not todo:
+            return
+        seeds = [reply_seed(self.seed, rec.line_no, r) for rec in todo]
+        for rec, generation in zip(todo, self.generator.generate(prompts, seeds, self.on_batch)):
+            turn = rec.conversation.assistant_turns[r]
+            text = self.renderer.tokenizer.decode(generation.ids, skip_special_tokens=True,
+                                                  clean_up_tokenization_spaces=False)
+            turns = list(rec.conversation.turns)
+            # The dataset's reasoning_content goes: the reply is what the target wrote.
+            turns[turn] = Turn("assistant", text, None, tuple(generation.ids))
+            rec.conversation = dataclasses.replace(rec.conversation, turns=tuple(turns))
+            rec.replies.append(generation)
+
+    def _prompt(self, rec: _Record, turn: int, counts: GenerateCounts,
+                skips: list[str]) -> list[int] | None:
+        where = rec.conversation.where
+        try:
+            prompt = encode_prompt(rec.conversation, self.renderer, turn)
+        except DataError as e:
+            rec.skipped = True
+            counts.skipped_template_error += 1
+            self._note_skip(skips, str(e))
+            return None
+        if len(prompt) > self.max_prompt_tokens:
+            rec.skipped = True
+            counts.skipped_prompt_too_long += 1
+            self._note_skip(skips, f"{where}: the prompt of assistant turn {turn} has "
+                                   f"{len(prompt):,} tokens; at most {self.max_prompt_tokens:,} "
+                                   "fit the target's context (max_position_embeddings minus "
+                                   "generate.max_new_tokens)")
+            return None
+        return prompt
+
+    def _note_skip(self, skips: list[str], message: str, logged: bool = False) -> None:
+        if len(skips) < MAX_LISTED_SKIPS:
+            skips.append(message)
+        # Malformed lines were logged by the reader (`skip_invalid_line`).
+        if not logged and self._num_logged < _MAX_LOGGED_SKIPS:
+            self._num_logged += 1
+            log.warning("skipping: %s", message)
+
+    def _output(self, rec: _Record, counts: GenerateCounts) -> dict:
+        """The input record with every assistant turn replaced by the target's reply (its
+        turns counted into `counts`)."""
+        conversation = rec.conversation
+        if not rec.replies:
+            counts.copied_no_assistant += 1
+            return conversation.record
+        content_key = FORMS[conversation.form][1]
+        messages = list(conversation.record[conversation.form])
+        for index, generation in zip(conversation.assistant_turns, rec.replies):
+            message = {k: v for k, v in messages[index].items()
+                       if k not in ("reasoning_content", "token_ids")}
+            message[content_key] = conversation.turns[index].content
+            message["token_ids"] = generation.ids
+            messages[index] = message
+            counts.turns_generated += 1
+            counts.generated_tokens += len(generation.ids)
+            counts.finished_stop += generation.finish_reason == "stop"
+            counts.finished_length += generation.finish_reason == "length"
+            counts.not_round_tripping += not round_trips(self.renderer.tokenizer,
+                                                         generation.ids, self.stop_ids)
+        return {**conversation.record, conversation.form: messages,
+                "generated": {"source_line": rec.line_no,
+                              "finish_reasons": [g.finish_reason for g in rec.replies]}}
