@@ -326,7 +326,12 @@ class GenerateSection:
         _require(self.tp_size >= 1, "generate.tp_size", f"got {self.tp_size}; must be >= 1")
         _require(0 < self.mem_fraction < 1, "generate.mem_fraction",
                  f"got {self.mem_fraction}; use a fraction in (0, 1)")
+
+
+@dataclass(kw_only=True)
 class EvalSection:
+    """`colocate eval`: the accept length a draft gets when served (and in-training hooks)."""
+
     engine: str = "auto"
     """auto (sglang when CUDA is available and sglang imports, else hf), hf (the plain-torch
     reference decoder, any device), sglang (GPU only), or both (and their difference)."""
