@@ -23,7 +23,7 @@ Accounting follows sglang 0.5.17 (tokenizer_manager / schedule_batch):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Collection, Protocol, Sequence
 
 
 class ChainModels(Protocol):
@@ -92,7 +92,7 @@ def num_accepted(drafts: Sequence[int], greedy: Sequence[int]) -> int:
 
 
 def chain_generate(models: ChainModels, prompt: list[int], *, num_steps: int,
-                   max_new_tokens: int, stop_ids: frozenset[int] | set[int]) -> Generation:
+                   max_new_tokens: int, stop_ids: Collection[int]) -> Generation:
     """Decode one request greedily with a `num_steps`-token draft chain per verify step.
 
     num_steps=0 is plain greedy decoding (one target forward per token, no draft): the

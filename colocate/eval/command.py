@@ -65,7 +65,8 @@ def run_eval(cfg: Config, draft_dir: str) -> dict:
     from colocate.data import renderer_for
     from colocate.engine import resolve_target_dtype
     from colocate.engine.hf import _check_model_dir
-    from colocate.eval.prompts import eval_conversations, eval_prompts, fit_context, stop_token_ids
+    from colocate.eval.prompts import eval_conversations, eval_prompts, fit_context
+    from colocate.target import stop_token_ids
 
     ev = cfg.eval
     export = read_export(draft_dir)
@@ -79,7 +80,7 @@ def run_eval(cfg: Config, draft_dir: str) -> dict:
     prompts = eval_prompts(conversations, renderer, ev.num_prompts)
     context = int(target_config.get_text_config().max_position_embeddings)
     prompts, num_too_long = fit_context(prompts, context, ev.max_new_tokens, source)
-    stop_ids = stop_token_ids(cfg.target.path, target_config.get_text_config(), tokenizer)
+    stop_ids = stop_token_ids(cfg.target.path, tokenizer)
     gen = dict(num_steps=ev.steps, max_new_tokens=ev.max_new_tokens, stop_ids=stop_ids)
 
     runs = {}

@@ -63,20 +63,3 @@ def fit_context(prompts: list[list[int]], context_length: int, max_new_tokens: i
                         f"context ({context_length}) minus eval.max_new_tokens "
                         f"({max_new_tokens}); lower eval.max_new_tokens or use shorter prompts")
     return kept, len(prompts) - len(kept)
-
-
-def stop_token_ids(target_path: str, target_config, tokenizer) -> frozenset[int]:
-    """The target's end-of-sequence ids (generation_config, config) and the tokenizer's."""
-    from transformers import GenerationConfig
-
-    values = [getattr(target_config, "eos_token_id", None), tokenizer.eos_token_id]
-    try:
-        values.append(GenerationConfig.from_pretrained(target_path, local_files_only=True)
-                      .eos_token_id)
-    except OSError:  # no generation_config.json
-        pass
-    ids = set()
-    for value in values:
-        if value is not None:
-            ids.update(value if isinstance(value, (list, tuple)) else [value])
-    return frozenset(int(i) for i in ids)

@@ -13,8 +13,9 @@ One small interface, `Generator.generate(prompts, seeds) -> list[Generation]`, t
   parameters (`sampling_defaults="openai"`, else sglang applies generation_config.json).
   sglang is imported only here, inside functions: it is a GPU-host dependency.
 
-Both stop on the same ids: the tokenizer's eos plus the model's generation_config eos ids
-(`stop_token_ids`). A reply that stopped keeps its stop id (the draft must learn to stop).
+Both stop on the same ids, the ones `colocate eval` stops on too
+(`colocate.target.stop_token_ids`). A reply that stopped keeps its stop id (the draft must
+learn to stop).
 """
 
 from __future__ import annotations
@@ -61,28 +62,6 @@ class Generator(Protocol):
         can; `on_batch(num_replies, num_tokens)` is called as batches finish (progress)."""
 
     def close(self) -> None: ...
-
-
-def stop_token_ids(path: str, tokenizer) -> tuple[int, ...]:
-    """The tokenizer's eos plus the eos ids of the model's generation config (or config.json
-    when the model has no generation_config.json), in that order, without repeats."""
-    from transformers import AutoConfig, GenerationConfig
-
-    try:
-        model_eos = GenerationConfig.from_pretrained(path, local_files_only=True).eos_token_id
-    except OSError:  # no generation_config.json
-        model_eos = AutoConfig.from_pretrained(
-            path, local_files_only=True).get_text_config().eos_token_id
-    ids: list[int] = []
-    for eos in (tokenizer.eos_token_id, model_eos):
-        for i in (eos if isinstance(eos, (list, tuple)) else [eos]):
-            if i is not None and int(i) not in ids:
-                ids.append(int(i))
-    if not ids:
-        raise ValueError(f"target.path: {path!r} names no eos token (tokenizer or "
-                         "generation_config.json); replies could never stop. Add eos_token_id "
-                         "to its generation_config.json")
-    return tuple(ids)
 
 
 def split_stop(generated: list[int], stop_ids: tuple[int, ...]) -> Generation:

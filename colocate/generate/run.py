@@ -17,7 +17,8 @@ from colocate.data.errors import DataError
 from colocate.data.stats import DataStats
 from colocate.data.template import Renderer
 from colocate.data.tokenized import renderer_for
-from colocate.generate.engines import Generator, Sampling, build_generator, stop_token_ids
+from colocate.generate.engines import Generator, Sampling, build_generator
+from colocate.target import stop_token_ids
 from colocate.generate.rewrite import ChunkRewriter
 from colocate.generate.store import GenerateError, PartStore
 from colocate.progress import GenerateProgress
