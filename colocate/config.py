@@ -306,6 +306,9 @@ class GenerateSection:
     parallel (sglang dp_size)."""
     mem_fraction: float = 0.85
     """sglang mem_fraction_static: the share of GPU memory for weights and KV cache."""
+    cuda_graph: bool = False
+    """sglang: capture CUDA graphs for decode (faster; the offline bundle's verified
+    configuration runs without them)."""
     thinking: bool = True
     """true: replies keep reasoning text as the model writes it. false: render prompts with
     data.chat_template_kwargs.enable_thinking=false (templates with that switch, e.g.

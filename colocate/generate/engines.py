@@ -97,10 +97,12 @@ def build_generator(cfg: "Config", sampling: Sampling, pad_id: int) -> Generator
              str(dtype).removeprefix("torch."))
     if engine == "hf":
         return HFGenerator(cfg.target.path, sampling=sampling, device=device, dtype=dtype,
-                           batch_size=gen.batch_size, pad_id=pad_id)
+                           batch_size=gen.batch_size, pad_id=pad_id,
+                           load_format=cfg.target.load_format, seed=cfg.run.seed)
     return SGLangGenerator(cfg.target.path, sampling=sampling, dtype=dtype,
                            tp_size=gen.tp_size, mem_fraction=gen.mem_fraction,
-                           seed=cfg.run.seed, batch_size=gen.batch_size)
+                           seed=cfg.run.seed, batch_size=gen.batch_size,
+                           load_format=cfg.target.load_format, cuda_graph=gen.cuda_graph)
 
 
 class HFGenerator:
@@ -109,12 +111,15 @@ class HFGenerator:
     name = "hf"
 
     def __init__(self, path: str, *, sampling: Sampling, device: torch.device,
-                 dtype: torch.dtype, batch_size: int, pad_id: int):
+                 dtype: torch.dtype, batch_size: int, pad_id: int, load_format: str = "auto",
+                 seed: int = 0):
         from transformers import GenerationConfig
 
-        from colocate.engine.hf import load_causal_lm
+        from colocate.engine.hf import dummy_causal_lm, load_causal_lm
 
-        self.model = load_causal_lm(path, dtype, "sdpa").requires_grad_(False).eval().to(device)
+        model = (dummy_causal_lm(path, dtype, "sdpa", device, seed) if load_format == "dummy"
+                 else load_causal_lm(path, dtype, "sdpa"))
+        self.model = model.requires_grad_(False).eval().to(device)
         sample = sampling.temperature > 0
         # Ours only (top_k=0: no top-k, where transformers would default to 50).
         extra = dict(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0) \
@@ -164,7 +169,8 @@ class SGLangGenerator:
     name = "sglang"
 
     def __init__(self, path: str, *, sampling: Sampling, dtype: torch.dtype, tp_size: int,
-                 mem_fraction: float, seed: int, batch_size: int):
+                 mem_fraction: float, seed: int, batch_size: int, load_format: str = "auto",
+                 cuda_graph: bool = False):
         from colocate.engine.sglang_env import offline_engine_env
 
         num_gpus = torch.cuda.device_count()
@@ -177,7 +183,9 @@ class SGLangGenerator:
         self.engine = sglang.Engine(
             model_path=os.path.abspath(path),  # a relative path could be taken for a hub id
             skip_tokenizer_init=True, tp_size=tp_size, dp_size=num_gpus // tp_size,
-            attention_backend="triton", sampling_backend="pytorch", disable_cuda_graph=True,
+            attention_backend="triton", sampling_backend="pytorch",
+            disable_cuda_graph=not cuda_graph,
+            load_format="dummy" if load_format == "dummy" else "auto",
             mem_fraction_static=mem_fraction, dtype=str(dtype).removeprefix("torch."),
             random_seed=seed, sampling_defaults="openai", log_level="warning")
         self.sampling = sampling
