@@ -1,7 +1,19 @@
-"""FLOPs per token, MFU and the throughput references: the one place these formulas live.
+"""Every number colocate reports, and the sinks that write them: the one place these formulas live.
 
-Counted as model FLOPs (a multiply-add is 2 FLOPs), not hardware FLOPs: recomputation in
-backward is not credited.
+Training statistics. One micro-step's statistics are *sums over token positions* in one
+float64 vector (K = draft.unroll_steps; `stats_vector` builds it, `step_summary` reads it):
+
+    [ce_0 .. ce_{K-1} | hits_0 .. hits_{K-1} | counted_0 .. counted_{K-1} | sim_tokens sim_cycles]
+
+ce_k (soft cross-entropy summed over step k's loss positions), hits_k and counted_k (positions
+where step k's draft argmax is the target's, and positions step k is scored on), and the
+greedy-serving simulation's reply tokens and verify cycles (`sim_accept_sums`). Sums add
+across micro-steps and trainers; ratios are taken once, on the reduced vector, so every token
+weighs the same wherever it was trained (a mean of per-micro-step means would let a
+micro-step of 10 labels weigh as much as one of 10,000).
+
+FLOPs are counted as model FLOPs (a multiply-add is 2 FLOPs), not hardware FLOPs:
+recomputation in backward is not credited.
 
 * Target prefill, per token: 2 x non-embedding matmul parameters (q/k/v/o, MLP; no
   embedding, no lm_head: the engine never runs it over all tokens) + attention
@@ -14,7 +26,116 @@ MFU divides by the bf16 dense peak of the whole GPU: both processes share it.
 
 from __future__ import annotations
 
+import json
+import os
+import time
+import warnings
 from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from colocate.hostcopy import to_device
+from colocate.progress import phase_seconds
+
+# ------------------------------------------------------------------ training statistics
+
+
+def stats_length(unroll_steps: int) -> int:
+    """Length of the stats vector for `unroll_steps` draft steps."""
+    return 3 * unroll_steps + 2
+
+
+def stats_vector(ce_sum: torch.Tensor, hits: torch.Tensor, counted: torch.Tensor,
+                 sim: torch.Tensor) -> torch.Tensor:
+    """The float64 stats vector (layout above) of one micro-step, detached, on the device.
+    float64 keeps every count exact (float32 is exact only up to 2**24 positions)."""
+    return torch.cat([ce_sum.detach().double(), hits.double(), counted.double(), sim.double()])
+
+
+def step_summary(values: Sequence[float], position_decay: float) -> dict[str, float]:
+    """Loss and metrics from a (reduced) stats vector turned into floats.
+
+    loss = sum_k decay^k * ce_k / counted_k: the per-token loss the trainer optimizes when
+    `values` covers a whole optimizer step on every trainer. acc_k = hits_k / counted_k (a
+    position whose target token is outside the draft vocabulary is counted, never a hit).
+    labels = counted_0, the positions step 0 was scored on.
+    """
+    num_steps = (len(values) - 2) // 3
+    assert len(values) == stats_length(num_steps), f"stats vector of length {len(values)}"
+    ce, hits = values[:num_steps], values[num_steps:2 * num_steps]
+    counted = values[2 * num_steps:3 * num_steps]
+    losses = [c / n if n else 0.0 for c, n in zip(ce, counted)]
+    row = {"loss": sum(position_decay ** k * x for k, x in enumerate(losses))}
+    row.update({f"loss_{k}": x for k, x in enumerate(losses)})
+    row.update({f"acc_{k}": h / n if n else 0.0 for k, (h, n) in enumerate(zip(hits, counted))})
+    row["sim_accept_length"] = sim_accept_length(*values[3 * num_steps:])
+    row["labels"] = int(counted[0]) if num_steps else 0
+    return row
+
+
+# ------------------------------------------------------------------ simulated acceptance
+
+
+def sim_accept_length(reply_tokens: float, verify_cycles: float) -> float:
+    """Reply tokens per verify cycle, sglang's completion_tokens / spec_verify_ct. Without a
+    cycle (no reply longer than its prefill token) nothing was drafted: 1.0, the rate of
+    decoding without a draft."""
+    return reply_tokens / verify_cycles if verify_cycles else 1.0
+
+
+def leading_hits(hits_KT: torch.Tensor) -> torch.Tensor:
+    """[T] int64: consecutive hits from step 0 on, the draft tokens a chain from t accepts."""
+    return hits_KT.long().cumprod(0).sum(0)
+
+
+def sim_accept_sums(hits_KT: torch.Tensor, loss_mask_T: torch.Tensor,
+                    seq_end_T: torch.Tensor) -> torch.Tensor:
+    """[2] int64 (reply tokens, verify cycles) of greedy chain drafting, simulated exactly on
+    the trained tokens, on the device without host syncs.
+
+    hits_KT [K, T]: draft step k at index t predicted the target's greedy token for
+    x_{t+2+k} (and that token is in the draft vocabulary and loss-masked). Teacher forcing
+    makes step k at t the chain started at t as long as steps 0..k-1 hit, so a chain
+    drafted from t accepts lead(t) = `leading_hits` tokens. Serving one reply (a maximal
+    run [a, b) of loss-masked tokens of one sequence; seq_end_T [T] is the exclusive end of
+    each token's sequence): x_a comes from the prefill; a verify cycle that starts with
+    tokens committed through c drafts from t = c - 1 and commits lead(t) + 1 tokens (the
+    accepted drafts and the target's own next token), capped at b - 1; cycles repeat until
+    x_{b-1} is committed. The cycles of every reply are counted at once by pointer
+    doubling over next(c) = min(c + lead(c - 1) + 1, b - 1), log2(T) rounds of gathers.
+    """
+    num_tokens = loss_mask_T.numel()
+    device = loss_mask_T.device
+    index_T = torch.arange(num_tokens, device=device)
+    mask_T = loss_mask_T.bool()
+    false = torch.zeros(1, dtype=torch.bool, device=device)
+    starts_seq_T = torch.cat([~false, seq_end_T[:-1] == index_T[1:]])
+    prev_masked_T = torch.cat([false, mask_T[:-1]]) & ~starts_seq_T
+    next_masked_T = torch.cat([mask_T[1:], false]) & (index_T + 1 < seq_end_T)
+    first_T = mask_T & ~prev_masked_T
+    # The last index of each token's reply: the nearest reply end at or after it.
+    last_T = torch.where(mask_T & ~next_masked_T, index_T, num_tokens)
+    last_T = last_T.flip(0).cummin(0).values.flip(0)
+    # lead(c - 1): a chain drafted for c starts at c - 1; none at a sequence's first token.
+    lead_T = leading_hits(hits_KT)
+    lead_prev_T = torch.cat([lead_T.new_zeros(1), lead_T[:-1]]).masked_fill(starts_seq_T, 0)
+    moving_T = mask_T & (index_T < last_T)
+    next_T = torch.where(moving_T, torch.minimum(index_T + lead_prev_T + 1, last_T), index_T)
+    cycles_T = moving_T.long()
+    for _ in range(max(1, (num_tokens - 1).bit_length())):  # 2**rounds >= any reply's cycles
+        cycles_T = cycles_T + cycles_T[next_T]
+        next_T = next_T[next_T]
+    return torch.stack([mask_T.sum(), (cycles_T * first_T).sum()])
+
+
+# ------------------------------------------------------------------ rates and FLOPs
+
+
+def tokens_per_s(tokens: float, seconds: float) -> float:
+    return tokens / max(seconds, 1e-9)
+
 
 # Dense bf16 peak FLOP/s from the vendors' datasheets (no sparsity).
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "H20": 148e12,
@@ -109,3 +230,95 @@ def disaggregated_references(engine_tps: float, trainer_tps: float) -> dict[str,
     split (GPUs in exact proportion to each side's load, free transport)."""
     return {"split_1to1": min(engine_tps, trainer_tps) / 2,
             "split_ideal": 1.0 / (1.0 / engine_tps + 1.0 / trainer_tps)}
+
+
+# ------------------------------------------------------------------ the sink
+
+
+def _tensorboard_writer(log_dir: str):
+    """A SummaryWriter, or None with a warning when tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        warnings.warn(f"train.tensorboard=true ignored: tensorboard is not installed ({e}); "
+                      "pip install tensorboard, metrics.jsonl is written regardless")
+        return None
+    return SummaryWriter(log_dir=log_dir)
+
+
+class MetricsLog:
+    """Per-step metrics without extra synchronisation in the step loop: the first trainer
+    appends them to metrics.jsonl (and TensorBoard).
+
+    Each step's stats vector (summed over the trainer's micro-steps), grad norm and token
+    count are summed over the trainer group by an asynchronous all-reduce, and turned into
+    numbers only when the first trainer writes them (rate-limited): that `.tolist()` is the
+    only host sync, and only on that rank.
+    """
+
+    def __init__(self, path: str | None, *, group, device: torch.device, num_pairs: int,
+                 position_decay: float, flush_every_s: float = 10.0,
+                 tensorboard_dir: str | None = None):
+        self.path = path
+        self.group = group
+        self.device = device
+        self.num_pairs = num_pairs
+        self.position_decay = position_decay
+        self.flush_every_s = flush_every_s
+        self.pending: list = []
+        self.last: dict | None = None
+        self._last_flush = time.monotonic()
+        self._tb = None
+        if path:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            if tensorboard_dir:
+                self._tb = _tensorboard_writer(tensorboard_dir)
+
+    def _host_scalar(self, value: float) -> torch.Tensor:
+        return to_device(torch.tensor([float(value)], dtype=torch.float64), self.device)
+
+    def record(self, step: int, stats: torch.Tensor, grad_norm: torch.Tensor, *, lr: float,
+               tokens: int, seconds: float, phases: list | None = None, **host: float) -> None:
+        """stats: this trainer's stats vector summed over its micro-steps (layout above);
+        `host`: plain numbers of the first trainer's pair (waits, peak memory) written as
+        they are. grad_norm is the same on every trainer (clipping reduced it)."""
+        vec = torch.cat([stats.double(), grad_norm.double().reshape(1) / self.num_pairs,
+                         self._host_scalar(tokens)])
+        work = dist.all_reduce(vec, group=self.group, async_op=True)
+        self.pending.append((step, vec, work, dict(lr=lr, seconds=seconds, **host), phases))
+        if self.path is None:  # other trainers: nothing to write, just retire the handles
+            self._retire(write=False)
+        elif time.monotonic() - self._last_flush >= self.flush_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        self._retire(write=self.path is not None)
+        self._last_flush = time.monotonic()
+
+    def _row(self, step: int, values: list[float], host: dict, phases: list | None) -> dict:
+        *stats, grad_norm, tokens = values
+        seconds = host.pop("seconds")
+        return {"step": step + 1, **step_summary(stats, self.position_decay),
+                "grad_norm": grad_norm, "tokens": int(tokens),
+                "tokens_per_s": tokens_per_s(tokens, seconds), "step_s": seconds, **host,
+                **{f"{name}_s": v for name, v in phase_seconds(phases or []).items()}}
+
+    def _retire(self, write: bool) -> None:
+        lines = []
+        for step, vec, work, host, phases in self.pending:
+            work.wait()
+            if not write:
+                continue
+            row = self._row(step, vec.tolist(), host, phases)  # host sync (first trainer)
+            lines.append(json.dumps(row))
+            self.last = row
+            if self._tb is not None:
+                for key, value in row.items():
+                    if key != "step" and isinstance(value, (int, float)):
+                        self._tb.add_scalar(key, value, row["step"])
+        self.pending.clear()
+        if lines:
+            with open(self.path, "a") as f:
+                f.write("\n".join(lines) + "\n")
+            if self._tb is not None:
+                self._tb.flush()

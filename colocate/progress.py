@@ -1,23 +1,14 @@
-"""Progress lines and RUN_DIR/metrics.jsonl, without extra synchronisation in the step loop.
-
-Per-step metrics start as device tensors, are summed across trainers with an asynchronous
-all-reduce on the trainer group, and are turned into numbers only when the first trainer
-writes them (rate-limited): that `.tolist()` is the only host sync, and only on that rank.
+"""What the first trainer prints (progress lines), and the timers the step loop reads without
+host synchronisation. Numbers come from `colocate.metrics` (its `MetricsLog` rows); this module
+only formats them.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
-import warnings
 
 import torch
-import torch.distributed as dist
-
-from colocate.draft import simulated_accept_length
-from colocate.hostcopy import to_device
 
 
 def peak_gib(device: torch.device) -> float:
@@ -110,86 +101,6 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-def _tensorboard_writer(log_dir: str):
-    """A SummaryWriter, or None with a warning when tensorboard is not installed."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:
-        warnings.warn(f"train.tensorboard=true ignored: tensorboard is not installed ({e}); "
-                      "pip install tensorboard, metrics.jsonl is written regardless")
-        return None
-    return SummaryWriter(log_dir=log_dir)
-
-
-class MetricsLog:
-    """Collects per-step metrics; the first trainer appends them to metrics.jsonl."""
-
-    def __init__(self, path: str | None, *, group, device: torch.device, num_pairs: int,
-                 flush_every_s: float = 10.0, tensorboard_dir: str | None = None):
-        self.path = path
-        self.group = group
-        self.device = device
-        self.num_pairs = num_pairs
-        self.flush_every_s = flush_every_s
-        self.pending: list = []
-        self.last: dict | None = None
-        self._last_flush = time.monotonic()
-        self._tb = None
-        if path:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            if tensorboard_dir:
-                self._tb = _tensorboard_writer(tensorboard_dir)
-
-    def _host_scalar(self, value: float) -> torch.Tensor:
-        return to_device(torch.tensor([float(value)], dtype=torch.float32), self.device)
-
-    def record(self, step: int, stats: torch.Tensor, grad_norm: torch.Tensor, *, lr: float,
-               tokens: int, seconds: float, phases: list | None = None, **host: float) -> None:
-        """stats: [loss, acc_0..acc_{K-1}] averaged over this trainer's micro-steps; `host`:
-        plain numbers of the first trainer's pair (waits, peak memory) written as they are."""
-        vec = torch.cat([stats.float(), grad_norm.float().reshape(1) / self.num_pairs,
-                         self._host_scalar(tokens)])
-        work = dist.all_reduce(vec, group=self.group, async_op=True)
-        self.pending.append((step, vec, work, dict(lr=lr, seconds=seconds, **host), phases))
-        if self.path is None:  # other trainers: nothing to write, just retire the handles
-            self._retire(write=False)
-        elif time.monotonic() - self._last_flush >= self.flush_every_s:
-            self.flush()
-
-    def flush(self) -> None:
-        self._retire(write=self.path is not None)
-        self._last_flush = time.monotonic()
-
-    def _retire(self, write: bool) -> None:
-        lines = []
-        for step, vec, work, host, phases in self.pending:
-            work.wait()
-            if not write:
-                continue
-            values = vec.tolist()  # host sync (first trainer, log time only)
-            num_acc = len(values) - 3
-            acc = [v / self.num_pairs for v in values[1:1 + num_acc]]
-            row = {"step": step + 1, "loss": values[0] / self.num_pairs,
-                   **{f"acc_{k}": a for k, a in enumerate(acc)},
-                   "accept_length": simulated_accept_length(acc),
-                   "grad_norm": values[1 + num_acc], "tokens": int(values[-1]),
-                   "tokens_per_s": values[-1] / max(host["seconds"], 1e-9),
-                   "step_s": host.pop("seconds"), **host,
-                   **{f"{name}_s": v for name, v in phase_seconds(phases or []).items()}}
-            lines.append(json.dumps(row))
-            self.last = row
-            if self._tb is not None:
-                for key, value in row.items():
-                    if key != "step" and isinstance(value, (int, float)):
-                        self._tb.add_scalar(key, value, row["step"])
-        self.pending.clear()
-        if lines:
-            with open(self.path, "a") as f:
-                f.write("\n".join(lines) + "\n")
-            if self._tb is not None:
-                self._tb.flush()
-
-
 class Progress:
     """One line per micro-step on the first trainer, at most every `every_s` seconds."""
 
@@ -240,8 +151,8 @@ class Progress:
         if metrics:
             accs = " ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("acc_"))
             print(f"done: {self.steps_done} steps in {_duration(elapsed)} | final loss "
-                  f"{metrics['loss']:.4f} | {accs} | accept length "
-                  f"{metrics['accept_length']:.2f}", file=self.stream, flush=True)
+                  f"{metrics['loss']:.4f} | {accs} | sim_accept_length "
+                  f"{metrics['sim_accept_length']:.2f}", file=self.stream, flush=True)
 
 
 class GenerateProgress:

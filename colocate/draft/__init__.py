@@ -5,10 +5,9 @@ from colocate.draft.eagle3 import Eagle3Draft
 from colocate.draft.loss import (
     UnrollResult,
     eagle3_unroll,
-    simulated_accept_length,
+    label_counts,
     target_distribution,
-    unroll_metrics,
 )
 
 __all__ = ["DraftArch", "Eagle3Draft", "UnrollResult", "eagle3_unroll",
-           "simulated_accept_length", "target_distribution", "unroll_metrics"]
+           "label_counts", "target_distribution"]

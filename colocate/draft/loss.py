@@ -1,4 +1,4 @@
-"""Eagle3 test-time-training (TTT) loss: target distribution, unroll, metrics.
+"""Eagle3 test-time-training (TTT) loss: target distribution, unroll, statistics.
 
 Shift convention on packed sequences (T tokens, index t, token x_t; all indices stay
 inside t's own sequence):
@@ -7,28 +7,39 @@ inside t's own sequence):
                          input token   x_{t+1+k} (its frozen target embedding)
                          RoPE position positions[t] + k
                          trained on    target_p[t+1+k] (the target's distribution for x_{t+2+k})
-    valid(k, t)          t+2+k is in the same sequence, loss_mask[t+2+k] (the predicted token
-                         is trainable) and in_draft[t+1+k] (the target's full-vocab argmax
-                         there is in the draft vocabulary)
+    counted(k, t)        t+2+k is in the same sequence and loss_mask[t+2+k] (the predicted
+                         token is trainable): the positions step k is scored on
+    in_draft             in_draft[t+1+k]: the target's full-vocabulary argmax for x_{t+2+k}
+                         is a draft-vocabulary token
+    loss position        counted and in_draft
+    hit(k, t)            a loss position where the draft's argmax is the target's argmax
 
 This is SpecForge's convention (its target model shifts input_ids and the logits left by one
 before step 0, and shifts them again after every step) except for the loss mask, which
 SpecForge applies unshifted (loss_mask[t+k]); we take the mask of the token being predicted.
 
-Soft cross-entropy  -sum_v target_p * log_softmax(logits)  per position, averaged over the
-valid positions of the step (0 when none); total = sum_k decay^k * loss_k. Nothing here
-synchronises with the device: results are tensors; `unroll_metrics` turns them into floats
-on log steps.
+A counted position whose target argmax is outside the draft vocabulary is a *miss*: it stays
+in every denominator (acc_k's and the loss's N_k) but contributes no loss, because the draft
+can never propose that token (its distribution restricted to the draft vocabulary is not what
+serving will be judged on). Skipping it instead would flatter acc_k by exactly the share of
+tokens the draft cannot produce.
+
+Soft cross-entropy  -sum_v target_p * log_softmax(logits)  per loss position, summed per step
+(ce_k). The loss is per token over the whole optimizer step: sum_k decay^k * ce_k / N_k, N_k
+= counted positions of step k over all micro-steps of the step on all trainers
+(`label_counts`, which the engine evaluates before the step's first backward; without
+them, this micro-step's own counts). Nothing here synchronises with the device: results
+are tensors, and `UnrollResult.stats` sums go to `colocate.metrics`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from colocate import metrics
 from colocate.draft import kernels
 from colocate.draft.attention import seq_bounds_from_lens
 from colocate.draft.eagle3 import Eagle3Draft, KVCache
@@ -135,13 +146,19 @@ def soft_cross_entropy(logits_TV: torch.Tensor, target: TargetDistribution, src_
 @dataclass
 class UnrollResult:
     loss: torch.Tensor
-    """Scalar with grad: sum_k decay^k * step_losses[k]."""
-    step_losses: torch.Tensor
-    """[K] detached per-step losses (mean over valid positions)."""
-    acc: torch.Tensor
-    """[K] fraction of valid positions where the draft argmax is the target's top draft token."""
-    num_valid: torch.Tensor
-    """[K] int64 valid positions per step (for token-weighted averaging across micro-steps)."""
+    """Scalar with grad: sum_k decay^k * ce_sum[k] / N_k."""
+    ce_sum: torch.Tensor
+    """[K] with grad: soft cross-entropy summed over the loss positions of each step."""
+    hits: torch.Tensor
+    """[K] int64 positions where the draft's argmax is the target's (in the draft vocabulary)."""
+    counted: torch.Tensor
+    """[K] int64 positions each step is scored on (`label_counts` of this micro-step)."""
+    sim: torch.Tensor
+    """[2] int64 (reply tokens, verify cycles) of `metrics.sim_accept_sums`."""
+
+    def stats(self) -> torch.Tensor:
+        """The micro-step's stats vector (`colocate.metrics` layout), detached."""
+        return metrics.stats_vector(self.ce_sum, self.hits, self.counted, self.sim)
 
 
 def _seq_end_per_token(seq_bounds: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
@@ -151,17 +168,39 @@ def _seq_end_per_token(seq_bounds: list[tuple[int, int]], device: torch.device) 
     return to_device(torch.repeat_interleave(ends, lens), device)
 
 
+def _counted(step: int, index_T: torch.Tensor, seq_end_T: torch.Tensor,
+             loss_mask_T: torch.Tensor) -> torch.Tensor:
+    """[T] bool counted(step, t) of the module docstring."""
+    label_T = index_T + 2 + step
+    return (label_T < seq_end_T) & loss_mask_T[label_T.clamp(max=index_T.numel() - 1)]
+
+
+def label_counts(seq_lens: torch.Tensor | list[int], loss_mask: torch.Tensor,
+                 unroll_steps: int) -> torch.Tensor:
+    """[K] int64 counted positions of each unroll step in one packed micro-batch: the terms
+    of the loss denominators N_k. On loss_mask's device (the engine counts on the host,
+    while packing, before the step's first prefill)."""
+    loss_mask = loss_mask.bool()
+    seq_end_T = _seq_end_per_token(seq_bounds_from_lens(seq_lens), loss_mask.device)
+    index_T = torch.arange(loss_mask.numel(), device=loss_mask.device)
+    return torch.stack([_counted(k, index_T, seq_end_T, loss_mask).sum()
+                        for k in range(unroll_steps)])
+
+
 def eagle3_unroll(draft: Eagle3Draft, embed_weight: torch.Tensor, aux_hidden: torch.Tensor,
                   target: TargetDistribution, input_ids: torch.Tensor,
                   loss_mask: torch.Tensor, positions: torch.Tensor,
                   seq_lens: torch.Tensor | list[int], unroll_steps: int, position_decay: float,
+                  label_totals: torch.Tensor | None = None,
                   chunk_tokens: int = 4096) -> UnrollResult:
     """Eagle3 TTT unroll over one packed micro-step (see the module docstring).
 
     embed_weight [V, H] frozen target embedding (never receives gradient); aux_hidden
     [T, num_aux * H]; target from `target_distribution`;
     input_ids [T]; loss_mask [T] bool; positions [T]; seq_lens [S] on the host (CPU tensor
-    or list; the attention loops over sequences with them).
+    or list; the attention loops over sequences with them); label_totals [K] N_k of the
+    whole optimizer step on the device (None: this micro-step's counts, i.e. a per-token
+    mean over this micro-step alone).
     """
     num_tokens = input_ids.shape[0]
     device = input_ids.device
@@ -173,55 +212,27 @@ def eagle3_unroll(draft: Eagle3Draft, embed_weight: torch.Tensor, aux_hidden: to
 
     kv_cache = KVCache()
     hidden = aux_hidden
-    total = torch.zeros((), dtype=torch.float32, device=device)  # promoted by float64 steps
-    step_losses, accs, counts = [], [], []
+    ce_sums, hits, hit_rows, counts = [], [], [], []
     for step in range(unroll_steps):
         # Input token / target row of this step: t+1+step, clamped inside t's own sequence
-        # so no position ever reads another sequence (a clamped position is invalid anyway).
+        # so no position ever reads another sequence (a clamped position is not counted).
         src_T = torch.minimum(index_T + 1 + step, seq_end_T - 1)
-        label_T = index_T + 2 + step
-        valid_T = (label_T < seq_end_T) & loss_mask[label_T.clamp(max=num_tokens - 1)] \
-            & target.in_draft[src_T]
-        num_valid = valid_T.sum()
-        denom = num_valid.clamp(min=1)
+        counted_T = _counted(step, index_T, seq_end_T, loss_mask)
+        scored_T = counted_T & target.in_draft[src_T]  # loss positions
 
         embeds_TH = F.embedding(input_ids[src_T], embed_weight)
         hidden, logits_TV = draft(embeds_TH, hidden, positions, seq_bounds, kv_cache)
-        loss_k = soft_cross_entropy(logits_TV, target, src_T, valid_T.float() / denom,
-                                    chunk_tokens, draft.kernels)
-        total = total + position_decay ** step * loss_k
+        ce_sums.append(soft_cross_entropy(logits_TV, target, src_T, scored_T.float(),
+                                          chunk_tokens, draft.kernels))
         with torch.no_grad():
-            hits = (logits_TV.argmax(-1) == target.top[src_T]) & valid_T
-            accs.append(hits.sum() / denom)
-        step_losses.append(loss_k.detach())
-        counts.append(num_valid)
-    return UnrollResult(loss=total, step_losses=torch.stack(step_losses),
-                        acc=torch.stack(accs), num_valid=torch.stack(counts))
-
-
-def simulated_accept_length(acc: Sequence[float]) -> float:
-    """Expected tokens per verify step of a chain draft: 1 + sum_k prod_{j<=k} acc_j.
-
-    Assumes step k's acceptance is independent of the earlier steps given acc_k (acc_k is
-    measured on teacher-forced positions, whatever happened before), and counts the bonus
-    token the target always emits. Tree drafts accept more; real chains correlate steps.
-    """
-    expected, survive = 1.0, 1.0
-    for a in acc:
-        survive *= float(a)
-        expected += survive
-    return expected
-
-
-def unroll_metrics(result: UnrollResult) -> dict[str, float]:
-    """Floats for logging: one device-to-host transfer (a sync point; call on log steps)."""
-    num_steps = result.acc.numel()
-    packed = torch.cat([result.loss.detach().float().reshape(1), result.step_losses.float(),
-                        result.acc.float(), result.num_valid.float()]).tolist()
-    losses, accs = packed[1:1 + num_steps], packed[1 + num_steps:1 + 2 * num_steps]
-    metrics = {"loss": packed[0], "accept_length": simulated_accept_length(accs)}
-    for k in range(num_steps):
-        metrics[f"loss_{k}"] = losses[k]
-        metrics[f"acc_{k}"] = accs[k]
-        metrics[f"valid_{k}"] = packed[1 + 2 * num_steps + k]
-    return metrics
+            hit_T = (logits_TV.argmax(-1) == target.top[src_T]) & scored_T
+            hit_rows.append(hit_T)
+            hits.append(hit_T.sum())
+        counts.append(counted_T.sum())
+    ce_sum, counted = torch.stack(ce_sums), torch.stack(counts)
+    denom = (counted if label_totals is None else label_totals).to(ce_sum.dtype).clamp(min=1)
+    loss = sum(position_decay ** k * ce_sum[k] / denom[k] for k in range(unroll_steps))
+    with torch.no_grad():
+        sim = metrics.sim_accept_sums(torch.stack(hit_rows), loss_mask, seq_end_T)
+    return UnrollResult(loss=loss, ce_sum=ce_sum, hits=torch.stack(hits), counted=counted,
+                        sim=sim)

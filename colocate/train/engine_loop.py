@@ -6,7 +6,9 @@ Order (the trainer mirrors it in trainer.py):
   2. load the target (before the trainer allocates its draft, so the engine sizes its
      memory first);
   3. send `plan` (vocabulary, data counts); receive `start` (step and data position);
-  4. produce (last step - start step) * micro_steps packed micro-steps, then `end`.
+  4. produce (last step - start step) * micro_steps packed micro-steps, then `end`. The
+     micro-batches of an optimizer step are packed together before its first prefill
+     (`pack_step`), so every message can carry the step's loss denominators.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import torch.distributed as dist
 
 from colocate.config import Config
 from colocate.data import DataStream, load_or_build_tokenized, load_or_build_vocab
+from colocate.data.packing import MicroBatch
+from colocate.draft import label_counts
 from colocate.engine import build_engine
 from colocate.topology import Topology
 from colocate.progress import BusyClock, peak_gib
@@ -49,6 +53,25 @@ def load_tokenizer(path: str):
         raise FileNotFoundError(f"target.path {path}: no such directory; point it at a local "
                                 "model directory (config.json, safetensors, tokenizer)")
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def pack_step(stream: DataStream, num_micro_steps: int,
+              unroll_steps: int) -> list[tuple[MicroBatch, dict]]:
+    """The next optimizer step's micro-batches, each with its message meta.
+
+    Packed up front (host work only) because the trainer's loss divides by N_k, the counted
+    positions of each unroll step over the whole step, before its first backward. Meta:
+    seq_lens; data_state, the stream's position right after this micro-batch (a checkpoint
+    taken after it resumes with the next one); label_counts, this micro-batch's counts;
+    step_label_counts, this pair's totals for the step (trainers sum them over pairs).
+    """
+    batches = [stream.next_micro_batch() for _ in range(num_micro_steps)]
+    counts = [label_counts(b.seq_lens, b.loss_mask, unroll_steps) for b in batches]
+    totals = torch.stack(counts).sum(0).tolist()
+    stream_state = stream.state()  # identity and position after the last micro-batch
+    return [(b, dict(seq_lens=b.seq_lens.tolist(), data_state={**stream_state, **b.end_state},
+                     label_counts=c.tolist(), step_label_counts=totals))
+            for b, c in zip(batches, counts)]
 
 
 def run_engine(cfg: Config, topo: Topology, channel: PairChannel, *, target_config) -> None:
@@ -98,11 +121,13 @@ def run_engine(cfg: Config, topo: Topology, channel: PairChannel, *, target_conf
                 writer.put(name, tensor)
             writer.meta.update(meta)
         else:
-            batch = stream.next_micro_batch()
+            if n % cfg.train.micro_steps == 0:  # an optimizer step's first message
+                step_batches = pack_step(stream, cfg.train.micro_steps, cfg.draft.unroll_steps)
+            batch, meta = step_batches[n % cfg.train.micro_steps]
             busy.begin()
             engine.prefill(batch, writer, budget=budget)
             busy.end()
-            writer.meta.update(seq_lens=batch.seq_lens.tolist(), data_state=stream.state())
+            writer.meta.update(meta)
             if cfg.bench.engine == "replay":
                 replay.append(({k: v.clone() for k, v in writer.views().items()},
                                dict(writer.meta)))

@@ -18,9 +18,12 @@ import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from colocate.config import Config, ConfigError, TrainSection
-from colocate.draft import DraftArch, Eagle3Draft, eagle3_unroll, target_distribution
+from colocate.draft import (DraftArch, Eagle3Draft, UnrollResult, eagle3_unroll,
+                            target_distribution)
 from colocate.engine import feature_needs, resolve_target_dtype
-from colocate.progress import MetricsLog, PhaseTimer, Progress, peak_gib
+from colocate.hostcopy import to_device
+from colocate.metrics import MetricsLog, stats_length
+from colocate.progress import PhaseTimer, Progress, peak_gib
 from colocate.topology import Topology
 from colocate.train import checkpoint as ckpt
 from colocate.train.schedule import lr_at
@@ -44,23 +47,45 @@ def clip_(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float) -> Non
         g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def micro_step(model: Eagle3Draft, embed: torch.Tensor, lm_head: torch.Tensor,
-               draft_ids: torch.Tensor, feats: dict[str, torch.Tensor], seq_lens, cfg: Config,
-               *, last: bool, timer: PhaseTimer) -> torch.Tensor:
-    """Teacher, unroll forward and backward of one micro-step; returns device stats
-    [loss, acc_0..K-1]. Gradients are reduced across trainers only on the `last` micro-step
-    of an optimizer step."""
+def draft_forward(model: Eagle3Draft, embed: torch.Tensor, lm_head: torch.Tensor,
+                  draft_ids: torch.Tensor, feats: dict[str, torch.Tensor], seq_lens, cfg: Config,
+                  *, label_totals: torch.Tensor | None = None,
+                  timer: PhaseTimer | None = None) -> UnrollResult:
+    """Teacher and unroll forward of one micro-step, no backward. Training differentiates
+    `.loss`; training and forward-only evaluation alike reduce `.stats()` (colocate.metrics)."""
     with torch.no_grad():
         target = target_distribution(feats["last_hidden"], lm_head, draft_ids)
-    timer.mark("teacher")
-    model.set_requires_gradient_sync(last)
+    if timer:
+        timer.mark("teacher")
     result = eagle3_unroll(model, embed, feats["aux_hidden"], target, feats["input_ids"],
                            feats["loss_mask"], feats["positions"], seq_lens,
-                           cfg.draft.unroll_steps, cfg.draft.position_decay)
-    timer.mark("forward")
-    (result.loss / cfg.train.micro_steps).backward()
+                           cfg.draft.unroll_steps, cfg.draft.position_decay,
+                           label_totals=label_totals)
+    if timer:
+        timer.mark("forward")
+    return result
+
+
+def micro_step(model: Eagle3Draft, embed: torch.Tensor, lm_head: torch.Tensor,
+               draft_ids: torch.Tensor, feats: dict[str, torch.Tensor], seq_lens, cfg: Config,
+               *, label_totals: torch.Tensor | None, num_trainers: int, last: bool,
+               timer: PhaseTimer) -> torch.Tensor:
+    """Forward and backward of one micro-step; returns its stats vector (on the device).
+
+    With `label_totals` the optimizer step's N_k (all micro-steps, all trainers), the loss
+    is this micro-step's share of the step's per-token loss, so the gradients of every
+    micro-step on every trainer add up to the gradient of that loss. FSDP2 averages
+    gradients over the trainers (it divides their sum by the count), so the loss is scaled
+    by `num_trainers` to undo that: the same on every torch version, where FSDP's own divide
+    factor setting is not. Gradients are reduced across trainers only on the `last`
+    micro-step of an optimizer step.
+    """
+    model.set_requires_gradient_sync(last)
+    result = draft_forward(model, embed, lm_head, draft_ids, feats, seq_lens, cfg,
+                           label_totals=label_totals, timer=timer)
+    (result.loss * num_trainers).backward()
     timer.mark("backward")
-    return torch.cat([result.loss.detach().float().reshape(1), result.acc.float()])
+    return result.stats()
 
 
 def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, group,
@@ -139,6 +164,7 @@ class DraftTrainer:
         self.arch = DraftArch.from_target_config(target_config, draft, len(aux_layer_ids))
         self.model = model = build_sharded_draft(self.arch, cfg, topo.trainer_mesh(), dtype,
                                                  device)
+        self.num_trainers = dist.get_world_size(topo.role_group)  # FSDP2 averages over these
 
         # 4. AdamW over float32 master weights.
         t = cfg.train
@@ -176,10 +202,19 @@ class DraftTrainer:
         self.metrics = MetricsLog(
             os.path.join(cfg.run.dir, "metrics.jsonl") if topo.is_first else None,
             group=topo.role_group, device=device, num_pairs=topo.info.num_pairs,
-            flush_every_s=t.log_every_s,
+            position_decay=cfg.draft.position_decay, flush_every_s=t.log_every_s,
             tensorboard_dir=os.path.join(cfg.run.dir, "tb") if t.tensorboard else None)
 
     # ------------------------------------------------------------------ the loop
+    def step_label_totals(self, meta: dict) -> torch.Tensor:
+        """N_k of the optimizer step: the totals this pair's engine packed for the step (in
+        every message's meta), summed over the trainers. A tiny all-reduce on the device:
+        no host sync."""
+        totals = to_device(torch.tensor(meta["step_label_counts"], dtype=torch.int64),
+                           self.topo.device)
+        dist.all_reduce(totals, group=self.topo.role_group)
+        return totals
+
     def train(self) -> None:
         t = self.cfg.train
         discard = self.cfg.bench.trainer == "discard"
@@ -202,11 +237,15 @@ class DraftTrainer:
                                     f"{step} micro-step {micro}, before train.max_steps")
                 with delivery:
                     if discard:  # bench.trainer=discard: measure the engine alone
-                        stats = torch.zeros(1 + self.cfg.draft.unroll_steps, device=self.topo.device)
+                        stats = torch.zeros(stats_length(self.cfg.draft.unroll_steps),
+                                            dtype=torch.float64, device=self.topo.device)
                     else:
+                        if micro == 0:
+                            label_totals = self.step_label_totals(delivery.meta)
                         stats = micro_step(
                             self.model, self.embed, self.lm_head, self.draft_ids,
                             delivery.tensors, delivery.meta["seq_lens"], self.cfg,
+                            label_totals=label_totals, num_trainers=self.num_trainers,
                             last=micro == t.micro_steps - 1, timer=self.timer)
                     tokens += delivery.meta["num_tokens"]
                     engine_wait = delivery.meta["engine_wait_s"]
@@ -220,7 +259,7 @@ class DraftTrainer:
             grad_norm = torch.zeros((), device=self.topo.device) if discard else \
                 clip_and_step(self.model, self.optimizer, self.topo.role_group, t.grad_clip)
             self.timer.mark("optimizer")
-            self.metrics.record(step, sums / t.micro_steps, grad_norm, lr=lr, tokens=tokens,
+            self.metrics.record(step, sums, grad_norm, lr=lr, tokens=tokens,
                                 seconds=time.monotonic() - step_start,
                                 trainer_wait_s=self.ring.stats.wait_s, engine_wait_s=engine_wait,
                                 handoff_s=self.ring.stats.handoff_s,

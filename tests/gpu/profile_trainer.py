@@ -31,7 +31,7 @@ from transformers import LlamaConfig
 
 from colocate import metrics
 from colocate.config import load_config
-from colocate.draft import DraftArch
+from colocate.draft import DraftArch, label_counts
 from colocate.progress import PhaseTimer, peak_gib, phase_seconds
 from colocate.train.target_tensors import dummy_embed_and_head
 from colocate.train.trainer import build_sharded_draft, clip_and_step, make_optimizer, micro_step
@@ -109,14 +109,18 @@ def run_mode(mode: str, args, shape, batches, device, mesh, embed, head, draft_i
     optimizer = make_optimizer(model, cfg.train)
     timer = PhaseTimer(device)
     first = {}
+    # The step's N_k, as the engine would send them: per-token loss over all micro-steps.
+    label_totals = sum(label_counts(b["seq_lens"], b["feats"]["loss_mask"], args.unroll)
+                       for b in batches)
 
     def one_step(record_first: bool = False):
         timer.mark("start")
         for i, batch in enumerate(batches):
             stats = micro_step(model, embed, head, draft_ids, batch["feats"], batch["seq_lens"],
-                               cfg, last=i == len(batches) - 1, timer=timer)
+                               cfg, label_totals=label_totals, num_trainers=1,
+                               last=i == len(batches) - 1, timer=timer)
             if record_first and i == 0:
-                first["loss"] = stats[0].item()
+                first["loss"] = metrics.step_summary(stats.tolist(), cfg.draft.position_decay)["loss"]
         if record_first:  # the first step's gradients (weights still the shared initial ones)
             first["grads"] = {n: p.grad.full_tensor().float().cpu()
                               for n, p in model.named_parameters()}

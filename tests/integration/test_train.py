@@ -47,11 +47,16 @@ def test_loss_falls_and_acc_rises(tiny_run):
     rows = metrics(run_dir)
     assert [r["step"] for r in rows] == list(range(1, 25))
     first, last = rows[0], rows[-4:]
-    # Measured on CPU: loss 18.6 -> ~4.5 and acc_0 0.00 -> ~0.8 over 24 steps.
+    # Measured on CPU (per-token metrics): loss 8.49 -> ~2.1, acc_0 0.00 -> ~0.36 and
+    # sim_accept_length 1.09 -> ~1.55 over 24 steps (last four steps). About half of the
+    # tiny random target's argmax tokens are outside the 512-token draft vocabulary, and
+    # those count as misses: acc_0 cannot pass ~0.5 here (the old metric, which skipped
+    # them, read ~0.78 on the same run).
     assert sum(r["loss"] for r in last) / 4 < 0.5 * first["loss"]
     assert first["acc_0"] < 0.05
-    assert sum(r["acc_0"] for r in last) / 4 > 0.6
-    assert last[-1]["accept_length"] > 2.5
+    assert sum(r["acc_0"] for r in last) / 4 > 0.25
+    assert sum(r["sim_accept_length"] for r in last) / 4 > 1.35 > first["sim_accept_length"]
+    assert all(r["labels"] > 1000 for r in rows)  # two pairs x two micro-steps of labels
     assert "step 24/24" in proc.stdout and "done: 24 steps" in proc.stdout
     assert all(r["tokens_per_s"] > 0 for r in rows)
 
@@ -99,11 +104,15 @@ def test_losses_match_single_process_reference(tiny_assets, tmp_path):
     overrides = tiny_overrides(tiny_assets, run_dir, "train.max_steps=5", "draft.unroll_steps=3")
     proc = torchrun_train(overrides)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    got = [r["loss"] for r in metrics(run_dir)]
+    rows = metrics(run_dir)
+    got = [r["loss"] for r in rows]
     cfg = load_config(CONFIG, overrides)
-    want = reference_losses(cfg, num_pairs=2)
+    want, want_norms = reference_losses(cfg, num_pairs=2)
     assert got == pytest.approx(want, rel=1e-5, abs=1e-5)
     assert len(set(round(x, 4) for x in got)) > 1  # the steps really differ
+    # The gradient itself, not only its direction (AdamW would hide a constant factor,
+    # such as FSDP's average over trainers left uncompensated): its norm before clipping.
+    assert [r["grad_norm"] for r in rows] == pytest.approx(want_norms, rel=1e-4)
 
 
 def test_resume_reproduces_the_uninterrupted_run(tiny_assets, tmp_path):

@@ -7,9 +7,10 @@ import torch
 from transformers import LlamaConfig
 
 from colocate.config import DraftSection
-from colocate.draft import (DraftArch, Eagle3Draft, eagle3_unroll, simulated_accept_length,
-                            target_distribution, unroll_metrics)
+from colocate.draft import (DraftArch, Eagle3Draft, eagle3_unroll, label_counts,
+                            target_distribution)
 from colocate.draft.loss import TargetDistribution, soft_cross_entropy
+from colocate.metrics import stats_length, step_summary
 
 H, V, VD, NUM_AUX = 32, 64, 40, 3
 
@@ -113,14 +114,13 @@ def _rope(vec, pos, theta):
 
 def reference_unroll(draft, batch, unroll_steps, decay):
     """One sequence at a time, attention and loss by loops over positions. Inputs past the
-    end of a sequence use token 0 (the implementation clamps instead): only invalid
-    positions can see them."""
+    end of a sequence use token 0 (the implementation clamps instead): only positions that
+    are not counted can see them. Returns (loss, CE sum per step, hits, counted)."""
     p = {k: v.double() for k, v in draft.state_dict().items()}
     a = draft.arch
     heads, kv_heads, dim, eps = a.num_heads, a.num_kv_heads, a.head_dim, a.rms_norm_eps
     m = "midlayer."
-    ce = [[] for _ in range(unroll_steps)]
-    hits = [[] for _ in range(unroll_steps)]
+    ce, hits, counted = [0.0] * unroll_steps, [0] * unroll_steps, [0] * unroll_steps
     start = 0
     for length in batch["seq_lens"]:
         sl = slice(start, start + length)
@@ -154,15 +154,16 @@ def reference_unroll(draft, batch, unroll_steps, decay):
             hidden = h1 + (torch.nn.functional.silu(gate) * up) @ p[m + "mlp.down_proj.weight"].T
             logits = _rms(hidden, p["norm.weight"], eps) @ p["lm_head.weight"].T
             for t in range(length):
-                if t + 2 + k < length and mask[t + 2 + k] and ind[t + 1 + k]:
+                if not (t + 2 + k < length and mask[t + 2 + k]):
+                    continue
+                counted[k] += 1
+                if ind[t + 1 + k]:  # outside the draft vocabulary: a miss without loss
                     target = tp[t + 1 + k]
-                    ce[k].append(-(target * torch.log_softmax(logits[t], -1)).sum())
-                    hits[k].append(float(logits[t].argmax() == target.argmax()))
+                    ce[k] += -(target * torch.log_softmax(logits[t], -1)).sum()
+                    hits[k] += int(logits[t].argmax() == target.argmax())
         start += length
-    step_losses = [torch.stack(c).mean() if c else torch.tensor(0.0, dtype=torch.float64) for c in ce]
-    total = sum(decay ** k * step_losses[k] for k in range(unroll_steps))
-    acc = [sum(h) / len(h) if h else 0.0 for h in hits]
-    return total, step_losses, acc, [len(c) for c in ce]
+    total = sum(decay ** k * ce[k] / max(counted[k], 1) for k in range(unroll_steps))
+    return total, torch.stack([torch.as_tensor(c, dtype=torch.float64) for c in ce]), hits, counted
 
 
 def unroll(draft, batch, unroll_steps=4, decay=0.8):
@@ -174,11 +175,75 @@ def test_unroll_matches_reference():
     draft, batch = tiny_draft(std=0.3), make_batch([9, 3, 12], seed=5)
     assert not batch["loss_mask"].all() and not batch["target"].in_draft.all()
     result = unroll(draft, batch, unroll_steps=4, decay=0.8)
-    total, step_losses, acc, counts = reference_unroll(draft, batch, 4, 0.8)
-    assert result.num_valid.tolist() == counts and counts[0] > 0
-    torch.testing.assert_close(result.step_losses, torch.stack(step_losses))
+    total, ce, hits, counted = reference_unroll(draft, batch, 4, 0.8)
+    assert result.counted.tolist() == counted and counted[0] > 0
+    assert result.hits.tolist() == hits
+    torch.testing.assert_close(result.ce_sum, ce)
     torch.testing.assert_close(result.loss, total)
-    torch.testing.assert_close(result.acc.double(), torch.tensor(acc, dtype=torch.float64))
+
+
+def test_step_totals_normalize_the_loss():
+    """label_totals = N_k of the whole step: loss = sum_k decay^k ce_k / N_k, and the
+    statistics do not depend on them."""
+    draft, batch = tiny_draft(std=0.3), make_batch([9, 3, 12], seed=5)
+    alone = unroll(draft, batch, unroll_steps=3, decay=0.5)
+    totals = torch.tensor([100, 50, 7])
+    pooled = eagle3_unroll(draft, unroll_steps=3, position_decay=0.5, label_totals=totals, **batch)
+    want = sum(0.5 ** k * alone.ce_sum[k] / totals[k] for k in range(3))
+    torch.testing.assert_close(pooled.loss, want)
+    assert torch.equal(pooled.stats(), alone.stats())
+    assert pooled.stats().shape == (stats_length(3),)
+
+
+def test_label_counts_match_brute_force_and_the_unroll():
+    gen = torch.Generator().manual_seed(12)
+    for trial in range(20):
+        seq_lens = torch.randint(1, 12, (int(torch.randint(1, 5, (1,), generator=gen)),),
+                                 generator=gen).tolist()
+        mask = torch.rand(sum(seq_lens), generator=gen) < 0.6
+        want = [0] * 9
+        start = 0
+        for length in seq_lens:
+            for t in range(length):
+                for k in range(9):
+                    want[k] += int(t + 2 + k < length and bool(mask[start + t + 2 + k]))
+            start += length
+        assert label_counts(seq_lens, mask, 9).tolist() == want, (seq_lens, mask)
+    draft, batch = tiny_draft(), make_batch([9, 3, 12], seed=5)
+    result = unroll(draft, batch, unroll_steps=4)
+    assert torch.equal(label_counts(torch.tensor(batch["seq_lens"], dtype=torch.int32),
+                                    batch["loss_mask"], 4), result.counted)
+
+
+def test_out_of_draft_targets_are_counted_misses():
+    """A draft that always proposes draft token 0 against a target whose top draft token is
+    always 0: every position is a hit unless its target argmax is outside the draft
+    vocabulary, which stays in the denominators, adds no loss and lowers acc."""
+    draft, batch = tiny_draft(), make_batch([10, 12], seed=13)
+    with torch.no_grad():
+        draft.lm_head.weight.zero_()  # all logits 0: argmax is draft token 0
+    batch["loss_mask"][:] = True
+    t = batch["target"]
+    in_draft = torch.arange(22) % 3 != 0  # out: global indices 0, 3, 6, ..., 21
+
+    def run(in_draft):
+        target = TargetDistribution(t.logits, t.lse, in_draft, torch.zeros_like(t.top))
+        return unroll(draft, {**batch, "target": target}, unroll_steps=2)
+
+    result = run(in_draft)
+    # Step 0 counts t = 0..7 of the first sequence and 0..9 of the second (18), step 1 one
+    # fewer each (16). Step k at t reads in_draft[t+1+k]: step 0 reads global 1..8 (3, 6
+    # out) and 11..20 (12, 15, 18 out): 18 - 5 = 13 hits; step 1 reads 2..8 (3, 6) and
+    # 12..20 (12, 15, 18): 16 - 5 = 11 hits.
+    assert result.counted.tolist() == [18, 16] and result.hits.tolist() == [13, 11]
+    row = step_summary(result.stats().tolist(), 0.8)
+    assert row["acc_0"] == pytest.approx(13 / 18) and row["acc_1"] == pytest.approx(11 / 16)
+    everything = run(torch.ones_like(in_draft))
+    assert everything.hits.tolist() == [18, 16]
+    assert (result.ce_sum < everything.ce_sum).all()  # the out positions add no loss
+    nothing = run(torch.zeros_like(in_draft))
+    assert nothing.hits.sum() == 0 and nothing.ce_sum.abs().sum() == 0
+    assert nothing.counted.tolist() == [18, 16]
 
 
 def test_gradients_reach_draft_but_not_embedding():
@@ -190,34 +255,60 @@ def test_gradients_reach_draft_but_not_embedding():
     assert batch["embed_weight"].grad is None
 
 
+def split_batch(packed, start, seq_lens):
+    """The sequences `seq_lens` of `packed` from token `start` on, as their own micro-step."""
+    end = start + sum(seq_lens)
+    part = {k: (v[start:end] if k not in ("embed_weight", "seq_lens", "target") else v)
+            for k, v in packed.items()}
+    part["target"] = TargetDistribution(**{f: getattr(packed["target"], f)[start:end]
+                                           for f in ("logits", "lse", "in_draft", "top")})
+    part["seq_lens"] = list(seq_lens)
+    return part
+
+
 def test_packed_loss_equals_per_sequence_losses():
     draft = tiny_draft(std=0.3)
-    lens = [8, 11]
-    packed = make_batch(lens, seed=7)
-    result = unroll(draft, packed, unroll_steps=3)
-    per_seq_sum = torch.zeros(3, dtype=torch.float64)
-    per_seq_count = torch.zeros(3, dtype=torch.long)
-    start = 0
-    for n in lens:
-        alone = {k: (v[start:start + n] if k not in ("embed_weight", "seq_lens", "target") else v)
-                 for k, v in packed.items()}
-        alone["target"] = TargetDistribution(
-            **{f: getattr(packed["target"], f)[start:start + n]
-               for f in ("logits", "lse", "in_draft", "top")})
-        alone["seq_lens"] = [n]
-        r = unroll(draft, alone, unroll_steps=3)
-        per_seq_sum += r.step_losses * r.num_valid
-        per_seq_count += r.num_valid
-        start += n
-    assert torch.equal(result.num_valid, per_seq_count)
-    torch.testing.assert_close(result.step_losses * result.num_valid, per_seq_sum)
+    packed = make_batch([8, 11], seed=7)
+    per_seq = unroll(draft, split_batch(packed, 0, [8]), unroll_steps=3).stats() \
+        + unroll(draft, split_batch(packed, 8, [11]), unroll_steps=3).stats()
+    # Sums (CE, hits, counts, simulated tokens and cycles) add over sequences.
+    torch.testing.assert_close(unroll(draft, packed, unroll_steps=3).stats(), per_seq)
+
+
+def test_accumulated_micro_steps_give_the_pooled_per_token_gradient():
+    """Two micro-steps of very different sizes, each weighted by the step's N_k, train
+    exactly what one micro-step holding all their tokens would: a per-token mean, not a
+    mean of the two micro-steps' means."""
+    packed = make_batch([5, 40, 40], seed=14)
+    parts = [split_batch(packed, 0, [5]), split_batch(packed, 5, [40, 40])]
+    totals = sum(label_counts(p["seq_lens"], p["loss_mask"], 3) for p in parts)
+    assert label_counts([5], parts[0]["loss_mask"], 3)[0] * 20 < totals[0]  # ~1:50
+
+    def grads(batches, label_totals):
+        draft = tiny_draft(std=0.3)
+        loss = 0.0
+        for batch in batches:
+            result = eagle3_unroll(draft, unroll_steps=3, position_decay=0.8,
+                                   label_totals=label_totals, **batch)
+            result.loss.backward()
+            loss += result.loss.detach()
+        return loss, [p.grad for p in draft.parameters()]
+
+    (acc_loss, acc_grads), (pooled_loss, pooled_grads) = grads(parts, totals), grads([packed], None)
+    torch.testing.assert_close(acc_loss, pooled_loss)
+    for a, b in zip(acc_grads, pooled_grads):
+        torch.testing.assert_close(a, b)
+    # The mean of the two micro-steps' own means is another number.
+    means = sum(unroll(tiny_draft(std=0.3), p, unroll_steps=3).loss for p in parts) / 2
+    assert abs(means.item() - pooled_loss.item()) > 1e-3 * pooled_loss.item()
 
 
 def test_no_valid_positions_gives_zero_loss():
     draft, batch = tiny_draft(), make_batch([4, 5], seed=8)
     batch["loss_mask"][:] = False
     result = unroll(draft, batch, unroll_steps=2)
-    assert result.loss.item() == 0.0 and result.num_valid.sum().item() == 0
+    assert result.loss.item() == 0.0 and result.counted.sum().item() == 0
+    assert result.sim.tolist() == [0, 0]
     result.loss.backward()  # still a valid graph
     assert torch.isfinite(draft.fc.weight.grad).all()
 
@@ -233,24 +324,11 @@ def test_training_lowers_loss_and_raises_acc():
         opt.zero_grad()
         result.loss.backward()
         opt.step()
-        history.append(unroll_metrics(result))
+        history.append(step_summary(result.stats().tolist(), 0.8))
     first, last = history[0], history[-1]
-    # Measured: loss 9.06 -> 4.18, acc_0 0.00 -> 0.76 (30 steps, lr 3e-3, 21 valid positions).
+    # Measured: loss 4.77 -> 2.20, acc_0 0.00 -> 0.40, sim_accept_length 1.05 -> 1.69 (30
+    # steps, lr 3e-3; 40 counted positions, of which the ~45% whose target argmax is
+    # outside the draft vocabulary are misses).
     assert last["loss"] < 0.8 * first["loss"]
     assert last["acc_0"] > first["acc_0"] + 0.3
-
-
-def test_unroll_metrics_and_accept_length():
-    draft, batch = tiny_draft(), make_batch([6, 7], seed=10)
-    metrics = unroll_metrics(unroll(draft, batch, unroll_steps=3))
-    assert {"loss", "accept_length", "loss_0", "acc_2", "valid_1"} <= metrics.keys()
-    assert 1.0 <= metrics["accept_length"] <= 4.0
-
-
-def test_simulated_accept_length_hand_values():
-    assert simulated_accept_length([]) == 1.0
-    assert simulated_accept_length([0.0, 1.0, 1.0]) == 1.0
-    assert simulated_accept_length([1.0, 1.0, 1.0]) == 4.0
-    assert simulated_accept_length([0.5]) == 1.5
-    # 1 + 0.8 + 0.8*0.5 + 0.8*0.5*0.25 = 2.3
-    assert simulated_accept_length([0.8, 0.5, 0.25]) == pytest.approx(2.3)
+    assert last["sim_accept_length"] > first["sim_accept_length"]
