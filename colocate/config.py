@@ -227,6 +227,10 @@ class TrainSection:
     """Clip the global gradient norm to this (0 disables)."""
     log_every_s: float = 2.0
     """Minimum seconds between progress lines."""
+    val_every_steps: int = 0
+    """Validate on the data.holdout conversations every N optimizer steps and after the
+    last one (teacher-forced forward only: val_loss, val_acc_k, val_sim_accept_length in
+    metrics.jsonl). 0: never."""
     tensorboard: bool = False
     """Also log to RUN_DIR/tb when tensorboard is installed."""
 
@@ -235,6 +239,8 @@ class TrainSection:
         _require(0 <= self.stop_at_step <= self.max_steps, "train.stop_at_step",
                  f"got {self.stop_at_step}; use 0 (run to the end) or 1..train.max_steps")
         _require(self.micro_steps >= 1, "train.micro_steps", f"got {self.micro_steps}; must be >= 1")
+        _require(self.val_every_steps >= 0, "train.val_every_steps",
+                 f"got {self.val_every_steps}; use 0 (never) or a step interval")
         _require(self.lr > 0, "train.lr", f"got {self.lr}; must be > 0")
         _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "use a ratio in [0, 1]")
         _require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
@@ -388,6 +394,9 @@ class Config:
         _require(self.engine.tp_size == 1 or self.engine.backend == "sglang", "engine.tp_size",
                  f"{self.engine.tp_size} needs engine.backend=sglang (the hf engine runs the "
                  "whole target on each engine rank); use engine.tp_size=1")
+        _require(self.train.val_every_steps == 0 or self.data.holdout > 0,
+                 "train.val_every_steps", "validation needs held-out conversations; set "
+                 "data.holdout (e.g. 48) or train.val_every_steps=0")
         _require(self.eval.engine not in ("sglang", "both") or self.run.device != "cpu",
                  "eval.engine", f"{self.eval.engine} needs CUDA; use eval.engine=hf with "
                  "run.device=cpu")

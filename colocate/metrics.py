@@ -278,14 +278,21 @@ class MetricsLog:
         return to_device(torch.tensor([float(value)], dtype=torch.float64), self.device)
 
     def record(self, step: int, stats: torch.Tensor, grad_norm: torch.Tensor, *, lr: float,
-               tokens: int, seconds: float, phases: list | None = None, **host: float) -> None:
+               tokens: int, seconds: float, phases: list | None = None,
+               val_stats: torch.Tensor | None = None, **host: float) -> None:
         """stats: this trainer's stats vector summed over its micro-steps (layout above);
-        `host`: plain numbers of the first trainer's pair (waits, peak memory) written as
-        they are. grad_norm is the same on every trainer (clipping reduced it)."""
-        vec = torch.cat([stats.double(), grad_norm.double().reshape(1) / self.num_pairs,
-                         self._host_scalar(tokens)])
+        val_stats: the same over its held-out micro-steps on a validation step (every
+        trainer passes one then, or none does); `host`: plain numbers of the first trainer's
+        pair (waits, peak memory) written as they are. grad_norm is the same on every
+        trainer (clipping reduced it)."""
+        parts = [stats.double(), grad_norm.double().reshape(1) / self.num_pairs,
+                 self._host_scalar(tokens)]
+        if val_stats is not None:
+            parts.append(val_stats.double())
+        vec = torch.cat(parts)
         work = dist.all_reduce(vec, group=self.group, async_op=True)
-        self.pending.append((step, vec, work, dict(lr=lr, seconds=seconds, **host), phases))
+        self.pending.append((step, vec, work, dict(lr=lr, seconds=seconds, **host), phases,
+                             val_stats is not None))
         if self.path is None:  # other trainers: nothing to write, just retire the handles
             self._retire(write=False)
         elif time.monotonic() - self._last_flush >= self.flush_every_s:
@@ -295,21 +302,29 @@ class MetricsLog:
         self._retire(write=self.path is not None)
         self._last_flush = time.monotonic()
 
-    def _row(self, step: int, values: list[float], host: dict, phases: list | None) -> dict:
+    def _row(self, step: int, values: list[float], host: dict, phases: list | None,
+             has_val: bool) -> dict:
+        val = []
+        if has_val:
+            num = len(values) // 2 - 1  # [stats, grad_norm, tokens, val_stats], equal stats
+            values, val = values[:num + 2], values[num + 2:]
         *stats, grad_norm, tokens = values
         seconds = host.pop("seconds")
-        return {"step": step + 1, **step_summary(stats, self.position_decay),
-                "grad_norm": grad_norm, "tokens": int(tokens),
-                "tokens_per_s": tokens_per_s(tokens, seconds), "step_s": seconds, **host,
-                **{f"{name}_s": v for name, v in phase_seconds(phases or []).items()}}
+        row = {"step": step + 1, **step_summary(stats, self.position_decay),
+               "grad_norm": grad_norm, "tokens": int(tokens),
+               "tokens_per_s": tokens_per_s(tokens, seconds), "step_s": seconds, **host,
+               **{f"{name}_s": v for name, v in phase_seconds(phases or []).items()}}
+        if val:
+            row.update({f"val_{k}": v for k, v in step_summary(val, self.position_decay).items()})
+        return row
 
     def _retire(self, write: bool) -> None:
         lines = []
-        for step, vec, work, host, phases in self.pending:
+        for step, vec, work, host, phases, has_val in self.pending:
             work.wait()
             if not write:
                 continue
-            row = self._row(step, vec.tolist(), host, phases)  # host sync (first trainer)
+            row = self._row(step, vec.tolist(), host, phases, has_val)  # host sync (1st trainer)
             lines.append(json.dumps(row))
             self.last = row
             if self._tb is not None:

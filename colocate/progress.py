@@ -144,6 +144,15 @@ class Progress:
         self._tokens += tokens
         self.last = metrics
 
+    def validation(self, metrics: dict | None) -> None:
+        """The held-out numbers of a validation step."""
+        if not self.enabled or not metrics or "val_loss" not in metrics:
+            return
+        print(f"validation after step {metrics['step']}: loss {metrics['val_loss']:.4f} | "
+              f"acc_0 {metrics['val_acc_0']:.3f} | sim_accept_length "
+              f"{metrics['val_sim_accept_length']:.2f} on {metrics['val_labels']:,} held-out "
+              "labels", file=self.stream, flush=True)
+
     def finish(self, metrics: dict | None) -> None:
         if not self.enabled:
             return

@@ -57,14 +57,38 @@ def pack_micro_batch(dataset: TokenizedDataset, sampler: ShardedSampler,
             break
         picked.append(sampler.advance())
         used += length
+    return _micro_batch(dataset, picked, start_state, sampler.state())
+
+
+def pack_once(dataset: TokenizedDataset, indices: list[int],
+              tokens_per_micro_step: int) -> list[MicroBatch]:
+    """Every sequence of `indices` exactly once, in order, greedily packed into micro-batches
+    of at most the budget (a validation pass; the states are not resumable positions)."""
+    lengths = dataset.lengths()
+    batches, picked, used = [], [], 0
+    for index in indices:
+        length = int(lengths[index])
+        assert length <= tokens_per_micro_step, (index, length, tokens_per_micro_step)
+        if picked and used + length > tokens_per_micro_step:
+            batches.append(_micro_batch(dataset, picked, {}, {}))
+            picked, used = [], 0
+        picked.append(index)
+        used += length
+    if picked:
+        batches.append(_micro_batch(dataset, picked, {}, {}))
+    return batches
+
+
+def _micro_batch(dataset: TokenizedDataset, picked: list[int], start_state: dict,
+                 end_state: dict) -> MicroBatch:
+    lengths = dataset.lengths()
     ids, masks = zip(*(dataset.sequence(i) for i in picked))
     seq_lens = torch.tensor([int(lengths[i]) for i in picked], dtype=torch.int32)
-    positions = positions_from_lens(seq_lens)
-    return MicroBatch(input_ids=torch.cat(ids).to(torch.int64), positions=positions,
-                      loss_mask=torch.cat(masks), seq_lens=seq_lens,
-                      indices=torch.tensor(picked, dtype=torch.int64),
-                      epoch=start_state["epoch"], start_state=start_state,
-                      end_state=sampler.state())
+    return MicroBatch(input_ids=torch.cat(ids).to(torch.int64),
+                      positions=positions_from_lens(seq_lens), loss_mask=torch.cat(masks),
+                      seq_lens=seq_lens, indices=torch.tensor(picked, dtype=torch.int64),
+                      epoch=start_state.get("epoch", 0), start_state=start_state,
+                      end_state=end_state)
 
 
 def positions_from_lens(seq_lens: torch.Tensor) -> torch.Tensor:

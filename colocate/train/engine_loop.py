@@ -8,7 +8,9 @@ Order (the trainer mirrors it in trainer.py):
   3. send `plan` (vocabulary, data counts); receive `start` (step and data position);
   4. produce (last step - start step) * micro_steps packed micro-steps, then `end`. The
      micro-batches of an optimizer step are packed together before its first prefill
-     (`pack_step`), so every message can carry the step's loss denominators.
+     (`pack_step`), so every message can carry the step's loss denominators. After each
+     step that validates (`validates_after`), this pair's held-out micro-steps follow,
+     marked split="val" (the last one val_last=True); the trainer runs them forward only.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ import torch
 import torch.distributed as dist
 
 from colocate.config import Config
-from colocate.data import DataStream, load_or_build_tokenized, load_or_build_vocab
-from colocate.data.packing import MicroBatch
+from colocate.data import (DataError, DataStream, TokenizedDataset, load_or_build_tokenized,
+                           load_or_build_vocab)
+from colocate.data.packing import MicroBatch, pack_once
 from colocate.draft import label_counts
 from colocate.engine import build_engine
 from colocate.topology import Topology
 from colocate.progress import BusyClock, peak_gib
+from colocate.train.schedule import validates_after
 from colocate.transport import PairChannel, RingProducer
 
 log = logging.getLogger(__name__)
@@ -38,12 +42,17 @@ def default_cache_dir(cfg: Config) -> str:
 
 
 def prepare_data(cfg: Config, tokenizer, target_vocab_size: int):
-    """Tokenized dataset + draft vocabulary (both cached on disk)."""
+    """Tokenized training data + draft vocabulary (both cached on disk), and the tokenized
+    held-out split (cached too) when data.holdout > 0, else None."""
     cache_dir = default_cache_dir(cfg)
     tokenized = load_or_build_tokenized(cfg.data, tokenizer, cfg.target.path, cache_dir)
     vocab = load_or_build_vocab(tokenized, cfg.draft.draft_vocab_size, target_vocab_size,
                                 cache_dir)
-    return tokenized, vocab
+    held_out = None
+    if cfg.data.holdout:
+        held_out = load_or_build_tokenized(cfg.data, tokenizer, cfg.target.path, cache_dir,
+                                           split="holdout")
+    return tokenized, vocab, held_out
 
 
 def load_tokenizer(path: str):
@@ -74,6 +83,22 @@ def pack_step(stream: DataStream, num_micro_steps: int,
             for b, c in zip(batches, counts)]
 
 
+def validation_batches(held_out: TokenizedDataset, topo: Topology,
+                       tokens_per_micro_step: int) -> list[MicroBatch]:
+    """This pair's share of the held-out conversations (every num_pairs-th one), packed once.
+
+    Every pair must get at least one: each trainer's validation pass starts with the same
+    collective (gathering the sharded draft), so a trainer without held-out data would
+    leave the others waiting."""
+    info = topo.info
+    if held_out.num_sequences < info.num_pairs:
+        raise DataError(f"data.holdout: {held_out.num_sequences} usable held-out "
+                        f"conversation(s) for {info.num_pairs} trainer/engine pairs; "
+                        "validation needs one per pair at least: raise data.holdout")
+    indices = list(range(info.pair_index, held_out.num_sequences, info.num_pairs))
+    return pack_once(held_out, indices, tokens_per_micro_step)
+
+
 def run_engine(cfg: Config, topo: Topology, channel: PairChannel, *, target_config) -> None:
     startup = cfg.run.startup_timeout_s
     info = topo.info
@@ -82,14 +107,16 @@ def run_engine(cfg: Config, topo: Topology, channel: PairChannel, *, target_conf
     #    and then hit the cache (a gloo barrier among engines only).
     tokenizer = load_tokenizer(cfg.target.path)
     if topo.is_first:
-        tokenized, vocab = prepare_data(cfg, tokenizer, target_config.vocab_size)
+        tokenized, vocab, held_out = prepare_data(cfg, tokenizer, target_config.vocab_size)
         log.info("data: %s", tokenized.stats.format())
     dist.barrier(group=topo.role_cpu_group)
     if not topo.is_first:
-        tokenized, vocab = prepare_data(cfg, tokenizer, target_config.vocab_size)
+        tokenized, vocab, held_out = prepare_data(cfg, tokenizer, target_config.vocab_size)
     stream = DataStream(tokenized, seed=cfg.run.seed, shuffle=cfg.data.shuffle,
                         shard_index=info.pair_index, num_shards=info.num_pairs,
                         tokens_per_micro_step=cfg.data.tokens_per_micro_step)
+    val_batches = (validation_batches(held_out, topo, cfg.data.tokens_per_micro_step)
+                   if cfg.train.val_every_steps else [])
 
     # 2. The target model, under the engine's memory cap.
     if topo.device.type == "cuda" and cfg.mps.engine_mem_fraction > 0:
@@ -102,9 +129,9 @@ def run_engine(cfg: Config, topo: Topology, channel: PairChannel, *, target_conf
     _, start = channel.recv("start", startup, "the trainer's start (step and data position)")
     if start["data_state"] is not None:
         stream.load_state(start["data_state"])
-    num_messages = max(0, cfg.last_step - start["start_step"]) * cfg.train.micro_steps
 
-    # 4. Stream micro-steps through the ring.
+    # 4. Stream micro-steps through the ring: each optimizer step's micro-steps, then, after
+    #    the steps that validate, this pair's held-out micro-steps (forward only).
     budget = cfg.data.tokens_per_micro_step
     ring = RingProducer.start(channel, num_slots=cfg.transport.num_slots,
                               slot_bytes=engine.slot_bytes(budget, budget), device=topo.device,
@@ -113,29 +140,43 @@ def run_engine(cfg: Config, topo: Topology, channel: PairChannel, *, target_conf
     replay: list[tuple[dict, dict]] = []  # bench.engine=replay: captured micro-steps
     busy = BusyClock(topo.device)  # prefill time, read without syncing the engine's stream
     clock_start = time.monotonic()  # the engine's own timeline, for its wait/prefill shares
-    for n in range(num_messages):
+    num_sent = 0
+
+    def send(batch: MicroBatch | None, meta: dict) -> None:
+        """One ring message: `batch` prefilled (None: the next replayed micro-step)."""
+        nonlocal num_sent
         writer = ring.acquire()
-        if cfg.bench.engine == "replay" and len(replay) == cfg.bench.replay_micro_steps:
-            tensors, meta = replay[n % len(replay)]
+        if batch is None:
+            tensors, replayed = replay[num_sent % len(replay)]
             for name, tensor in tensors.items():
                 writer.put(name, tensor)
-            writer.meta.update(meta)
+            writer.meta.update(replayed)
         else:
-            if n % cfg.train.micro_steps == 0:  # an optimizer step's first message
-                step_batches = pack_step(stream, cfg.train.micro_steps, cfg.draft.unroll_steps)
-            batch, meta = step_batches[n % cfg.train.micro_steps]
             busy.begin()
             engine.prefill(batch, writer, budget=budget)
             busy.end()
             writer.meta.update(meta)
-            if cfg.bench.engine == "replay":
+            if cfg.bench.engine == "replay" and len(replay) < cfg.bench.replay_micro_steps:
                 replay.append(({k: v.clone() for k, v in writer.views().items()},
                                dict(writer.meta)))
         writer.meta.update(engine_wait_s=ring.stats.wait_s, engine_peak_gib=peak_gib(topo.device),
                            engine_prefill_s=busy.read(),
                            engine_clock_s=time.monotonic() - clock_start)
         ring.publish(writer)
-        if n == cfg.train.micro_steps + cfg.transport.num_slots:
+        num_sent += 1
+        if num_sent == cfg.train.micro_steps + cfg.transport.num_slots + 1:
             # The trainer finished its first optimizer step: start-up is over.
             ring.timeout_s = cfg.run.timeout_s
+
+    for step in range(start["start_step"], cfg.last_step):
+        if cfg.bench.engine == "replay" and len(replay) == cfg.bench.replay_micro_steps:
+            for _ in range(cfg.train.micro_steps):
+                send(None, {})
+        else:
+            for batch, meta in pack_step(stream, cfg.train.micro_steps, cfg.draft.unroll_steps):
+                send(batch, meta)
+        if validates_after(step, every=cfg.train.val_every_steps, last_step=cfg.last_step):
+            for i, batch in enumerate(val_batches):
+                send(batch, dict(split="val", val_last=i == len(val_batches) - 1,
+                                 seq_lens=batch.seq_lens.tolist()))
     ring.close()

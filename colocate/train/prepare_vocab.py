@@ -22,8 +22,10 @@ def main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     tokenizer = load_tokenizer(cfg.target.path)
     vocab_size = AutoConfig.from_pretrained(cfg.target.path, local_files_only=True).vocab_size
-    tokenized, vocab = prepare_data(cfg, tokenizer, vocab_size)
+    tokenized, vocab, held_out = prepare_data(cfg, tokenizer, vocab_size)
     print(tokenized.stats.format())
+    if held_out is not None:
+        print(f"held out (data.holdout): {held_out.stats.format()}")
     print(f"draft vocabulary: {vocab.size} of {vocab_size} target tokens; caches in "
           f"{default_cache_dir(cfg)}")
     return 0

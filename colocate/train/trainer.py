@@ -15,7 +15,7 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from colocate.config import Config, ConfigError, TrainSection
 from colocate.draft import (DraftArch, Eagle3Draft, UnrollResult, eagle3_unroll,
@@ -26,7 +26,7 @@ from colocate.metrics import MetricsLog, stats_length
 from colocate.progress import PhaseTimer, Progress, peak_gib
 from colocate.topology import Topology
 from colocate.train import checkpoint as ckpt
-from colocate.train.schedule import lr_at
+from colocate.train.schedule import lr_at, validates_after
 from colocate.train.target_tensors import dummy_embed_and_head, load_embed_and_head
 from colocate.transport import PairChannel, PeerError, RingConsumer
 
@@ -259,7 +259,9 @@ class DraftTrainer:
             grad_norm = torch.zeros((), device=self.topo.device) if discard else \
                 clip_and_step(self.model, self.optimizer, self.topo.role_group, t.grad_clip)
             self.timer.mark("optimizer")
-            self.metrics.record(step, sums, grad_norm, lr=lr, tokens=tokens,
+            validate = validates_after(step, every=t.val_every_steps, last_step=self.cfg.last_step)
+            val_stats = self.validate(step) if validate else None
+            self.metrics.record(step, sums, grad_norm, val_stats=val_stats, lr=lr, tokens=tokens,
                                 seconds=time.monotonic() - step_start,
                                 trainer_wait_s=self.ring.stats.wait_s, engine_wait_s=engine_wait,
                                 handoff_s=self.ring.stats.handoff_s,
@@ -268,6 +270,9 @@ class DraftTrainer:
                                 phases=self.timer.take(),
                                 trainer_peak_gib=peak_gib(self.topo.device),
                                 engine_peak_gib=engine_peak)
+            if validate:
+                self.metrics.flush()  # a sync on the first trainer, on validation steps only
+                self.progress.validation(self.metrics.last)
             self.progress.step_done(step, self.metrics.last, tokens)
             if not first_step_done:  # start-up is over: tighten every wait
                 self.ring.timeout_s = self.cfg.run.timeout_s
@@ -279,6 +284,34 @@ class DraftTrainer:
         if self.cfg.last_step > self.start_step:
             self.save(self.cfg.last_step)
         self.progress.finish(self.metrics.last)
+
+    def validate(self, step: int) -> torch.Tensor:
+        """Forward-only stats (summed) of this pair's held-out micro-steps, which the engine
+        sends right after the step's last micro-step.
+
+        The sharded draft is gathered first, explicitly, on every trainer at once: then the
+        forwards below run no collective, so pairs may hold different numbers of held-out
+        micro-steps. The draft stays gathered until the next backward reshards it, as after
+        any training forward (reshard_after_forward=False)."""
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.unshard()
+        sums = None
+        with torch.no_grad():
+            while True:
+                delivery = self.ring.receive()
+                if delivery is None or delivery.meta.get("split") != "val":
+                    raise PeerError(f"{self.channel.me}: expected the held-out micro-steps "
+                                    f"after step {step + 1}; the engine sent "
+                                    f"{'the end' if delivery is None else 'a training one'}")
+                with delivery:
+                    stats = draft_forward(self.model, self.embed, self.lm_head, self.draft_ids,
+                                          delivery.tensors, delivery.meta["seq_lens"],
+                                          self.cfg).stats()
+                    last = delivery.meta["val_last"]
+                sums = stats if sums is None else sums + stats
+                if last:
+                    return sums
 
     def save(self, step: int) -> None:
         ckpt.save_checkpoint(self.cfg.run.dir, step, self.model, self.optimizer,

@@ -38,7 +38,8 @@ def reference_losses(cfg: Config, num_pairs: int) -> tuple[list[float], list[flo
     device = torch.device("cpu")
     target_config = AutoConfig.from_pretrained(cfg.target.path, local_files_only=True)
     aux = resolve_aux_layer_ids(cfg.target.aux_layer_ids, target_config.num_hidden_layers)
-    tokenized, vocab = prepare_data(cfg, load_tokenizer(cfg.target.path), target_config.vocab_size)
+    tokenized, vocab, _ = prepare_data(cfg, load_tokenizer(cfg.target.path),
+                                       target_config.vocab_size)
     streams = [DataStream(tokenized, seed=cfg.run.seed, shuffle=cfg.data.shuffle, shard_index=p,
                           num_shards=num_pairs,
                           tokens_per_micro_step=cfg.data.tokens_per_micro_step)

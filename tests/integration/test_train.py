@@ -186,3 +186,42 @@ def test_resume_on_more_pairs_names_both_counts(tiny_assets, tmp_path):
     lines = [l for l in second.stderr.splitlines() if l.startswith("colocate train: error:")]
     assert lines and "written by 1 trainer/engine pair(s), this run has 2" in lines[0]
     assert "checkpoint.resume=never" in lines[0]
+
+
+def test_validation_on_the_held_out_split(tiny_assets, tmp_path):
+    from colocate.data import load_or_build_tokenized
+    from colocate.train.engine_loop import load_tokenizer
+
+    run_dir = str(tmp_path / "val")
+    cache = str(tmp_path / "cache")
+    overrides = tiny_overrides(tiny_assets, run_dir, "train.max_steps=6", "draft.unroll_steps=3",
+                               "data.holdout=48", "train.val_every_steps=4",
+                               f"data.cache_dir={cache}")
+    proc = torchrun_train(overrides)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = metrics(run_dir)
+    validated = [r["step"] for r in rows if "val_loss" in r]
+    assert validated == [4, 6]  # every 4 steps and after the last
+    assert "validation after step 4:" in proc.stdout and "validation after step 6:" in proc.stdout
+    assert "48 held out" in proc.stderr
+    # Every held-out conversation was evaluated once, over both pairs: the step-0 labels of
+    # the held-out split, counted here independently (label t+2 inside its sequence, masked).
+    cfg = load_config(CONFIG, overrides)
+    held_out = load_or_build_tokenized(cfg.data, load_tokenizer(cfg.target.path),
+                                       cfg.target.path, cache, split="holdout")
+    assert held_out.num_sequences == 48
+    expected = sum(int(held_out.sequence(i)[1][2:].sum()) for i in range(48))
+    for row in rows:
+        if "val_loss" in row:
+            assert row["val_labels"] == expected
+            assert 1.0 <= row["val_sim_accept_length"] <= 3 + 1
+            assert 0.0 <= row["val_acc_0"] <= 1.0 and row["val_loss"] > 0
+    # The draft learned between the two validations, on the held-out data too.
+    first, last = (r for r in rows if "val_loss" in r)
+    assert last["val_loss"] < first["val_loss"]
+    # Validation is forward only: the same run without it trains exactly the same.
+    plain_dir = str(tmp_path / "plain")
+    plain = torchrun_train([o.replace(run_dir, plain_dir) for o in overrides
+                            if not o.startswith("train.val_every_steps")])
+    assert plain.returncode == 0, plain.stderr[-4000:]
+    assert [r["loss"] for r in metrics(plain_dir)] == [r["loss"] for r in rows]
