@@ -359,7 +359,10 @@ class EvalSection:
     at_end: bool = False
     """Evaluate the exported draft when training ends."""
     every_steps: int = 0
-    """Also evaluate every N optimizer steps during training. 0: never."""
+    """Also evaluate every N optimizer steps during training, in the background (it needs
+    room: CPU cores, or GPU memory beside the job's shares). 0: never."""
+    timeout_s: float = 3600.0
+    """Bound on one in-training evaluation (eval.at_end / eval.every_steps)."""
 
     def __post_init__(self):
         _require(self.engine in ("auto", "hf", "sglang", "both"), "eval.engine",
@@ -371,6 +374,7 @@ class EvalSection:
         _require(self.batch_size >= 1, "eval.batch_size", f"got {self.batch_size}; must be >= 1")
         _require(self.every_steps >= 0, "eval.every_steps",
                  f"got {self.every_steps}; use 0 (never) or a step interval")
+        _require(self.timeout_s > 0, "eval.timeout_s", f"got {self.timeout_s}; must be > 0")
 
 
 @dataclass(kw_only=True)

@@ -49,9 +49,15 @@ def main(args: argparse.Namespace) -> int:
                                 peer_rank=info.peer_rank, peer_pid=topo.peer_pid,
                                 job_token=topo.job_token, pair_index=info.pair_index,
                                 timeout_s=cfg.run.startup_timeout_s)
+    # Served evaluations (eval.every_steps / eval.at_end) belong to the first trainer.
+    evals = None
+    if topo.is_first and topo.is_trainer and (cfg.eval.every_steps or cfg.eval.at_end):
+        from colocate.train.served_eval import ServedEvals
+
+        evals = ServedEvals(cfg)
     try:
         if topo.is_trainer:
-            _train(cfg, topo, channel, target_config, aux)
+            _train(cfg, topo, channel, target_config, aux, evals)
         else:
             from colocate.train.engine_loop import run_engine
 
@@ -63,26 +69,24 @@ def main(args: argparse.Namespace) -> int:
     finally:
         channel.close()
     close_topology(topo, timeout_s=cfg.run.timeout_s)
+    if evals is not None:  # every rank is done: the engines' GPU memory is free again
+        if cfg.eval.at_end:
+            evals.launch(cfg.last_step, os.path.join(cfg.run.dir, "export"))
+        evals.finish()
     return 0
 
 
-def _train(cfg, topo, channel, target_config, aux) -> None:
+def _train(cfg, topo, channel, target_config, aux, evals) -> None:
     import torch
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from colocate.export import export_draft
     from colocate.train.trainer import DraftTrainer
 
     if topo.device.type == "cuda" and cfg.mps.trainer_mem_fraction > 0:
         torch.cuda.set_per_process_memory_fraction(cfg.mps.trainer_mem_fraction, topo.device)
-    trainer = DraftTrainer(cfg, topo, channel, target_config=target_config, aux_layer_ids=aux)
+    trainer = DraftTrainer(cfg, topo, channel, target_config=target_config, aux_layer_ids=aux,
+                           evals=evals)
     trainer.train()
-    # Gather the full weights over the trainer mesh (all trainers), write on the first.
-    full = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True,
-                                                                        cpu_offload=True))
-    if topo.is_first:
-        out = export_draft(full, trainer.arch, d2t=trainer.vocab["d2t"], t2d=trainer.vocab["t2d"],
-                           aux_layer_ids=aux, target_config=target_config,
-                           out_dir=os.path.join(cfg.run.dir, "export"))
+    out = trainer.export(os.path.join(cfg.run.dir, "export"))
+    if out:
         log.info("exported the draft to %s", out)
     trainer.close()

@@ -15,12 +15,14 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from colocate.config import Config, ConfigError, TrainSection
 from colocate.draft import (DraftArch, Eagle3Draft, UnrollResult, eagle3_unroll,
                             target_distribution)
 from colocate.engine import feature_needs, resolve_target_dtype
+from colocate.export import export_draft
 from colocate.hostcopy import to_device
 from colocate.metrics import MetricsLog, stats_length
 from colocate.progress import PhaseTimer, Progress, peak_gib
@@ -133,8 +135,10 @@ def make_optimizer(model: torch.nn.Module, t: TrainSection) -> torch.optim.Optim
 
 class DraftTrainer:
     def __init__(self, cfg: Config, topo: Topology, channel: PairChannel, *, target_config,
-                 aux_layer_ids: list[int]):
+                 aux_layer_ids: list[int], evals=None):
+        """evals: the first trainer's `ServedEvals` for eval.every_steps (None elsewhere)."""
         self.cfg, self.topo, self.channel = cfg, topo, channel
+        self.target_config, self.aux_layer_ids, self.evals = target_config, aux_layer_ids, evals
         device = topo.device
         startup = cfg.run.startup_timeout_s
         dtype = resolve_target_dtype(cfg.target.dtype, device)  # draft compute dtype
@@ -280,6 +284,7 @@ class DraftTrainer:
             every = self.cfg.checkpoint.every_steps
             if every and (step + 1) % every == 0 and step + 1 < self.cfg.last_step:
                 self.save(step + 1)
+            self.served_eval(step)
         self.metrics.flush()
         if self.cfg.last_step > self.start_step:
             self.save(self.cfg.last_step)
@@ -312,6 +317,29 @@ class DraftTrainer:
                 sums = stats if sums is None else sums + stats
                 if last:
                     return sums
+
+    def served_eval(self, step: int) -> None:
+        """eval.every_steps: export the draft (every trainer takes part in the gather) and
+        start its served evaluation in the background; report the ones that finished."""
+        every = self.cfg.eval.every_steps
+        if every and (step + 1) % every == 0 and step + 1 < self.cfg.last_step:
+            out = self.export(os.path.join(self.cfg.run.dir, "evals", f"step_{step + 1:08d}",
+                                           "export"))
+            if self.evals is not None:
+                self.evals.launch(step + 1, out)
+        if self.evals is not None:
+            self.evals.poll()
+
+    def export(self, out_dir: str) -> str | None:
+        """Write the draft as sglang's EAGLE3 checkpoint into `out_dir` (on the first trainer;
+        returns it there, None elsewhere). Every trainer gathers the full weights."""
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
+                                                                         cpu_offload=True))
+        if not self.topo.is_first:
+            return None
+        return export_draft(full, self.arch, d2t=self.vocab["d2t"], t2d=self.vocab["t2d"],
+                            aux_layer_ids=self.aux_layer_ids, target_config=self.target_config,
+                            out_dir=out_dir)
 
     def save(self, step: int) -> None:
         ckpt.save_checkpoint(self.cfg.run.dir, step, self.model, self.optimizer,

@@ -225,3 +225,26 @@ def test_validation_on_the_held_out_split(tiny_assets, tmp_path):
                             if not o.startswith("train.val_every_steps")])
     assert plain.returncode == 0, plain.stderr[-4000:]
     assert [r["loss"] for r in metrics(plain_dir)] == [r["loss"] for r in rows]
+
+
+def test_served_evals_during_and_after_training(tiny_assets, tmp_path):
+    run_dir = str(tmp_path / "evals")
+    proc = torchrun_train(tiny_overrides(
+        tiny_assets, run_dir, "train.max_steps=6", "draft.unroll_steps=3", "data.holdout=8",
+        "train.val_every_steps=3", "eval.every_steps=3", "eval.at_end=true", "eval.engine=hf",
+        "eval.num_prompts=4", "eval.steps=3", "eval.max_new_tokens=12",
+        f"data.cache_dir={tmp_path / 'cache'}"), timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(os.path.join(run_dir, "evals.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert sorted(r["step"] for r in rows) == [3, 6]
+    val = {r["step"]: r["val_sim_accept_length"] for r in metrics(run_dir) if "val_loss" in r}
+    for row in rows:
+        with open(row["eval_json"]) as f:
+            result = json.load(f)
+        assert result["engine"] == "hf" and result["num_prompts"] == 4 and result["steps"] == 3
+        assert row["accept_length"] == result["accept_length"]
+        assert row["accept_length"] == result["completion_tokens"] / result["verify_steps"]
+        assert row["val_sim_accept_length"] == val[row["step"]]
+    assert os.path.isdir(os.path.join(run_dir, "evals", "step_00000003", "export"))
+    assert proc.stdout.count("served eval after step") == 2
