@@ -126,9 +126,9 @@ class EngineRun:
     stats: AcceptStats
     outputs: list[list[int]]
     """Completion tokens per prompt, with the draft (batch 1)."""
-    tokens_per_s: dict[int, tuple[float, float]]
-    """batch size -> (tokens/s with the draft, without it)."""
-    same_as_target: int
+    tokens_per_s: dict[int, tuple[float, float | None]]
+    """batch size -> (tokens/s with the draft, without it; None when not measured)."""
+    same_as_target: int | None
     """Prompts whose output with the draft equals the target's alone (greedy is lossless,
     so every one should; low precision may flip near-ties)."""
 

@@ -102,7 +102,7 @@ def run_eval(cfg: Config, draft_dir: str) -> dict:
         runs["sglang"] = sglang_eval(cfg.target.path, export, prompts, **gen,
                                      batch_size=ev.batch_size, dtype=str(dtype).split(".")[-1],
                                      attention_backend=cfg.engine.attention_backend,
-                                     seed=cfg.run.seed)
+                                     seed=cfg.run.seed, baseline=ev.baseline)
     return summarize(runs, draft=export.path, target=cfg.target.path, data=source,
                      steps=ev.steps, max_new_tokens=ev.max_new_tokens,
                      num_skipped_too_long=num_too_long)

@@ -16,10 +16,12 @@ run with the draft.
 
 from __future__ import annotations
 
+import os
 import queue
 import time
 import traceback
 from multiprocessing import get_context
+from typing import Collection
 
 from colocate.eval.chain import AcceptStats, EngineRun
 from colocate.eval.exported import EvalError, ExportedDraft
@@ -54,7 +56,8 @@ def speculative_args(export: ExportedDraft, num_steps: int) -> dict:
         raise EvalError(f"{export.config_path}: architecture {export.architecture!r} has no "
                         f"sglang speculative algorithm here (known: "
                         f"{', '.join(SPECULATIVE_ALGORITHMS)})")
-    return {"speculative_algorithm": algorithm, "speculative_draft_model_path": export.path,
+    return {"speculative_algorithm": algorithm,
+            "speculative_draft_model_path": os.path.abspath(export.path),
             "speculative_num_steps": num_steps, "speculative_eagle_topk": 1,
             "speculative_num_draft_tokens": num_steps + 1}
 
@@ -126,13 +129,16 @@ def _in_child(*args) -> dict:
 
 
 def sglang_eval(target_path: str, export: ExportedDraft, prompts: list[list[int]], *,
-                num_steps: int, max_new_tokens: int, stop_ids: frozenset[int], batch_size: int,
-                dtype: str, attention_backend: str, seed: int) -> EngineRun:
-    """Accept length of `export` served by sglang, and tokens/s with and without it."""
+                num_steps: int, max_new_tokens: int, stop_ids: Collection[int], batch_size: int,
+                dtype: str, attention_backend: str, seed: int,
+                baseline: bool = True) -> EngineRun:
+    """Accept length of `export` served by sglang, and tokens/s with it and (`baseline`)
+    without it."""
     from colocate.engine.sglang_env import offline_engine_env
 
     offline_engine_env()  # before any engine process starts: children inherit the switch
-    common = dict(model_path=target_path, attention_backend=attention_backend,
+    common = dict(model_path=os.path.abspath(target_path),  # relative: taken for a hub id
+                  attention_backend=attention_backend,
                   sampling_backend="pytorch", disable_cuda_graph=True, disable_radix_cache=True,
                   mem_fraction_static=MEM_FRACTION_STATIC, dtype=dtype, random_seed=seed,
                   skip_tokenizer_init=True, log_level="warning")
@@ -140,7 +146,7 @@ def sglang_eval(target_path: str, export: ExportedDraft, prompts: list[list[int]
                 "stop_token_ids": sorted(stop_ids)}
     spec = _in_child({**common, **speculative_args(export, num_steps)}, prompts, sampling,
                      batch_size)
-    plain = _in_child(common, prompts, sampling, batch_size)
+    plain = _in_child(common, prompts, sampling, batch_size) if baseline else None
 
     stats = AcceptStats()
     for meta in spec["metas"]:
@@ -148,8 +154,10 @@ def sglang_eval(target_path: str, export: ExportedDraft, prompts: list[list[int]
                   meta["spec_accept_histogram"] or [])
     stats.histogram += [0] * (num_steps + 1 - len(stats.histogram))
 
+    alone = plain or {"rate_1": None, "rate_b": None, "outputs": None}
     return EngineRun(
         engine="sglang", stats=stats, outputs=spec["outputs"],
-        tokens_per_s={1: (spec["rate_1"], plain["rate_1"]),
-                      batch_size: (spec["rate_b"], plain["rate_b"])},
-        same_as_target=sum(a == b for a, b in zip(spec["outputs"], plain["outputs"])))
+        tokens_per_s={1: (spec["rate_1"], alone["rate_1"]),
+                      batch_size: (spec["rate_b"], alone["rate_b"])},
+        same_as_target=None if plain is None else
+        sum(a == b for a, b in zip(spec["outputs"], plain["outputs"])))
