@@ -1,7 +1,10 @@
 """Token ids and loss masks of conversations, and the prompts the target answers.
 
 One function builds both, so the prompt the target saw when `colocate generate` produced
-reply i is exactly the context training gives reply i:
+reply i is exactly the context training gives reply i, wherever the template renders a
+conversation's history as it rendered the prompt (a template that changes earlier turns
+once later ones follow, e.g. Qwen3 without thinking, whose generation prompt holds an empty
+think block that history does not, trains such a reply after its history's header):
 
 * Text is tokenized from the rendered template (special tokens are not added again: the
   template already writes any BOS it wants).

@@ -16,9 +16,9 @@ and many are not:
   the first end-of-turn marker after its start (the marker is what the template writes
   after any reply: the common suffix of two renders with different contents).
 * With `enable_thinking: false` Qwen3's generation prompt carries the empty think block,
-  so `before_i` is not a prefix either. Then the reply starts after the part of the
-  generation prompt that the whole conversation really renders (its common prefix with
-  the text after the earlier turns).
+  so `before_i` is not a prefix either. Then the reply starts after the header the
+  template writes before a probe reply in the same place (followed by a user turn, as
+  the real reply is).
 * DeepSeek-R1 drops the reasoning of every reply from history; the spans still hold what
   the template renders.
 
@@ -112,8 +112,18 @@ def _reply_start(renderer: Renderer, messages: list[dict], i: int, text: str,
     if not text.startswith(prior):
         raise _unlocatable(where, i, "the turns before it render differently once later turns "
                                      "follow (the template rewrites earlier turns)")
-    header = before[len(prior):]  # the generation prompt, e.g. the role header
-    return len(prior) + len(os.path.commonprefix([header, text[len(prior):]]))
+    # The generation prompt differs from what the template writes before a reply that
+    # later turns follow (Qwen3 without thinking puts an empty think block in the prompt
+    # only): take that header from a probe reply in the same place.
+    probe = renderer.render(messages[:i] + [{"role": "assistant", "content": _PROBE_CONTENTS[0]},
+                                            {"role": "user", "content": _PROBE_CONTENTS[1]}],
+                            False, where)
+    found = probe.find(_PROBE_CONTENTS[0], len(prior))
+    header = probe[len(prior):found] if probe.startswith(prior) and found >= 0 else None
+    if header is None or not text.startswith(header, len(prior)):
+        raise _unlocatable(where, i, "the template writes a header before it that neither its "
+                                     "generation prompt nor a probe reply shows")
+    return len(prior) + len(header)
 
 
 def _end_marker(renderer: Renderer, messages: list[dict], i: int, where: str) -> str:

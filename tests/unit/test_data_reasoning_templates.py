@@ -11,6 +11,7 @@ from colocate.config import DataSection
 from colocate.data import (DataError, Renderer, encode_conversation, encode_prompt,
                            load_or_build_tokenized, parse_record)
 from colocate.data.holdout import holdout_lines, read_holdout_conversations
+from tests.unit.test_data_template import _masked_runs
 
 END = "<|im_end|>"
 
@@ -50,16 +51,7 @@ R1_STYLE = (
 
 
 def masked_runs(tok, encoded) -> list[str]:
-    runs, current = [], []
-    for i, m in zip(encoded.ids, encoded.mask):
-        if m:
-            current.append(int(i))
-        elif current:
-            runs.append(tok.decode(current))
-            current = []
-    if current:
-        runs.append(tok.decode(current))
-    return runs
+    return _masked_runs(tok, encoded.ids, encoded.mask)
 
 
 def conv(*turns, where="d.jsonl:3"):
@@ -92,6 +84,12 @@ def test_qwen3_style_without_thinking_keeps_the_prompted_block_out_of_the_mask(t
     renderer = Renderer(tiny_tokenizer, QWEN3_STYLE, {"enable_thinking": False})
     encoded = encode_conversation(MULTI, renderer)
     assert masked_runs(tiny_tokenizer, encoded) == ["2 + 3 = 5." + END, "4 + 4 = 8." + END]
+    # A reply whose first characters are also the generation prompt's next ones ("<" of
+    # "<think>") keeps them.
+    tags = conv(("user", "Bold?"), ("assistant", "<b>5</b>"), ("user", "Again"),
+                ("assistant", "<b>6</b>"))
+    assert masked_runs(tiny_tokenizer, encode_conversation(tags, renderer)) == [
+        "<b>5</b>" + END, "<b>6</b>" + END]
 
 
 def test_reasoning_content_is_rendered_and_trained(tiny_tokenizer):
@@ -192,6 +190,19 @@ def test_prompts_are_the_training_context_of_each_reply(tiny_tokenizer):
         for turn, reply in ((2, r1), (4, r2)):
             prompt = encode_prompt(c, renderer, turn)
             assert full.ids[:len(prompt) + len(reply)] == prompt + reply, (renderer.template, turn)
+    # Without thinking, the generation prompt holds an empty think block that history does
+    # not: the last reply's context is still exact, an earlier one's header differs.
+    no_think = Renderer(tok, QWEN3_STYLE, {"enable_thinking": False})
+    r2_plain = tok.encode(" 7 + 1 = 8.") + [end]
+    c2 = conv(("user", "Say it."), ("assistant", tok.decode(r1, skip_special_tokens=True),
+                                    {"token_ids": r1}), ("user", "Now add."),
+              ("assistant", tok.decode(r2_plain, skip_special_tokens=True),
+               {"token_ids": r2_plain}))
+    full = encode_conversation(c2, no_think)
+    assert (full.ids_used, full.ids_unusable) == (2, 0)
+    prompt = encode_prompt(c2, no_think, 3)
+    assert full.ids[:len(prompt) + len(r2_plain)] == prompt + r2_plain
+    assert tok.decode(encode_prompt(c2, no_think, 1)).endswith("<think>\n\n</think>\n\n")
 
 
 def test_ids_the_template_renders_otherwise_fall_back_to_text(tiny_tokenizer):
