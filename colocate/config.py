@@ -354,7 +354,8 @@ class EvalSection:
     """Prompts per generate call for the larger-batch tokens/s (sglang); batch 1 is always
     measured."""
     baseline: bool = True
-    """Also decode without the draft, for the speed-up (sglang: a second engine)."""
+    """Also decode without the draft: the speed-up, and (reference) the check that the
+    outputs are the same (sglang: a second engine)."""
     data: str = ""
     """Held-out JSONL of conversations. Empty: the data.holdout split of data.path, which
     training never sees."""

@@ -91,7 +91,7 @@ def run_eval(cfg: Config, draft_dir: str) -> dict:
         device = torch.device("cuda" if cuda else "cpu")
         target, draft = load_reference(cfg.target.path, export, device=device,
                                        dtype=resolve_target_dtype(cfg.target.dtype, device))
-        runs["hf"] = reference_eval(target, draft, prompts, **gen)
+        runs["hf"] = reference_eval(target, draft, prompts, **gen, baseline=ev.baseline)
         del target, draft  # sglang sizes its pools from the GPU memory free at its start
         if cuda:
             torch.cuda.empty_cache()

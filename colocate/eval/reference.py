@@ -250,17 +250,22 @@ def _decode_all(models: ReferenceDecoder, prompts: list[list[int]], num_steps: i
 
 
 def reference_eval(target: HFTarget, draft: IncrementalDraft, prompts: list[list[int]], *,
-                   num_steps: int, max_new_tokens: int, stop_ids: frozenset[int]) -> EngineRun:
-    """Accept length of the draft over `prompts`, and tokens/s with and without it (one prompt
-    at a time: the reference has no batching). A warm-up request runs first, untimed."""
+                   num_steps: int, max_new_tokens: int, stop_ids: frozenset[int],
+                   baseline: bool = True) -> EngineRun:
+    """Accept length of the draft over `prompts`, and tokens/s with it and (`baseline`)
+    without it, which also checks that decoding was lossless (one prompt at a time: the
+    reference has no batching). A warm-up request runs first, untimed."""
     spec, plain = ReferenceDecoder(target, draft), ReferenceDecoder(target, None)
-    for models, k in ((spec, num_steps), (plain, 0)):
+    for models, k in ((spec, num_steps), (plain, 0))[:2 if baseline else 1]:
         chain_generate(models, prompts[0], num_steps=k, max_new_tokens=min(8, max_new_tokens),
                        stop_ids=stop_ids)
     stats, outputs, seconds = _decode_all(spec, prompts, num_steps, max_new_tokens, stop_ids)
+    rate = stats.completion_tokens / seconds
+    if not baseline:
+        return EngineRun(engine="hf", stats=stats, outputs=outputs,
+                         tokens_per_s={1: (rate, None)}, same_as_target=None)
     base, base_outputs, base_seconds = _decode_all(plain, prompts, 0, max_new_tokens, stop_ids)
     return EngineRun(
         engine="hf", stats=stats, outputs=outputs,
-        tokens_per_s={1: (stats.completion_tokens / seconds,
-                          base.completion_tokens / base_seconds)},
+        tokens_per_s={1: (rate, base.completion_tokens / base_seconds)},
         same_as_target=sum(a == b for a, b in zip(outputs, base_outputs)))
