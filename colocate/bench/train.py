@@ -132,7 +132,9 @@ def run_mode(mode: Mode, args: argparse.Namespace, workdir: str, device: str,
            "-m", "colocate", "train", *(["--config", args.config] if args.config else []),
            *args.overrides, *([sweep] if sweep else []), *mode.overrides, f"run.dir={run_dir}",
            f"train.max_steps={args.steps}", "checkpoint.every_steps=0",
-           "checkpoint.resume=never", "train.log_every_s=30"]
+           "checkpoint.resume=never", "train.log_every_s=30",
+           # Timed steps train only: no validation passes, no served evaluations.
+           "train.val_every_steps=0", "eval.every_steps=0", "eval.at_end=false"]
     if device == "cpu":
         cmd.append("run.device=cpu")
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))

@@ -106,7 +106,8 @@ def test_no_usable_prompt(tiny_assets, export, tmp_path):
 
 def test_no_data_without_a_holdout_split(tiny_assets, export, tmp_path):
     line = one_error_line(run_eval(tiny_assets["target_llama"], export, tmp_path / "o.json",
-                                   f"data.path={tiny_assets['data']}", "--engine", "hf"))
+                                   f"data.path={tiny_assets['data']}", "data.holdout=0",
+                                   "--engine", "hf"))
     assert "data.holdout is 0" in line and "set --data or eval.data" in line
 
 
