@@ -60,25 +60,24 @@ def _engines(setting: str) -> list[str]:
 def run_eval(cfg: Config, draft_dir: str) -> dict:
     """Evaluate the export in `draft_dir` as `cfg.eval` says; returns the EVAL.json dict."""
     import torch
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     from colocate.data import renderer_for
     from colocate.engine import resolve_target_dtype
-    from colocate.engine.hf import _check_model_dir
     from colocate.eval.prompts import eval_conversations, eval_prompts, fit_context
-    from colocate.target import stop_token_ids
+    from colocate.target import check_model_dir, context_length, load_tokenizer, stop_token_ids
 
     ev = cfg.eval
     export = read_export(draft_dir)
-    _check_model_dir(cfg.target.path)
+    check_model_dir(cfg.target.path)
     target_config = AutoConfig.from_pretrained(cfg.target.path, local_files_only=True)
     check_target(export, target_config, cfg.target.path)
     engines = _engines(ev.engine)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.target.path, local_files_only=True)
+    tokenizer = load_tokenizer(cfg.target.path)
     renderer = renderer_for(cfg.data, tokenizer, cfg.target.path)
     conversations, source = eval_conversations(cfg)
     prompts = eval_prompts(conversations, renderer, ev.num_prompts)
-    context = int(target_config.get_text_config().max_position_embeddings)
+    context = context_length(target_config)
     prompts, num_too_long = fit_context(prompts, context, ev.max_new_tokens, source)
     stop_ids = stop_token_ids(cfg.target.path, tokenizer)
     gen = dict(num_steps=ev.steps, max_new_tokens=ev.max_new_tokens, stop_ids=stop_ids)

@@ -18,10 +18,10 @@ from colocate.data.stats import DataStats
 from colocate.data.template import Renderer
 from colocate.data.tokenized import renderer_for
 from colocate.generate.engines import Generator, Sampling, build_generator
-from colocate.target import stop_token_ids
 from colocate.generate.rewrite import ChunkRewriter
 from colocate.generate.store import GenerateError, PartStore
 from colocate.progress import GenerateProgress
+from colocate.target import check_model_dir, context_length, load_tokenizer, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +73,6 @@ def _chunks(items: Iterator[Item], size: int, skip_invalid: bool) -> Iterator[li
         yield chunk
 
 
-def _context_length(target_path: str) -> int:
-    from transformers import AutoConfig
-
-    text = AutoConfig.from_pretrained(target_path, local_files_only=True).get_text_config()
-    return int(text.max_position_embeddings)
-
-
 @dataclass(frozen=True)
 class Job:
     """Everything decided before the first prompt: how prompts render, when replies stop,
@@ -95,19 +88,17 @@ class Job:
 
 def prepare(cfg: Config, data_path: str) -> Job:
     """Check the inputs (one readable error each) and settle the job's settings."""
-    from colocate.train.engine_loop import load_tokenizer
+    from transformers import AutoConfig
 
     if not os.path.isfile(data_path):
         raise DataError(f"--data / data.path: {data_path} is not a file; point it at a JSONL "
                         "of conversations")
-    if not os.path.isfile(os.path.join(cfg.target.path, "config.json")):
-        raise FileNotFoundError(f"target.path {cfg.target.path}: no config.json; point it at "
-                                "a local model directory")
+    check_model_dir(cfg.target.path, need_weights=cfg.target.load_format != "dummy")
     gen = cfg.generate
     tokenizer = load_tokenizer(cfg.target.path)
     renderer = generation_renderer(cfg, tokenizer)
     stop_ids = stop_token_ids(cfg.target.path, tokenizer)
-    context = _context_length(cfg.target.path)
+    context = context_length(AutoConfig.from_pretrained(cfg.target.path, local_files_only=True))
     if context <= gen.max_new_tokens:
         raise ConfigError(f"generate.max_new_tokens: {gen.max_new_tokens} leaves no room for a "
                           f"prompt in the target's context of {context} tokens; lower it")
