@@ -44,7 +44,7 @@ class ChainModels(Protocol):
 
 
 @dataclass
-class Generation:
+class ChainResult:
     """What one request produced."""
 
     tokens: list[int]
@@ -92,7 +92,7 @@ def num_accepted(drafts: Sequence[int], greedy: Sequence[int]) -> int:
 
 
 def chain_generate(models: ChainModels, prompt: list[int], *, num_steps: int,
-                   max_new_tokens: int, stop_ids: Collection[int]) -> Generation:
+                   max_new_tokens: int, stop_ids: Collection[int]) -> ChainResult:
     """Decode one request greedily with a `num_steps`-token draft chain per verify step.
 
     num_steps=0 is plain greedy decoding (one target forward per token, no draft): the
@@ -112,9 +112,9 @@ def chain_generate(models: ChainModels, prompt: list[int], *, num_steps: int,
         for token in drafts[:a] + [greedy[a]]:
             tokens.append(token)
             if token in stop_ids or len(tokens) == max_new_tokens:
-                return Generation(tokens, num_verify, histogram)
+                return ChainResult(tokens, num_verify, histogram)
         models.commit(a, greedy[a])
-    return Generation(tokens, num_verify, histogram)
+    return ChainResult(tokens, num_verify, histogram)
 
 
 @dataclass
