@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
 
 from colocate.config import Config, load_config
+from colocate.data.cache import atomic_write_json
 from colocate.eval.exported import EvalError, check_target, read_export
 
 
@@ -153,20 +152,10 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json(result: dict, path: str) -> None:
-    """Atomically: a reader sees the old file or the whole new one."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def main(args: argparse.Namespace) -> int:
     cfg = _with_flags(load_config(args.config, args.overrides), args)
     result = run_eval(cfg, args.draft)
     print(format_table(result))
-    write_json(result, args.out)
+    atomic_write_json(args.out, result)  # training's served-eval hook reads it when it exists
     print(f"wrote {args.out}")
     return 0

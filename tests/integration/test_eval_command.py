@@ -35,7 +35,7 @@ def test_eval_hf_end_to_end(tiny_assets, export, tmp_path):
                     "--limit", "6", "--engine", "hf", "--steps", "3", "--max-new-tokens", "32")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert not os.path.exists(f"{out}.tmp")
+    assert os.listdir(out.parent) == ["eval.json"]  # no temporary file left beside it
     assert result["engine"] == "hf" and list(result["runs"]) == ["hf"]
     assert result["num_prompts"] == 6 and result["steps"] == 3
     assert result["max_new_tokens"] == 32 and result["num_skipped_too_long"] == 0
