@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 
 from colocate.config import Config, load_config
 from colocate.data.cache import atomic_write_json
@@ -90,7 +91,10 @@ def run_eval(cfg: Config, draft_dir: str) -> dict:
         target, draft = load_reference(cfg.target.path, export, device=device,
                                        dtype=resolve_target_dtype(cfg.target.dtype, device))
         runs["hf"] = reference_eval(target, draft, prompts, **gen)
-        del target, draft  # sglang sizes its pools from the GPU memory free at its start
+        # sglang sizes its pools from the GPU memory free at its start: hand it all back.
+        target.close()
+        del target, draft
+        gc.collect()
         if cuda:
             torch.cuda.empty_cache()
     if "sglang" in engines:
