@@ -1,4 +1,6 @@
-"""sglang process settings that must hold in every process sglang starts.
+"""sglang settings that every sglang colocate starts shares: the Engine arguments
+(`offline_engine_kwargs`) and the flashinfer switch, which must hold in every process sglang
+starts.
 
 The flashinfer switch: sgl_kernel routes rmsnorm, fused_add_rmsnorm and top-k/top-p
 sampling to flashinfer whenever flashinfer imports, and flashinfer then JIT-compiles CUDA
@@ -94,6 +96,28 @@ def _package_root() -> str | None:
     site_dirs = site.getsitepackages() + [site.getusersitepackages()]
     return None if any(os.path.realpath(root) == os.path.realpath(d) for d in site_dirs) \
         else root
+
+
+def offline_engine_kwargs(path: str, *, dtype, mem_fraction: float, seed: int,
+                          cuda_graph: bool, attention_backend: str = "triton",
+                          load_format: str = "auto", **extra) -> dict:
+    """Keyword arguments of sglang's `Engine` (= its ServerArgs) for the target at `path`:
+    the ones `colocate generate`, `colocate eval` and the training engine share, plus
+    `extra` (which may not redefine them). `dtype`: a torch.dtype or its name."""
+    kwargs = dict(
+        model_path=os.path.abspath(path),  # a relative path could be taken for a hub id
+        load_format="dummy" if load_format == "dummy" else "auto",
+        dtype=dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch."),
+        skip_tokenizer_init=True,  # token ids in and out: the prompts are ours, already encoded
+        attention_backend=attention_backend,
+        sampling_backend="pytorch",  # flashinfer's sampling kernels would JIT-compile
+        disable_cuda_graph=not cuda_graph,
+        mem_fraction_static=mem_fraction,
+        random_seed=seed,
+        log_level="warning",
+    )
+    assert not kwargs.keys() & extra.keys(), f"redefined: {sorted(kwargs.keys() & extra.keys())}"
+    return {**kwargs, **extra}
 
 
 def offline_engine_env() -> None:

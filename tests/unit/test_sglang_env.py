@@ -116,3 +116,23 @@ def test_a_child_that_cannot_import_colocate_says_so(tmp_path):
     lines = out.stderr.splitlines()
     assert len(lines) == 1 and "cannot import colocate (no colocate here)" in lines[0], lines
     assert "flashinfer" in lines[0] and "PYTHONPATH" in lines[0]
+
+
+def test_offline_engine_kwargs_are_one_set_for_every_sglang_we_start(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    kw = sglang_env.offline_engine_kwargs("model", dtype=torch.bfloat16, mem_fraction=0.3,
+                                          seed=7, cuda_graph=False, tp_size=2)
+    assert kw == {"model_path": str(tmp_path / "model"), "load_format": "auto",
+                  "dtype": "bfloat16", "skip_tokenizer_init": True,
+                  "attention_backend": "triton", "sampling_backend": "pytorch",
+                  "disable_cuda_graph": True, "mem_fraction_static": 0.3, "random_seed": 7,
+                  "log_level": "warning", "tp_size": 2}
+    kw = sglang_env.offline_engine_kwargs("/m", dtype="float16", mem_fraction=0.5, seed=0,
+                                          cuda_graph=True, load_format="dummy")
+    assert kw["dtype"] == "float16" and kw["load_format"] == "dummy"
+    assert kw["disable_cuda_graph"] is False
+    with pytest.raises(AssertionError, match="redefined"):
+        sglang_env.offline_engine_kwargs("/m", dtype="float16", mem_fraction=0.5, seed=0,
+                                         cuda_graph=False, random_seed=1)
