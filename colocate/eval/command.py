@@ -100,11 +100,11 @@ def run_eval(cfg: Config, draft_dir: str) -> dict:
     if "sglang" in engines:
         from colocate.eval.sglang_eval import sglang_eval
 
-        dtype = resolve_target_dtype(cfg.target.dtype, torch.device("cuda"))
-        runs["sglang"] = sglang_eval(cfg.target.path, export, prompts, **gen,
-                                     batch_size=ev.batch_size, dtype=str(dtype).split(".")[-1],
-                                     attention_backend=cfg.engine.attention_backend,
-                                     seed=cfg.run.seed, baseline=ev.baseline)
+        runs["sglang"] = sglang_eval(
+            cfg.target.path, export, prompts, **gen, batch_size=ev.batch_size,
+            dtype=resolve_target_dtype(cfg.target.dtype, torch.device("cuda")),
+            attention_backend=cfg.engine.attention_backend, seed=cfg.run.seed,
+            mem_fraction=ev.mem_fraction, cuda_graph=ev.cuda_graph, baseline=ev.baseline)
     return summarize(runs, draft=export.path, target=cfg.target.path, data=source,
                      steps=ev.steps, max_new_tokens=ev.max_new_tokens,
                      num_skipped_too_long=num_too_long)
