@@ -87,22 +87,37 @@ def resolve_engine(name: str, device_type: str) -> str:
     return name
 
 
-def build_generator(cfg: "Config", sampling: Sampling, pad_id: int) -> Generator:
-    """The backend generate.engine names, with the target of cfg.target loaded."""
+@dataclass(frozen=True)
+class Backend:
+    """What decodes: generate.engine resolved on this machine, with its device and dtype."""
+
+    engine: str
+    device: torch.device
+    dtype: torch.dtype
+
+
+def resolve_backend(cfg: "Config") -> Backend:
+    """generate.engine, run.device and target.dtype as they resolve here (decided before any
+    model loads: the resume fingerprint holds them)."""
     from colocate.engine import resolve_target_dtype
     from colocate.topology import resolve_device_type
 
     device = torch.device(resolve_device_type(cfg.run.device))
-    dtype = resolve_target_dtype(cfg.target.dtype, device)
+    return Backend(resolve_engine(cfg.generate.engine, device.type), device,
+                   resolve_target_dtype(cfg.target.dtype, device))
+
+
+def build_generator(cfg: "Config", sampling: Sampling, pad_id: int) -> Generator:
+    """The backend generate.engine names, with the target of cfg.target loaded."""
+    backend = resolve_backend(cfg)
     gen = cfg.generate
-    engine = resolve_engine(gen.engine, device.type)
-    log.info("generate: %s engine on %s, %s", engine, device.type,
-             str(dtype).removeprefix("torch."))
-    if engine == "hf":
-        return HFGenerator(cfg.target.path, sampling=sampling, device=device, dtype=dtype,
-                           batch_size=gen.batch_size, pad_id=pad_id,
+    log.info("generate: %s engine on %s, %s", backend.engine, backend.device.type,
+             str(backend.dtype).removeprefix("torch."))
+    if backend.engine == "hf":
+        return HFGenerator(cfg.target.path, sampling=sampling, device=backend.device,
+                           dtype=backend.dtype, batch_size=gen.batch_size, pad_id=pad_id,
                            load_format=cfg.target.load_format, seed=cfg.run.seed)
-    return SGLangGenerator(cfg.target.path, sampling=sampling, dtype=dtype,
+    return SGLangGenerator(cfg.target.path, sampling=sampling, dtype=backend.dtype,
                            tp_size=gen.tp_size, mem_fraction=gen.mem_fraction,
                            seed=cfg.run.seed, batch_size=gen.batch_size,
                            load_format=cfg.target.load_format, cuda_graph=gen.cuda_graph)

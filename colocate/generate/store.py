@@ -104,7 +104,8 @@ class PartStore:
 
     def _mismatch(self, path: str) -> GenerateError:
         return GenerateError(f"{self.out_path}: {path} was made from other inputs or settings "
-                             "(data bytes, target tokenizer/config, chat template, "
+                             "(data bytes, target tokenizer/config, target.load_format/dtype, "
+                             "generate.engine, chat template, "
                              "generate.max_new_tokens/temperature/top_p/thinking); pass --force "
                              "to regenerate it, or choose another --out")
 

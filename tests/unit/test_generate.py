@@ -216,6 +216,25 @@ def test_resume_after_limit_and_after_sigkill_gives_the_uninterrupted_output(tin
     assert redone["records_read"] == 3 and redone["settings"]["max_new_tokens"] == 8
 
 
+def test_answers_of_another_engine_dtype_or_weights_are_not_resumed(tiny_assets, tmp_path):
+    data = head(tiny_assets, tmp_path, 4)
+    base = ["generate.max_new_tokens=4", "generate.chunk_records=1"]
+    out = str(tmp_path / "out.jsonl")
+    partial = generate_file(tiny_cfg(tiny_assets["target_llama"], data, *base), data_path=data,
+                            out_path=out, limit=1)
+    assert not partial["complete"]
+    assert {k: partial["settings"][k] for k in ("engine", "dtype", "load_format")} == \
+        {"engine": "hf", "dtype": "float32", "load_format": "auto"}
+    for other in ("target.load_format=dummy", "target.dtype=bfloat16"):
+        with pytest.raises(GenerateError, match="made from other inputs or settings"):
+            generate_file(tiny_cfg(tiny_assets["target_llama"], data, *base, other),
+                          data_path=data, out_path=out)
+    # A generator handed in under another name is another engine too.
+    with pytest.raises(GenerateError, match="made from other inputs or settings"):
+        generate_file(tiny_cfg(tiny_assets["target_llama"], data, *base), data_path=data,
+                      out_path=out, generator=ScriptedGenerator([]))
+
+
 # --------------------------------------------------------------------------- skips
 
 
