@@ -147,7 +147,9 @@ def generate_file(cfg: Config, *, data_path: str, out_path: str, limit: int | No
         if counts.turns_generated == 0:
             first = f"; first skip: {skips[0]}" if skips else ""
             raise DataError(f"{data_path}: no usable prompt ({counts.format()}){first}")
-        summary = {"complete": total == num_lines,
+        # Whole when the parts, of this run and earlier ones, account for every line (a
+        # --limit run may find them all done already).
+        summary = {"complete": counts.records_read == num_lines,
                    "input": os.path.abspath(data_path),
                    "output": os.path.abspath(out_path),
                    "target": os.path.abspath(cfg.target.path),

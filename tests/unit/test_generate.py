@@ -216,6 +216,25 @@ def test_resume_after_limit_and_after_sigkill_gives_the_uninterrupted_output(tin
     assert redone["records_read"] == 3 and redone["settings"]["max_new_tokens"] == 8
 
 
+def test_a_limit_run_finds_parts_that_cover_the_whole_file_complete(tiny_assets, tmp_path):
+    from colocate.generate.run import _regenerate, prepare
+
+    data = head(tiny_assets, tmp_path, 5)
+    cfg = tiny_cfg(tiny_assets["target_llama"], data, "generate.max_new_tokens=4",
+                   "generate.chunk_records=2")
+    out = str(tmp_path / "out.jsonl")
+    # Every part written, then killed before OUT was assembled.
+    job, store = prepare(cfg, data), PartStore(out)
+    store.open(job.key, job.settings, force=False)
+    _regenerate(cfg, job, store, data, 5, None, None)
+    store.close()
+    assert not os.path.exists(out)
+    summary = generate_file(cfg, data_path=data, out_path=out, limit=2)
+    assert summary["complete"] and summary["records_read"] == summary["records_written"] == 5
+    assert [r["generated"]["source_line"] for r in read_records(out)] == [1, 2, 3, 4, 5]
+    assert not os.path.exists(out + ".parts")
+
+
 def test_answers_of_another_engine_dtype_or_weights_are_not_resumed(tiny_assets, tmp_path):
     data = head(tiny_assets, tmp_path, 4)
     base = ["generate.max_new_tokens=4", "generate.chunk_records=1"]
