@@ -59,6 +59,10 @@ class Generation:
 
 
 class Generator(Protocol):
+    name: str
+    """The engine's name (generate.engine's value for the built-in ones): in the summary and
+    the resume fingerprint."""
+
     def generate(self, prompts: list[list[int]], seeds: list[int],
                  on_batch: Callable[[int, int], None] | None = None) -> list[Generation]:
         """One reply per prompt, in order. `seeds` seed sampling per prompt where the backend

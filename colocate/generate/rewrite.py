@@ -173,7 +173,11 @@ class ChunkRewriter:
         if not todo:
             return
         seeds = [reply_seed(self.seed, rec.line_no, r) for rec in todo]
-        for rec, generation in zip(todo, self.generator.generate(prompts, seeds, self.on_batch)):
+        replies = self.generator.generate(prompts, seeds, self.on_batch)
+        # The Generator contract: one reply per prompt, in order (zip would drop records).
+        assert len(replies) == len(prompts), \
+            f"{self.generator.name} returned {len(replies)} replies for {len(prompts)} prompts"
+        for rec, generation in zip(todo, replies):
             turn = rec.conversation.assistant_turns[r]
             text = self.renderer.tokenizer.decode(generation.ids, skip_special_tokens=True,
                                                   clean_up_tokenization_spaces=False)

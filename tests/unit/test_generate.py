@@ -254,6 +254,17 @@ def test_answers_of_another_engine_dtype_or_weights_are_not_resumed(tiny_assets,
                       out_path=out, generator=ScriptedGenerator([]))
 
 
+def test_a_generator_that_loses_replies_stops_the_run(tiny_assets, tmp_path):
+    class Short(ScriptedGenerator):
+        def generate(self, prompts, seeds, on_batch=None):
+            return super().generate(prompts[:-1], seeds[:-1], on_batch)
+
+    data = head(tiny_assets, tmp_path, 2)
+    with pytest.raises(AssertionError, match="scripted returned 1 replies for 2 prompts"):
+        generate_file(tiny_cfg(tiny_assets["target_llama"], data), data_path=data,
+                      out_path=str(tmp_path / "o.jsonl"), generator=Short([([2], "stop")]))
+
+
 # --------------------------------------------------------------------------- skips
 
 
