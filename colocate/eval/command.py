@@ -64,7 +64,7 @@ def run_eval(cfg: Config, draft_dir: str) -> dict:
 
     from colocate.data import renderer_for
     from colocate.engine import resolve_target_dtype
-    from colocate.eval.prompts import eval_conversations, eval_prompts, fit_context
+    from colocate.eval.prompts import eval_conversations, eval_prompts
     from colocate.target import check_model_dir, context_length, load_tokenizer, stop_token_ids
 
     ev = cfg.eval
@@ -76,9 +76,10 @@ def run_eval(cfg: Config, draft_dir: str) -> dict:
     tokenizer = load_tokenizer(cfg.target.path)
     renderer = renderer_for(cfg.data, tokenizer, cfg.target.path)
     conversations, source = eval_conversations(cfg)
-    prompts = eval_prompts(conversations, renderer, ev.num_prompts)
-    context = context_length(target_config)
-    prompts, num_too_long = fit_context(prompts, context, ev.max_new_tokens, source)
+    found = eval_prompts(conversations, renderer, limit=ev.num_prompts,
+                         context_length=context_length(target_config),
+                         max_new_tokens=ev.max_new_tokens, source=source)
+    prompts = found.prompts
     stop_ids = stop_token_ids(cfg.target.path, tokenizer)
     gen = dict(num_steps=ev.steps, max_new_tokens=ev.max_new_tokens, stop_ids=stop_ids)
 
@@ -107,7 +108,8 @@ def run_eval(cfg: Config, draft_dir: str) -> dict:
             mem_fraction=ev.mem_fraction, cuda_graph=ev.cuda_graph, baseline=ev.baseline)
     return summarize(runs, draft=export.path, target=cfg.target.path, data=source,
                      steps=ev.steps, max_new_tokens=ev.max_new_tokens,
-                     num_skipped_too_long=num_too_long)
+                     num_skipped_too_long=found.num_skipped_too_long,
+                     num_skipped_unrenderable=found.num_skipped_unrenderable)
 
 
 def summarize(runs: dict, **header) -> dict:
@@ -137,7 +139,8 @@ def format_table(result: dict) -> str:
     head = f"{'engine':8s} {'accept':>7s} {'tokens':>7s} {'verify':>7s}"
     head += "".join(f"  {'tok/s ' + b.replace('_', ' ') + ' draft/alone':>28s}" for b in batches)
     lines = [f"{result['draft']}: {result['num_prompts']} prompts from {result['data']} "
-             f"({result['num_skipped_too_long']} too long), {result['steps']} draft steps, "
+             f"(skipped: {result['num_skipped_too_long']} too long, "
+             f"{result['num_skipped_unrenderable']} unrenderable), {result['steps']} draft steps, "
              f"greedy, at most {result['max_new_tokens']} new tokens",
              head + "  verify steps by accepted drafts 0..K"]
     for name, run in result["runs"].items():

@@ -144,12 +144,43 @@ def test_prompts_longer_than_the_context(tiny_assets, export, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["num_prompts"] == 2 and result["num_skipped_too_long"] == 1
-    assert "(1 too long)" in proc.stdout
+    assert "(skipped: 1 too long, 0 unrenderable)" in proc.stdout
     # With room for no prompt at all: one line naming the data and the fix.
     line = one_error_line(run_eval(target, export, out, "--data", str(data), "--engine", "hf",
                                    "--max-new-tokens", "44"))
     assert f"{data}: all 3 prompts are longer than the target's context (48) minus " \
            "eval.max_new_tokens (44)" in line
+
+
+FAILING_TEMPLATE = (  # ChatML, refusing any message that says FAIL
+    "{%- for message in messages -%}"
+    "{%- if 'FAIL' in message['content'] -%}{{ raise_exception('cannot render FAIL') }}"
+    "{%- endif -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}")
+
+
+def test_limit_counts_usable_prompts_and_every_skip_is_counted(tiny_assets, export, tmp_path):
+    target = short_context_target(tiny_assets, tmp_path, context=48)
+    template = tmp_path / "failing.jinja"
+    template.write_text(FAILING_TEMPLATE)
+    users = [" ".join(["apple banana cherry"] * 12), "FAIL here", "What is 2 + 3?",
+             "Count from 1 to 5.", "Name a color."]
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": u},
+                                                     {"role": "assistant", "content": "ok"}]})
+                            + "\n" for u in users))
+    out = tmp_path / "eval.json"
+    proc = run_eval(target, export, out, f"data.chat_template={template}", "--data", str(data),
+                    "--engine", "hf", "--limit", "2", "--max-new-tokens", "16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    # Two usable prompts decoded although the first two conversations give none.
+    assert result["num_prompts"] == 2
+    assert result["num_skipped_too_long"] == 1 and result["num_skipped_unrenderable"] == 1
+    assert "(skipped: 1 too long, 1 unrenderable)" in proc.stdout
+    assert "cannot render FAIL" in proc.stderr  # the skip is logged with its reason
 
 
 def test_bad_eval_setting_names_the_key(tiny_assets, export, tmp_path):
