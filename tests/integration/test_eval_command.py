@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from tests.chat_templates import FAILING_TEMPLATE
 from tests.eval_exports import write_random_export
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -150,15 +151,6 @@ def test_prompts_longer_than_the_context(tiny_assets, export, tmp_path):
                                    "--max-new-tokens", "44"))
     assert f"{data}: all 3 prompts are longer than the target's context (48) minus " \
            "eval.max_new_tokens (44)" in line
-
-
-FAILING_TEMPLATE = (  # ChatML, refusing any message that says FAIL
-    "{%- for message in messages -%}"
-    "{%- if 'FAIL' in message['content'] -%}{{ raise_exception('cannot render FAIL') }}"
-    "{%- endif -%}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}")
 
 
 def test_limit_counts_usable_prompts_and_every_skip_is_counted(tiny_assets, export, tmp_path):

@@ -23,18 +23,12 @@ from colocate.generate.engines import Generation
 from colocate.generate.rewrite import round_trips
 from colocate.generate.run import generate_file
 from colocate.generate.store import GenerateError, PartStore
+from tests.chat_templates import FAILING_TEMPLATE
 from tests.unit.test_data_reasoning_templates import QWEN3_STYLE, _not_round_tripping_ids
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(REPO, "examples", "tiny", "config.yaml")
 END = "<|im_end|>"
-FAILING_TEMPLATE = (  # the tiny ChatML template, refusing any message that says FAIL
-    "{%- for message in messages -%}"
-    "{%- if 'FAIL' in message['content'] -%}{{ raise_exception('cannot render FAIL') }}"
-    "{%- endif -%}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}")
 
 
 @pytest.fixture(autouse=True, scope="module")
