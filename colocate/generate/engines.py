@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Protocol
 
