@@ -356,6 +356,12 @@ class EvalSection:
     baseline: bool = True
     """Also decode without the draft: the speed-up, and (reference) the check that the
     outputs are the same (sglang: a second engine)."""
+    cuda_graph: bool = False
+    """sglang: decode with CUDA graphs, for tokens/s like a server's (the accept length does
+    not depend on it). Off: the offline bundle's verified configuration."""
+    mem_fraction: float = 0.3
+    """sglang mem_fraction_static: the engine's share of GPU memory. 0.3 holds a target of a
+    few B parameters plus the draft; eval runs alone on the GPU (outside a colocated job)."""
     data: str = ""
     """Held-out JSONL of conversations. Empty: the data.holdout split of data.path, which
     training never sees."""
@@ -375,6 +381,8 @@ class EvalSection:
         _require(self.max_new_tokens >= 1, "eval.max_new_tokens",
                  f"got {self.max_new_tokens}; must be >= 1")
         _require(self.batch_size >= 1, "eval.batch_size", f"got {self.batch_size}; must be >= 1")
+        _require(0 < self.mem_fraction < 1, "eval.mem_fraction",
+                 f"got {self.mem_fraction}; use a fraction in (0, 1)")
         _require(self.every_steps >= 0, "eval.every_steps",
                  f"got {self.every_steps}; use 0 (never) or a step interval")
         _require(self.timeout_s > 0, "eval.timeout_s", f"got {self.timeout_s}; must be > 0")

@@ -70,18 +70,19 @@ def step_summary(values: Sequence[float], position_decay: float) -> dict[str, fl
     row = {"loss": sum(position_decay ** k * x for k, x in enumerate(losses))}
     row.update({f"loss_{k}": x for k, x in enumerate(losses)})
     row.update({f"acc_{k}": h / n if n else 0.0 for k, (h, n) in enumerate(zip(hits, counted))})
-    row["sim_accept_length"] = sim_accept_length(*values[3 * num_steps:])
+    row["sim_accept_length"] = accept_length(*values[3 * num_steps:])
     row["labels"] = int(counted[0]) if num_steps else 0
     return row
 
 
-# ------------------------------------------------------------------ simulated acceptance
+# ------------------------------------------------------------------ accept length
 
 
-def sim_accept_length(reply_tokens: float, verify_cycles: float) -> float:
-    """Reply tokens per verify cycle, sglang's completion_tokens / spec_verify_ct. Without a
-    cycle (no reply longer than its prefill token) nothing was drafted: 1.0, the rate of
-    decoding without a draft."""
+def accept_length(reply_tokens: float, verify_cycles: float) -> float:
+    """Reply tokens per verify cycle, sglang's completion_tokens / spec_verify_ct: the served
+    accept length (`colocate eval`, sglang's and the reference decoder's counts) and, over
+    the simulated cycles, training's sim_accept_length. Without a cycle (no reply longer
+    than its prefill token) nothing was drafted: 1.0, the rate of decoding without a draft."""
     return reply_tokens / verify_cycles if verify_cycles else 1.0
 
 

@@ -8,6 +8,7 @@ file or a whole one; the last writer wins with identical content.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -61,6 +62,11 @@ def atomic_write(path: str, write: Callable[[IO], None], *, binary: bool = True)
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_write_json(path: str, value: Any) -> None:
+    """``value`` as indented JSON (one trailing newline), written with ``atomic_write``."""
+    atomic_write(path, lambda f: f.write(json.dumps(value, indent=2) + "\n"), binary=False)
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:

@@ -26,7 +26,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from colocate.data.errors import DataError
+from colocate.data.errors import MAX_LOGGED_SKIPS, DataError
 from colocate.data.stats import DataStats
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,6 @@ FORMS = {
     "messages": ("role", "content", {r: r for r in ROLES}),
     "conversations": ("from", "value", SHAREGPT_ROLES),
 }
-_MAX_LOGGED_SKIPS = 5
 
 
 @dataclass(frozen=True)
@@ -187,7 +186,7 @@ def skip_invalid_line(error: DataError, *, skip_invalid: bool, stats: DataStats)
     if not skip_invalid:
         raise error
     stats.skipped_invalid += 1
-    if stats.skipped_invalid <= _MAX_LOGGED_SKIPS:
+    if stats.skipped_invalid <= MAX_LOGGED_SKIPS:
         log.warning("skipping malformed line: %s", str(error).split(". Fix")[0])
 
 

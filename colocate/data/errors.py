@@ -1,4 +1,4 @@
-"""The one exception type of the data pipeline."""
+"""The one exception type of the data pipeline, and how loudly its skips are logged."""
 
 from __future__ import annotations
 
@@ -9,3 +9,8 @@ class DataError(ValueError):
     Messages name the place (``FILE:LINE`` where there is one), what is wrong, and the fix.
     A ``ValueError`` so callers that catch user mistakes generically still catch it.
     """
+
+
+MAX_LOGGED_SKIPS = 5
+"""Skipped records logged one by one (with FILE:LINE) before the log goes quiet; every skip
+is still counted."""

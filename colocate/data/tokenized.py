@@ -23,14 +23,13 @@ from colocate.config import DataSection
 from colocate.data.cache import (atomic_torch_save, load_cached, update_with_file,
                                  update_with_tokenizer_files)
 from colocate.data.conversations import read_conversations
-from colocate.data.errors import DataError
+from colocate.data.errors import MAX_LOGGED_SKIPS, DataError
 from colocate.data.stats import DataStats
 from colocate.data.encode import encode_conversation
 from colocate.data.holdout import holdout_lines
 from colocate.data.template import Renderer, check_generation_prompt, resolve_chat_template
 
 log = logging.getLogger(__name__)
-_MAX_LOGGED_SKIPS = 5
 
 FORMAT_VERSION = 2
 """Bump when tokenization or the stored layout changes, to invalidate old cache entries."""
@@ -98,7 +97,7 @@ def tokenize_file(path: str, renderer: Renderer, *, max_length: int,
         except DataError as e:
             stats.skipped_unmaskable += 1
             first_skip = first_skip or str(e)
-            if stats.skipped_unmaskable <= _MAX_LOGGED_SKIPS:
+            if stats.skipped_unmaskable <= MAX_LOGGED_SKIPS:
                 log.warning("skipping: %s", e)
             continue
         stats.replies_own_ids += encoded.ids_used

@@ -28,16 +28,13 @@ All of sdpa, eager and flex matched per-sequence forwards (fp32: within 3e-6).
 
 from __future__ import annotations
 
-import glob
-import os
 import warnings
 
 import torch
 from torch import nn
 
 from colocate.engine.base import TargetEngine, resolve_aux_layer_ids
-
-_WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin")
+from colocate.target import check_model_dir
 
 
 def pick_attn_implementation(device: torch.device) -> str:
@@ -49,19 +46,6 @@ def pick_attn_implementation(device: torch.device) -> str:
         except ImportError:
             pass
     return "sdpa"
-
-
-def _check_model_dir(path: str) -> None:
-    """A readable error before transformers' own, which may talk about the hub."""
-    if not os.path.isdir(path):
-        raise ValueError(f"target.path: {path!r} is not a directory; set it to a local model "
-                         "directory (config.json plus safetensors weights); the hub is not used")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(f"target.path: {path!r} has no config.json; point it at the model "
-                         "directory itself (the one holding config.json and the weights)")
-    if not any(glob.glob(os.path.join(path, p)) for p in _WEIGHT_PATTERNS):
-        raise ValueError(f"target.path: {path!r} has config.json but no weights "
-                         f"({', '.join(_WEIGHT_PATTERNS)}); download or copy them there")
 
 
 def _dtype_kwarg() -> str:
@@ -77,7 +61,7 @@ def load_causal_lm(path: str, dtype: torch.dtype, attn_implementation: str) -> n
     """AutoModelForCausalLM from a local directory, in `dtype`, on the CPU."""
     from transformers import AutoModelForCausalLM
 
-    _check_model_dir(path)
+    check_model_dir(path)
     kwargs = {_dtype_kwarg(): dtype, "attn_implementation": attn_implementation}
     return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
 
@@ -91,9 +75,7 @@ def dummy_causal_lm(path: str, dtype: torch.dtype, attn_implementation: str,
 
     from colocate.train.target_tensors import dummy_embed_and_head
 
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(f"target.path: {path!r} has no config.json (target.load_format=dummy "
-                         "needs only config.json and a tokenizer)")
+    check_model_dir(path, need_weights=False)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)

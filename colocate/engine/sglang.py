@@ -97,13 +97,11 @@ from types import SimpleNamespace
 import torch
 
 from colocate.engine.base import TargetEngine, resolve_aux_layer_ids
-from colocate.engine.sglang_env import avoid_flashinfer_jit
+from colocate.engine.sglang_env import avoid_flashinfer_jit, offline_engine_kwargs
 from colocate.engine.sglang_groups import (engine_group_layout, micro_batch_offsets,
                                            validate_engine_tp)
 
 log = logging.getLogger(__name__)
-
-_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -124,14 +122,9 @@ def server_args_kwargs(*, path: str, dtype: torch.dtype, load_format: str, atten
                        tp_size: int, tokens_per_forward: int, max_length: int, seed: int,
                        mem_fraction_static: float) -> dict:
     """Keyword arguments of sglang's ServerArgs for one engine (reasons in the docstring)."""
-    return dict(
-        model_path=os.path.abspath(path),  # a relative path could be taken for a hub id
-        load_format="dummy" if load_format == "dummy" else "auto",
-        dtype=_DTYPE_NAMES[dtype],
-        skip_tokenizer_init=True,
-        attention_backend=attention_backend,
-        sampling_backend="pytorch",
-        disable_cuda_graph=True,
+    return offline_engine_kwargs(
+        path, dtype=dtype, mem_fraction=mem_fraction_static, seed=seed, cuda_graph=False,
+        attention_backend=attention_backend, load_format=load_format,
         disable_radix_cache=True,
         disable_overlap_schedule=True,
         disable_custom_all_reduce=True,
@@ -139,10 +132,7 @@ def server_args_kwargs(*, path: str, dtype: torch.dtype, load_format: str, atten
         max_total_tokens=tokens_per_forward,
         max_running_requests=max(1, tokens_per_forward // 2),
         context_length=max_length,
-        mem_fraction_static=mem_fraction_static,
         tp_size=tp_size,
-        random_seed=seed,
-        log_level="warning",
     )
 
 

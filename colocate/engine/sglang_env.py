@@ -1,4 +1,6 @@
-"""sglang process settings that must hold in every process sglang starts.
+"""sglang settings that every sglang colocate starts shares: the Engine arguments
+(`offline_engine_kwargs`) and the flashinfer switch, which must hold in every process sglang
+starts.
 
 The flashinfer switch: sgl_kernel routes rmsnorm, fused_add_rmsnorm and top-k/top-p
 sampling to flashinfer whenever flashinfer imports, and flashinfer then JIT-compiles CUDA
@@ -9,9 +11,10 @@ False` right after those modules load keeps sgl_kernel on its precompiled kernel
 In-process that is one assignment (`avoid_flashinfer_jit`). But sglang's offline `Engine`
 spawns its scheduler (and detokenizer) in fresh Python processes, where an in-process
 assignment does not exist. So `offline_engine_env()` puts this package's `_sitecustomize/`
-directory on PYTHONPATH and sets COLOCATE_SGLANG_NO_FLASHINFER=1: every child Python then
-imports that `sitecustomize`, which installs `install_import_hook()` below, and the switch
-is set the moment sgl_kernel's modules load there too.
+directory (and the directory holding `colocate` itself) on PYTHONPATH and sets
+COLOCATE_SGLANG_NO_FLASHINFER=1: every child Python then imports that `sitecustomize`, which
+installs `install_import_hook()` below, and the switch is set the moment sgl_kernel's modules
+load there too. A child that cannot import colocate says so on stderr (one line).
 """
 
 from __future__ import annotations
@@ -83,11 +86,47 @@ def install_import_hook() -> None:
             _switch_off(sys.modules[name])
 
 
+def _package_root() -> str | None:
+    """The directory holding this `colocate` package, for a child's PYTHONPATH; None when it
+    is one of this interpreter's site directories (the child finds it there itself, and a
+    site directory on PYTHONPATH would come before the standard library)."""
+    import site
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    site_dirs = site.getsitepackages() + [site.getusersitepackages()]
+    return None if any(os.path.realpath(root) == os.path.realpath(d) for d in site_dirs) \
+        else root
+
+
+def offline_engine_kwargs(path: str, *, dtype, mem_fraction: float, seed: int,
+                          cuda_graph: bool, attention_backend: str = "triton",
+                          load_format: str = "auto", **extra) -> dict:
+    """Keyword arguments of sglang's `Engine` (= its ServerArgs) for the target at `path`:
+    the ones `colocate generate`, `colocate eval` and the training engine share, plus
+    `extra` (which may not redefine them). `dtype`: a torch.dtype or its name."""
+    kwargs = dict(
+        model_path=os.path.abspath(path),  # a relative path could be taken for a hub id
+        load_format="dummy" if load_format == "dummy" else "auto",
+        dtype=dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch."),
+        skip_tokenizer_init=True,  # token ids in and out: the prompts are ours, already encoded
+        attention_backend=attention_backend,
+        sampling_backend="pytorch",  # flashinfer's sampling kernels would JIT-compile
+        disable_cuda_graph=not cuda_graph,
+        mem_fraction_static=mem_fraction,
+        random_seed=seed,
+        log_level="warning",
+    )
+    assert not kwargs.keys() & extra.keys(), f"redefined: {sorted(kwargs.keys() & extra.keys())}"
+    return {**kwargs, **extra}
+
+
 def offline_engine_env() -> None:
     """Make the switch reach every process an sglang `Engine` spawns (call before creating
-    it): children inherit os.environ, and Python imports `sitecustomize` at start-up."""
+    it): children inherit os.environ, and Python imports `sitecustomize` at start-up. The
+    sitecustomize imports colocate, so PYTHONPATH also gets the directory of THIS colocate:
+    a child started elsewhere (another cwd) must not find none, or another checkout's."""
     install_import_hook()
     os.environ[ENV_SWITCH] = "1"
-    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
-    if _SITE_DIR not in paths:
-        os.environ["PYTHONPATH"] = os.pathsep.join([_SITE_DIR] + [p for p in paths if p])
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    wanted = [p for p in (_SITE_DIR, _package_root()) if p is not None]
+    os.environ["PYTHONPATH"] = os.pathsep.join(wanted + [p for p in paths if p not in wanted])

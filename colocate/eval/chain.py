@@ -17,13 +17,15 @@ Accounting follows sglang 0.5.17 (tokenizer_manager / schedule_batch):
   after the first stop token and at max_new_tokens (`output_ids_through_stop`);
 * a verify step counts once however much of it survives the cut, and the histogram counts
   verify steps by accepted drafts `a` before the cut (`spec_accept_histogram`);
-* accept length = completion tokens / verify steps.
+* accept length = completion tokens / verify steps (`colocate.metrics.accept_length`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Collection, Protocol, Sequence
+
+from colocate.metrics import accept_length
 
 
 class ChainModels(Protocol):
@@ -44,7 +46,7 @@ class ChainModels(Protocol):
 
 
 @dataclass
-class Generation:
+class ChainResult:
     """What one request produced."""
 
     tokens: list[int]
@@ -73,9 +75,9 @@ class AcceptStats:
         self.num_requests += 1
 
     @property
-    def accept_length(self) -> float | None:
-        """None when no request reached a verify step (all stopped at their first token)."""
-        return self.completion_tokens / self.verify_steps if self.verify_steps else None
+    def accept_length(self) -> float:
+        """1.0 when no request reached a verify step (all stopped at their first token)."""
+        return accept_length(self.completion_tokens, self.verify_steps)
 
     def to_dict(self) -> dict:
         return {"accept_length": self.accept_length, "completion_tokens": self.completion_tokens,
@@ -92,7 +94,7 @@ def num_accepted(drafts: Sequence[int], greedy: Sequence[int]) -> int:
 
 
 def chain_generate(models: ChainModels, prompt: list[int], *, num_steps: int,
-                   max_new_tokens: int, stop_ids: Collection[int]) -> Generation:
+                   max_new_tokens: int, stop_ids: Collection[int]) -> ChainResult:
     """Decode one request greedily with a `num_steps`-token draft chain per verify step.
 
     num_steps=0 is plain greedy decoding (one target forward per token, no draft): the
@@ -112,9 +114,9 @@ def chain_generate(models: ChainModels, prompt: list[int], *, num_steps: int,
         for token in drafts[:a] + [greedy[a]]:
             tokens.append(token)
             if token in stop_ids or len(tokens) == max_new_tokens:
-                return Generation(tokens, num_verify, histogram)
+                return ChainResult(tokens, num_verify, histogram)
         models.commit(a, greedy[a])
-    return Generation(tokens, num_verify, histogram)
+    return ChainResult(tokens, num_verify, histogram)
 
 
 @dataclass

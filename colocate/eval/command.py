@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
+import gc
 
 from colocate.config import Config, load_config
+from colocate.data.cache import atomic_write_json
 from colocate.eval.exported import EvalError, check_target, read_export
 
 
@@ -60,26 +60,26 @@ def _engines(setting: str) -> list[str]:
 def run_eval(cfg: Config, draft_dir: str) -> dict:
     """Evaluate the export in `draft_dir` as `cfg.eval` says; returns the EVAL.json dict."""
     import torch
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     from colocate.data import renderer_for
     from colocate.engine import resolve_target_dtype
-    from colocate.engine.hf import _check_model_dir
-    from colocate.eval.prompts import eval_conversations, eval_prompts, fit_context
-    from colocate.target import stop_token_ids
+    from colocate.eval.prompts import eval_conversations, eval_prompts
+    from colocate.target import check_model_dir, context_length, load_tokenizer, stop_token_ids
 
     ev = cfg.eval
     export = read_export(draft_dir)
-    _check_model_dir(cfg.target.path)
+    check_model_dir(cfg.target.path)
     target_config = AutoConfig.from_pretrained(cfg.target.path, local_files_only=True)
     check_target(export, target_config, cfg.target.path)
     engines = _engines(ev.engine)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.target.path, local_files_only=True)
+    tokenizer = load_tokenizer(cfg.target.path)
     renderer = renderer_for(cfg.data, tokenizer, cfg.target.path)
     conversations, source = eval_conversations(cfg)
-    prompts = eval_prompts(conversations, renderer, ev.num_prompts)
-    context = int(target_config.get_text_config().max_position_embeddings)
-    prompts, num_too_long = fit_context(prompts, context, ev.max_new_tokens, source)
+    found = eval_prompts(conversations, renderer, limit=ev.num_prompts,
+                         context_length=context_length(target_config),
+                         max_new_tokens=ev.max_new_tokens, source=source)
+    prompts = found.prompts
     stop_ids = stop_token_ids(cfg.target.path, tokenizer)
     gen = dict(num_steps=ev.steps, max_new_tokens=ev.max_new_tokens, stop_ids=stop_ids)
 
@@ -92,20 +92,24 @@ def run_eval(cfg: Config, draft_dir: str) -> dict:
         target, draft = load_reference(cfg.target.path, export, device=device,
                                        dtype=resolve_target_dtype(cfg.target.dtype, device))
         runs["hf"] = reference_eval(target, draft, prompts, **gen, baseline=ev.baseline)
-        del target, draft  # sglang sizes its pools from the GPU memory free at its start
+        # sglang sizes its pools from the GPU memory free at its start: hand it all back.
+        target.close()
+        del target, draft
+        gc.collect()
         if cuda:
             torch.cuda.empty_cache()
     if "sglang" in engines:
         from colocate.eval.sglang_eval import sglang_eval
 
-        dtype = resolve_target_dtype(cfg.target.dtype, torch.device("cuda"))
-        runs["sglang"] = sglang_eval(cfg.target.path, export, prompts, **gen,
-                                     batch_size=ev.batch_size, dtype=str(dtype).split(".")[-1],
-                                     attention_backend=cfg.engine.attention_backend,
-                                     seed=cfg.run.seed, baseline=ev.baseline)
+        runs["sglang"] = sglang_eval(
+            cfg.target.path, export, prompts, **gen, batch_size=ev.batch_size,
+            dtype=resolve_target_dtype(cfg.target.dtype, torch.device("cuda")),
+            attention_backend=cfg.engine.attention_backend, seed=cfg.run.seed,
+            mem_fraction=ev.mem_fraction, cuda_graph=ev.cuda_graph, baseline=ev.baseline)
     return summarize(runs, draft=export.path, target=cfg.target.path, data=source,
                      steps=ev.steps, max_new_tokens=ev.max_new_tokens,
-                     num_skipped_too_long=num_too_long)
+                     num_skipped_too_long=found.num_skipped_too_long,
+                     num_skipped_unrenderable=found.num_skipped_unrenderable)
 
 
 def summarize(runs: dict, **header) -> dict:
@@ -118,7 +122,7 @@ def summarize(runs: dict, **header) -> dict:
               "runs": {name: run.to_dict() for name, run in runs.items()}}
     if len(runs) == 2:
         hf, sgl = runs["hf"].stats.accept_length, runs["sglang"].stats.accept_length
-        result["accept_length_rel_diff"] = (sgl - hf) / hf if hf and sgl is not None else None
+        result["accept_length_rel_diff"] = (sgl - hf) / hf  # both >= 1
         result["same_outputs_hf_sglang"] = sum(
             a == b for a, b in zip(runs["hf"].outputs, runs["sglang"].outputs))
     return result
@@ -135,7 +139,8 @@ def format_table(result: dict) -> str:
     head = f"{'engine':8s} {'accept':>7s} {'tokens':>7s} {'verify':>7s}"
     head += "".join(f"  {'tok/s ' + b.replace('_', ' ') + ' draft/alone':>28s}" for b in batches)
     lines = [f"{result['draft']}: {result['num_prompts']} prompts from {result['data']} "
-             f"({result['num_skipped_too_long']} too long), {result['steps']} draft steps, "
+             f"(skipped: {result['num_skipped_too_long']} too long, "
+             f"{result['num_skipped_unrenderable']} unrenderable), {result['steps']} draft steps, "
              f"greedy, at most {result['max_new_tokens']} new tokens",
              head + "  verify steps by accepted drafts 0..K"]
     for name, run in result["runs"].items():
@@ -154,20 +159,10 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json(result: dict, path: str) -> None:
-    """Atomically: a reader sees the old file or the whole new one."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def main(args: argparse.Namespace) -> int:
     cfg = _with_flags(load_config(args.config, args.overrides), args)
     result = run_eval(cfg, args.draft)
     print(format_table(result))
-    write_json(result, args.out)
+    atomic_write_json(args.out, result)  # training's served-eval hook reads it when it exists
     print(f"wrote {args.out}")
     return 0

@@ -154,8 +154,8 @@ class HFTarget:
         self.device = next(model.parameters()).device
         self._captured: dict[int, torch.Tensor] = {}
         layers = model.base_model.layers
-        for layer_id in sorted(set(self.aux_layer_ids)):
-            layers[layer_id].register_forward_hook(self._hook(layer_id))
+        self._hooks = [layers[i].register_forward_hook(self._hook(i))
+                       for i in sorted(set(self.aux_layer_ids))]
         # transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name warns);
         # sglang's pinned 5.12 knows only the old one.
         params = inspect.signature(model.forward).parameters
@@ -185,6 +185,14 @@ class HFTarget:
         out = self.model(input_ids=ids, use_cache=True, **{self._cache_kwarg: self.cache})
         aux = torch.cat([self._captured[i] for i in self.aux_layer_ids], dim=-1)
         return out.logits[0].argmax(-1).tolist(), aux  # .tolist(): the step's one sync
+
+    def close(self) -> None:
+        """Drop the model: the hooks' closures refer to this object, and the model's layers
+        hold the hooks, so the model stays reachable until they are removed."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks, self._captured, self.cache = [], {}, None
+        del self.model
 
     def crop(self, length: int) -> None:
         # A negative count removes that many positions: the one spelling of Cache.crop that

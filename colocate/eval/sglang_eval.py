@@ -10,8 +10,8 @@ engines are measured over the same token-id prompts, greedy: the target with the
 (speculative_num_steps=K, topk 1, K+1 draft tokens: a chain) and the target alone. Each
 decodes the prompts one request at a time (batch 1) and then `eval.batch_size` per
 `generate` call, after an untimed warm-up request. Accept length and histogram come from
-sglang's meta_info (completion_tokens, spec_verify_ct, spec_accept_histogram) of the batch-1
-run with the draft.
+sglang's meta_info (completion_tokens, spec_verify_ct, spec_correct_drafts_histogram) of the
+batch-1 run with the draft.
 """
 
 from __future__ import annotations
@@ -21,17 +21,16 @@ import queue
 import time
 import traceback
 from multiprocessing import get_context
-from typing import Collection
+from typing import TYPE_CHECKING, Collection
 
 from colocate.eval.chain import AcceptStats, EngineRun
 from colocate.eval.exported import EvalError, ExportedDraft
 
+if TYPE_CHECKING:
+    import torch
+
 SPECULATIVE_ALGORITHMS = {"LlamaForCausalLMEagle3": "EAGLE3"}
 """Export architecture -> sglang speculative_algorithm (DFlash: "DFlashDraftModel": "DFLASH")."""
-
-MEM_FRACTION_STATIC = 0.3
-"""The engine's share of GPU memory: ample for a target of a few B parameters plus the draft
-(the probe's value); eval runs alone on the GPU, outside a colocated job."""
 
 ENGINE_TIMEOUT_S = 3600.0
 """Bound on one engine's whole measurement (start-up, warm-up, both batch sizes)."""
@@ -84,12 +83,23 @@ def _measure(engine_kwargs: dict, prompts: list[list[int]], sampling: dict,
         seconds_b = time.perf_counter() - start
     finally:
         engine.shutdown()
-    keys = ("completion_tokens", "spec_verify_ct", "spec_accept_histogram")
-    metas = [{k: r["meta_info"].get(k) for k in keys} for r in single]
+    metas = [_spec_counts(r["meta_info"]) for r in single]
     tokens_1 = sum(m["completion_tokens"] for m in metas)
     tokens_b = sum(r["meta_info"]["completion_tokens"] for r in batched)
     return {"outputs": [list(r["output_ids"]) for r in single], "metas": metas,
             "rate_1": tokens_1 / seconds_1, "rate_b": tokens_b / seconds_b}
+
+
+def _spec_counts(meta: dict) -> dict:
+    """One request's counts from sglang's meta_info. The histogram of verify steps by
+    accepted drafts is `spec_correct_drafts_histogram`; 0.5.17 also sends it as
+    `spec_accept_histogram`, an alias marked for removal. Both are absent without a draft
+    or when no verify step ran."""
+    histogram = meta.get("spec_correct_drafts_histogram")
+    if histogram is None:
+        histogram = meta.get("spec_accept_histogram")
+    return {"completion_tokens": meta["completion_tokens"],
+            "spec_verify_ct": meta.get("spec_verify_ct") or 0, "histogram": histogram or []}
 
 
 def _child_main(results, *args) -> None:
@@ -97,6 +107,16 @@ def _child_main(results, *args) -> None:
         results.put((True, _measure(*args)))
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises
         results.put((False, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+def _last_word(results, proc) -> tuple[bool, object]:
+    """The answer of a child found dead: it may have posted it and exited between the
+    parent's last wait and its liveness check."""
+    try:
+        return results.get(timeout=1.0)
+    except queue.Empty:
+        raise RuntimeError(f"the sglang engine process died (exit code {proc.exitcode}) "
+                           "before reporting") from None
 
 
 def _in_child(*args) -> dict:
@@ -114,8 +134,8 @@ def _in_child(*args) -> dict:
                 break
             except queue.Empty:
                 if not proc.is_alive():
-                    raise RuntimeError(f"the sglang engine process died (exit code "
-                                       f"{proc.exitcode}) before reporting") from None
+                    ok, value = _last_word(results, proc)
+                    break
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"the sglang engine did not finish within "
                                        f"{ENGINE_TIMEOUT_S:.0f} s") from None
@@ -130,18 +150,16 @@ def _in_child(*args) -> dict:
 
 def sglang_eval(target_path: str, export: ExportedDraft, prompts: list[list[int]], *,
                 num_steps: int, max_new_tokens: int, stop_ids: Collection[int], batch_size: int,
-                dtype: str, attention_backend: str, seed: int,
-                baseline: bool = True) -> EngineRun:
+                dtype: "torch.dtype", attention_backend: str, seed: int, mem_fraction: float,
+                cuda_graph: bool = False, baseline: bool = True) -> EngineRun:
     """Accept length of `export` served by sglang, and tokens/s with it and (`baseline`)
     without it."""
-    from colocate.engine.sglang_env import offline_engine_env
+    from colocate.engine.sglang_env import offline_engine_env, offline_engine_kwargs
 
     offline_engine_env()  # before any engine process starts: children inherit the switch
-    common = dict(model_path=os.path.abspath(target_path),  # relative: taken for a hub id
-                  attention_backend=attention_backend,
-                  sampling_backend="pytorch", disable_cuda_graph=True, disable_radix_cache=True,
-                  mem_fraction_static=MEM_FRACTION_STATIC, dtype=dtype, random_seed=seed,
-                  skip_tokenizer_init=True, log_level="warning")
+    common = offline_engine_kwargs(target_path, dtype=dtype, mem_fraction=mem_fraction,
+                                   seed=seed, cuda_graph=cuda_graph,
+                                   attention_backend=attention_backend, disable_radix_cache=True)
     sampling = {"temperature": 0.0, "max_new_tokens": max_new_tokens,
                 "stop_token_ids": sorted(stop_ids)}
     spec = _in_child({**common, **speculative_args(export, num_steps)}, prompts, sampling,
@@ -150,8 +168,7 @@ def sglang_eval(target_path: str, export: ExportedDraft, prompts: list[list[int]
 
     stats = AcceptStats()
     for meta in spec["metas"]:
-        stats.add(meta["completion_tokens"], meta["spec_verify_ct"] or 0,
-                  meta["spec_accept_histogram"] or [])
+        stats.add(meta["completion_tokens"], meta["spec_verify_ct"], meta["histogram"])
     stats.histogram += [0] * (num_steps + 1 - len(stats.histogram))
 
     alone = plain or {"rate_1": None, "rate_b": None, "outputs": None}

@@ -9,8 +9,11 @@ One small interface, `Generator.generate(prompts, seeds) -> list[Generation]`, t
   (tests/unit/test_generate.py). The model's own generation_config is replaced by ours:
   a checkpoint's suggested top_k / repetition penalty must not change what we sample.
 * sglang: ONE offline `sglang.Engine` over every visible GPU (tp_size GPUs per replica,
-  the rest data parallel through sglang's dp_size), prompts as input_ids, explicit sampling
-  parameters (`sampling_defaults="openai"`, else sglang applies generation_config.json).
+  the rest data parallel through sglang's dp_size), prompts as input_ids, every sampling
+  parameter explicit. (`Engine.generate` applies no generation_config.json sampling
+  defaults: in sglang 0.5.17 only the OpenAI chat server reads them; an Engine adds only
+  server_args.preferred_sampling_params, which we leave unset.) Per-request seeds need
+  `enable_deterministic_inference`, set when sampling (temperature > 0).
   sglang is imported only here, inside functions: it is a GPU-host dependency.
 
 Both stop on the same ids, the ones `colocate eval` stops on too
@@ -22,7 +25,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Protocol
 
@@ -56,6 +58,10 @@ class Generation:
 
 
 class Generator(Protocol):
+    name: str
+    """The engine's name (generate.engine's value for the built-in ones): in the summary and
+    the resume fingerprint."""
+
     def generate(self, prompts: list[list[int]], seeds: list[int],
                  on_batch: Callable[[int, int], None] | None = None) -> list[Generation]:
         """One reply per prompt, in order. `seeds` seed sampling per prompt where the backend
@@ -84,22 +90,37 @@ def resolve_engine(name: str, device_type: str) -> str:
     return name
 
 
-def build_generator(cfg: "Config", sampling: Sampling, pad_id: int) -> Generator:
-    """The backend generate.engine names, with the target of cfg.target loaded."""
+@dataclass(frozen=True)
+class Backend:
+    """What decodes: generate.engine resolved on this machine, with its device and dtype."""
+
+    engine: str
+    device: torch.device
+    dtype: torch.dtype
+
+
+def resolve_backend(cfg: "Config") -> Backend:
+    """generate.engine, run.device and target.dtype as they resolve here (decided before any
+    model loads: the resume fingerprint holds them)."""
     from colocate.engine import resolve_target_dtype
     from colocate.topology import resolve_device_type
 
     device = torch.device(resolve_device_type(cfg.run.device))
-    dtype = resolve_target_dtype(cfg.target.dtype, device)
+    return Backend(resolve_engine(cfg.generate.engine, device.type), device,
+                   resolve_target_dtype(cfg.target.dtype, device))
+
+
+def build_generator(cfg: "Config", sampling: Sampling, pad_id: int) -> Generator:
+    """The backend generate.engine names, with the target of cfg.target loaded."""
+    backend = resolve_backend(cfg)
     gen = cfg.generate
-    engine = resolve_engine(gen.engine, device.type)
-    log.info("generate: %s engine on %s, %s", engine, device.type,
-             str(dtype).removeprefix("torch."))
-    if engine == "hf":
-        return HFGenerator(cfg.target.path, sampling=sampling, device=device, dtype=dtype,
-                           batch_size=gen.batch_size, pad_id=pad_id,
+    log.info("generate: %s engine on %s, %s", backend.engine, backend.device.type,
+             str(backend.dtype).removeprefix("torch."))
+    if backend.engine == "hf":
+        return HFGenerator(cfg.target.path, sampling=sampling, device=backend.device,
+                           dtype=backend.dtype, batch_size=gen.batch_size, pad_id=pad_id,
                            load_format=cfg.target.load_format, seed=cfg.run.seed)
-    return SGLangGenerator(cfg.target.path, sampling=sampling, dtype=dtype,
+    return SGLangGenerator(cfg.target.path, sampling=sampling, dtype=backend.dtype,
                            tp_size=gen.tp_size, mem_fraction=gen.mem_fraction,
                            seed=cfg.run.seed, batch_size=gen.batch_size,
                            load_format=cfg.target.load_format, cuda_graph=gen.cuda_graph)
@@ -171,7 +192,7 @@ class SGLangGenerator:
     def __init__(self, path: str, *, sampling: Sampling, dtype: torch.dtype, tp_size: int,
                  mem_fraction: float, seed: int, batch_size: int, load_format: str = "auto",
                  cuda_graph: bool = False):
-        from colocate.engine.sglang_env import offline_engine_env
+        from colocate.engine.sglang_env import offline_engine_env, offline_engine_kwargs
 
         num_gpus = torch.cuda.device_count()
         if num_gpus % tp_size:
@@ -180,14 +201,13 @@ class SGLangGenerator:
         offline_engine_env()  # before the Engine spawns its scheduler processes
         import sglang
 
-        self.engine = sglang.Engine(
-            model_path=os.path.abspath(path),  # a relative path could be taken for a hub id
-            skip_tokenizer_init=True, tp_size=tp_size, dp_size=num_gpus // tp_size,
-            attention_backend="triton", sampling_backend="pytorch",
-            disable_cuda_graph=not cuda_graph,
-            load_format="dummy" if load_format == "dummy" else "auto",
-            mem_fraction_static=mem_fraction, dtype=str(dtype).removeprefix("torch."),
-            random_seed=seed, sampling_defaults="openai", log_level="warning")
+        # Per-request sampling_seed is honoured only in deterministic mode (sglang 0.5.17,
+        # SamplingBatchInfo.from_schedule_batch); greedy needs no seed, and the mode costs
+        # speed (batch-invariant kernels), so it is on for sampling only.
+        extra = {"enable_deterministic_inference": True} if sampling.temperature > 0 else {}
+        self.engine = sglang.Engine(**offline_engine_kwargs(
+            path, dtype=dtype, mem_fraction=mem_fraction, seed=seed, cuda_graph=cuda_graph,
+            load_format=load_format, tp_size=tp_size, dp_size=num_gpus // tp_size, **extra))
         self.sampling = sampling
         self.batch_size = batch_size
         log.info("sglang engine: %d GPU(s), tp_size %d x dp_size %d", num_gpus, tp_size,

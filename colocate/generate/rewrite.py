@@ -24,12 +24,11 @@ from typing import Callable
 
 from colocate.data.conversations import FORMS, Conversation, Turn
 from colocate.data.encode import encode_prompt
-from colocate.data.errors import DataError
+from colocate.data.errors import MAX_LOGGED_SKIPS, DataError
 from colocate.data.template import Renderer
 from colocate.generate.engines import Generation, Generator
 
 log = logging.getLogger(__name__)
-_MAX_LOGGED_SKIPS = 5
 MAX_LISTED_SKIPS = 10
 """Skips listed by FILE:LINE in a part and in the summary (all are counted)."""
 
@@ -174,7 +173,11 @@ class ChunkRewriter:
         if not todo:
             return
         seeds = [reply_seed(self.seed, rec.line_no, r) for rec in todo]
-        for rec, generation in zip(todo, self.generator.generate(prompts, seeds, self.on_batch)):
+        replies = self.generator.generate(prompts, seeds, self.on_batch)
+        # The Generator contract: one reply per prompt, in order (zip would drop records).
+        assert len(replies) == len(prompts), \
+            f"{self.generator.name} returned {len(replies)} replies for {len(prompts)} prompts"
+        for rec, generation in zip(todo, replies):
             turn = rec.conversation.assistant_turns[r]
             text = self.renderer.tokenizer.decode(generation.ids, skip_special_tokens=True,
                                                   clean_up_tokenization_spaces=False)
@@ -208,7 +211,7 @@ class ChunkRewriter:
         if len(skips) < MAX_LISTED_SKIPS:
             skips.append(message)
         # Malformed lines were logged by the reader (`skip_invalid_line`).
-        if not logged and self._num_logged < _MAX_LOGGED_SKIPS:
+        if not logged and self._num_logged < MAX_LOGGED_SKIPS:
             self._num_logged += 1
             log.warning("skipping: %s", message)
 

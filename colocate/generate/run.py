@@ -17,11 +17,11 @@ from colocate.data.errors import DataError
 from colocate.data.stats import DataStats
 from colocate.data.template import Renderer
 from colocate.data.tokenized import renderer_for
-from colocate.generate.engines import Generator, Sampling, build_generator
-from colocate.target import stop_token_ids
+from colocate.generate.engines import Generator, Sampling, build_generator, resolve_backend
 from colocate.generate.rewrite import ChunkRewriter
 from colocate.generate.store import GenerateError, PartStore
 from colocate.progress import GenerateProgress
+from colocate.target import check_model_dir, context_length, load_tokenizer, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,8 @@ def generation_renderer(cfg: Config, tokenizer) -> Renderer:
 
 def _fingerprint(data_path: str, target_path: str, settings: dict) -> str:
     """Hash of everything that decides the output: input bytes, the target's tokenizer and
-    config files (not its weights: gigabytes), template and sampling settings."""
+    config files (not its weights: gigabytes), engine, dtype, load format, template and
+    sampling settings."""
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode() + b"\0")
     update_with_file(h, data_path)
     h.update(b"\0target\0")
@@ -73,13 +74,6 @@ def _chunks(items: Iterator[Item], size: int, skip_invalid: bool) -> Iterator[li
         yield chunk
 
 
-def _context_length(target_path: str) -> int:
-    from transformers import AutoConfig
-
-    text = AutoConfig.from_pretrained(target_path, local_files_only=True).get_text_config()
-    return int(text.max_position_embeddings)
-
-
 @dataclass(frozen=True)
 class Job:
     """Everything decided before the first prompt: how prompts render, when replies stop,
@@ -93,25 +87,30 @@ class Job:
     key: str
 
 
-def prepare(cfg: Config, data_path: str) -> Job:
-    """Check the inputs (one readable error each) and settle the job's settings."""
-    from colocate.train.engine_loop import load_tokenizer
+def prepare(cfg: Config, data_path: str, engine: str | None = None) -> Job:
+    """Check the inputs (one readable error each) and settle the job's settings. `engine`:
+    the name of a generator handed in ready-made (else generate.engine's, resolved here)."""
+    from transformers import AutoConfig
 
     if not os.path.isfile(data_path):
         raise DataError(f"--data / data.path: {data_path} is not a file; point it at a JSONL "
                         "of conversations")
-    if not os.path.isfile(os.path.join(cfg.target.path, "config.json")):
-        raise FileNotFoundError(f"target.path {cfg.target.path}: no config.json; point it at "
-                                "a local model directory")
+    check_model_dir(cfg.target.path, need_weights=cfg.target.load_format != "dummy")
     gen = cfg.generate
     tokenizer = load_tokenizer(cfg.target.path)
     renderer = generation_renderer(cfg, tokenizer)
     stop_ids = stop_token_ids(cfg.target.path, tokenizer)
-    context = _context_length(cfg.target.path)
+    context = context_length(AutoConfig.from_pretrained(cfg.target.path, local_files_only=True))
     if context <= gen.max_new_tokens:
         raise ConfigError(f"generate.max_new_tokens: {gen.max_new_tokens} leaves no room for a "
                           f"prompt in the target's context of {context} tokens; lower it")
-    settings = {"thinking": gen.thinking, "max_new_tokens": gen.max_new_tokens,
+    backend = resolve_backend(cfg)
+    # Answers of another engine, dtype or weight source are other answers: a resumed run
+    # must not splice them together.
+    settings = {"engine": engine or backend.engine,
+                "dtype": str(backend.dtype).removeprefix("torch."),
+                "load_format": cfg.target.load_format,
+                "thinking": gen.thinking, "max_new_tokens": gen.max_new_tokens,
                 "temperature": gen.temperature, "top_p": gen.top_p,
                 "seed": cfg.run.seed if gen.temperature > 0 else None,
                 "stop_ids": list(stop_ids), "chat_template": renderer.template,
@@ -132,7 +131,7 @@ def generate_file(cfg: Config, *, data_path: str, out_path: str, limit: int | No
     there is a record left to regenerate, and closed at the end."""
     if os.path.abspath(out_path) == os.path.abspath(data_path):
         raise GenerateError(f"--out {out_path} is the input file; write the answers elsewhere")
-    job = prepare(cfg, data_path)
+    job = prepare(cfg, data_path, None if generator is None else generator.name)
     store = PartStore(out_path)
     done = None if force else store.complete_summary(job.key)
     if done is not None:
@@ -143,14 +142,18 @@ def generate_file(cfg: Config, *, data_path: str, out_path: str, limit: int | No
     try:
         num_lines = _count_records(data_path)
         total = num_lines if limit is None else min(num_lines, limit)
-        engine = _regenerate(cfg, job, store, data_path, total, generator, stream)
+        _regenerate(cfg, job, store, data_path, total, generator, stream)
         counts, skips = store.totals()
         if counts.turns_generated == 0:
             first = f"; first skip: {skips[0]}" if skips else ""
             raise DataError(f"{data_path}: no usable prompt ({counts.format()}){first}")
-        summary = {"complete": total == num_lines, "input": os.path.abspath(data_path),
+        # Whole when the parts, of this run and earlier ones, account for every line (a
+        # --limit run may find them all done already).
+        summary = {"complete": counts.records_read == num_lines,
+                   "input": os.path.abspath(data_path),
                    "output": os.path.abspath(out_path),
-                   "target": os.path.abspath(cfg.target.path), "engine": engine,
+                   "target": os.path.abspath(cfg.target.path),
+                   "engine": job.settings["engine"],
                    **counts.to_dict(),
                    "tokens_per_s": counts.generated_tokens / max(counts.generate_seconds, 1e-9),
                    "first_skips": skips, "settings": job.settings, "key": job.key}
@@ -161,9 +164,9 @@ def generate_file(cfg: Config, *, data_path: str, out_path: str, limit: int | No
 
 
 def _regenerate(cfg: Config, job: Job, store: PartStore, data_path: str, total: int,
-                generator: Generator | None, stream) -> str | None:
+                generator: Generator | None, stream) -> None:
     """Every record among the first `total` that no part accounts for yet, chunk by chunk,
-    into `store`. Returns the engine's name (None when nothing was left to do)."""
+    into `store`."""
     seen = 0
 
     def keep(line_no: int) -> bool:  # called once per non-blank line, in order
@@ -197,4 +200,3 @@ def _regenerate(cfg: Config, job: Job, store: PartStore, data_path: str, total: 
     finally:
         if own and generator is not None:
             generator.close()
-    return getattr(generator, "name", None) if rewriter is not None else None

@@ -32,7 +32,7 @@ import json
 import os
 import shutil
 
-from colocate.data.cache import atomic_write
+from colocate.data.cache import atomic_write, atomic_write_json
 from colocate.generate.rewrite import MAX_LISTED_SKIPS, ChunkResult, GenerateCounts
 
 
@@ -46,10 +46,6 @@ def _read_json(path: str) -> dict | None:
         return None
     with open(path, encoding="utf-8") as f:
         return json.load(f)
-
-
-def _write_json(path: str, value: dict) -> None:
-    atomic_write(path, lambda f: json.dump(value, f, indent=1), binary=False)
 
 
 class PartStore:
@@ -96,7 +92,7 @@ class PartStore:
         summary = _read_json(self.summary_path)
         if summary is not None and summary.get("key") != key:
             raise self._mismatch(self.summary_path)
-        _write_json(os.path.join(self.dir, "run.json"), {"key": key, "settings": settings})
+        atomic_write_json(os.path.join(self.dir, "run.json"), {"key": key, "settings": settings})
         for path in glob.glob(os.path.join(self.dir, "part-*.json")):
             meta = _read_json(path)
             if not os.path.isfile(os.path.join(self.dir, meta["file"])):
@@ -108,7 +104,8 @@ class PartStore:
 
     def _mismatch(self, path: str) -> GenerateError:
         return GenerateError(f"{self.out_path}: {path} was made from other inputs or settings "
-                             "(data bytes, target tokenizer/config, chat template, "
+                             "(data bytes, target tokenizer/config, target.load_format/dtype, "
+                             "generate.engine, chat template, "
                              "generate.max_new_tokens/temperature/top_p/thinking); pass --force "
                              "to regenerate it, or choose another --out")
 
@@ -135,7 +132,7 @@ class PartStore:
         atomic_write(os.path.join(self.dir, meta["file"]),
                      lambda f: f.write("".join(line + "\n" for line in result.lines)),
                      binary=False)
-        _write_json(os.path.join(self.dir, f"{name}.json"), meta)  # last: marks the part whole
+        atomic_write_json(os.path.join(self.dir, f"{name}.json"), meta)  # last: marks the part whole
         i = bisect.bisect_right(self._starts, result.first_line)
         self._metas.insert(i, meta)
         self._starts.insert(i, result.first_line)
@@ -153,7 +150,7 @@ class PartStore:
                     shutil.copyfileobj(part, f)
 
         atomic_write(self.out_path, concatenate)
-        _write_json(self.summary_path, summary)
+        atomic_write_json(self.summary_path, summary)
         if summary["complete"]:
             shutil.rmtree(self.dir)
         self.close()

@@ -30,6 +30,7 @@ from colocate.draft import label_counts
 from colocate.engine import build_engine
 from colocate.topology import Topology
 from colocate.progress import BusyClock, peak_gib
+from colocate.target import load_tokenizer
 from colocate.train.schedule import validates_after
 from colocate.transport import PairChannel, RingProducer
 
@@ -53,15 +54,6 @@ def prepare_data(cfg: Config, tokenizer, target_vocab_size: int):
         held_out = load_or_build_tokenized(cfg.data, tokenizer, cfg.target.path, cache_dir,
                                            split="holdout")
     return tokenized, vocab, held_out
-
-
-def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"target.path {path}: no such directory; point it at a local "
-                                "model directory (config.json, safetensors, tokenizer)")
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def pack_step(stream: DataStream, num_micro_steps: int,

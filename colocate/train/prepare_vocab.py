@@ -17,7 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
-    from colocate.train.engine_loop import default_cache_dir, load_tokenizer, prepare_data
+    from colocate.target import load_tokenizer
+    from colocate.train.engine_loop import default_cache_dir, prepare_data
 
     cfg = load_config(args.config, args.overrides)
     tokenizer = load_tokenizer(cfg.target.path)

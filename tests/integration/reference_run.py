@@ -14,7 +14,8 @@ from colocate.config import Config
 from colocate.data import DataStream
 from colocate.draft import DraftArch, Eagle3Draft, eagle3_unroll, target_distribution
 from colocate.engine import build_engine, resolve_aux_layer_ids
-from colocate.train.engine_loop import load_tokenizer, prepare_data
+from colocate.target import load_tokenizer
+from colocate.train.engine_loop import prepare_data
 from colocate.train.schedule import lr_at
 from colocate.train.target_tensors import load_embed_and_head
 

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from tests.chat_templates import FAILING_TEMPLATE
 from tests.eval_exports import write_random_export
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -35,7 +36,7 @@ def test_eval_hf_end_to_end(tiny_assets, export, tmp_path):
                     "--limit", "6", "--engine", "hf", "--steps", "3", "--max-new-tokens", "32")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert not os.path.exists(f"{out}.tmp")
+    assert os.listdir(out.parent) == ["eval.json"]  # no temporary file left beside it
     assert result["engine"] == "hf" and list(result["runs"]) == ["hf"]
     assert result["num_prompts"] == 6 and result["steps"] == 3
     assert result["max_new_tokens"] == 32 and result["num_skipped_too_long"] == 0
@@ -145,12 +146,34 @@ def test_prompts_longer_than_the_context(tiny_assets, export, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["num_prompts"] == 2 and result["num_skipped_too_long"] == 1
-    assert "(1 too long)" in proc.stdout
+    assert "(skipped: 1 too long, 0 unrenderable)" in proc.stdout
     # With room for no prompt at all: one line naming the data and the fix.
     line = one_error_line(run_eval(target, export, out, "--data", str(data), "--engine", "hf",
                                    "--max-new-tokens", "44"))
     assert f"{data}: all 3 prompts are longer than the target's context (48) minus " \
            "eval.max_new_tokens (44)" in line
+
+
+def test_limit_counts_usable_prompts_and_every_skip_is_counted(tiny_assets, export, tmp_path):
+    target = short_context_target(tiny_assets, tmp_path, context=48)
+    template = tmp_path / "failing.jinja"
+    template.write_text(FAILING_TEMPLATE)
+    users = [" ".join(["apple banana cherry"] * 12), "FAIL here", "What is 2 + 3?",
+             "Count from 1 to 5.", "Name a color."]
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": u},
+                                                     {"role": "assistant", "content": "ok"}]})
+                            + "\n" for u in users))
+    out = tmp_path / "eval.json"
+    proc = run_eval(target, export, out, f"data.chat_template={template}", "--data", str(data),
+                    "--engine", "hf", "--limit", "2", "--max-new-tokens", "16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    # Two usable prompts decoded although the first two conversations give none.
+    assert result["num_prompts"] == 2
+    assert result["num_skipped_too_long"] == 1 and result["num_skipped_unrenderable"] == 1
+    assert "(skipped: 1 too long, 1 unrenderable)" in proc.stdout
+    assert "cannot render FAIL" in proc.stderr  # the skip is logged with its reason
 
 
 def test_bad_eval_setting_names_the_key(tiny_assets, export, tmp_path):

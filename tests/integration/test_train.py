@@ -192,7 +192,7 @@ def test_resume_on_more_pairs_names_both_counts(tiny_assets, tmp_path):
 
 def test_validation_on_the_held_out_split(tiny_assets, tmp_path):
     from colocate.data import load_or_build_tokenized
-    from colocate.train.engine_loop import load_tokenizer
+    from colocate.target import load_tokenizer
 
     run_dir = str(tmp_path / "val")
     cache = str(tmp_path / "cache")

@@ -42,6 +42,8 @@ def test_off_stays_a_string_and_only_true_false_are_booleans(tmp_path):
     ("eval.engine=vllm", "eval.engine: got 'vllm'; use auto, hf, sglang or both"),
     ("eval.steps=40", "eval.steps: got 40"),
     ("eval.every_steps=-1", "eval.every_steps: got -1"),
+    ("eval.mem_fraction=0", "eval.mem_fraction: got 0.0; use a fraction in (0, 1)"),
+    ("eval.cuda_graph=maybe", "eval.cuda_graph: expected"),
     ("train.val_every_steps=5", "train.val_every_steps: validation needs held-out "
                                 "conversations; set data.holdout"),
 ])

@@ -145,3 +145,27 @@ def assert_draft_caught_up(target, draft, sequence):
     torch.testing.assert_close(keys, draft.keys, rtol=0, atol=1e-4)
     torch.testing.assert_close(values, draft.values, rtol=0, atol=1e-4)
     torch.testing.assert_close(last, draft._last[1], rtol=0, atol=1e-4)
+
+
+def test_close_lets_the_model_go_without_a_gc_pass(tiny_assets):
+    """`colocate eval --engine both` frees the reference before sglang sizes its memory
+    pools; the hooks must not keep the model alive (checked with the cyclic GC off)."""
+    import gc
+    import weakref
+
+    from colocate.engine.hf import load_causal_lm
+    from colocate.eval.reference import HFTarget
+
+    model = load_causal_lm(tiny_assets["target_llama"], torch.float32, "sdpa").eval()
+    target = HFTarget(model, [0, 1])
+    target.reset()
+    target.forward([1, 2, 3])
+    gone = weakref.ref(model)
+    del model
+    gc.disable()
+    try:
+        target.close()
+        del target
+        assert gone() is None
+    finally:
+        gc.enable()

@@ -1,10 +1,12 @@
 """The sglang eval's parts that need no GPU: the engine arguments from an export, and the
 spawned process that holds one engine (its failure reaches the parent as one error)."""
 
+from multiprocessing import get_context
+
 import pytest
 
 from colocate.eval.exported import EvalError, ExportedDraft
-from colocate.eval.sglang_eval import _in_child, speculative_args
+from colocate.eval.sglang_eval import _in_child, _last_word, _spec_counts, speculative_args
 
 
 def test_chain_arguments_from_the_export():
@@ -25,3 +27,34 @@ def test_a_failing_engine_process_reports_its_cause():
     # Without sglang the child fails at its import; with it, at Engine() without a model.
     with pytest.raises(RuntimeError, match="the sglang engine failed: .*Error"):
         _in_child({}, [[1, 2, 3]], {"max_new_tokens": 1}, 1)
+
+
+def test_histogram_under_its_new_name_first_then_the_alias():
+    both = {"completion_tokens": 9, "spec_verify_ct": 4,
+            "spec_correct_drafts_histogram": [1, 0, 3], "spec_accept_histogram": [9, 9]}
+    assert _spec_counts(both) == {"completion_tokens": 9, "spec_verify_ct": 4,
+                                  "histogram": [1, 0, 3]}
+    alias_only = {"completion_tokens": 9, "spec_verify_ct": 4, "spec_accept_histogram": [2, 2]}
+    assert _spec_counts(alias_only)["histogram"] == [2, 2]
+    # No draft (the baseline engine), or no verify step: neither key, nor spec_verify_ct.
+    assert _spec_counts({"completion_tokens": 1}) == {"completion_tokens": 1,
+                                                      "spec_verify_ct": 0, "histogram": []}
+
+
+def _post_and_exit(results):
+    results.put((True, {"posted": 1}))
+
+
+def test_a_child_that_posted_and_exited_is_not_dead_without_an_answer():
+    ctx = get_context("spawn")
+    results = ctx.Queue()
+    proc = ctx.Process(target=_post_and_exit, args=(results,))
+    proc.start()
+    proc.join(timeout=60)
+    assert proc.exitcode == 0
+    assert _last_word(results, proc) == (True, {"posted": 1})
+    silent = ctx.Process(target=int)  # exits at once, posts nothing
+    silent.start()
+    silent.join(timeout=60)
+    with pytest.raises(RuntimeError, match=r"died \(exit code 0\) before reporting"):
+        _last_word(ctx.Queue(), silent)

@@ -23,18 +23,12 @@ from colocate.generate.engines import Generation
 from colocate.generate.rewrite import round_trips
 from colocate.generate.run import generate_file
 from colocate.generate.store import GenerateError, PartStore
+from tests.chat_templates import FAILING_TEMPLATE
 from tests.unit.test_data_reasoning_templates import QWEN3_STYLE, _not_round_tripping_ids
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(REPO, "examples", "tiny", "config.yaml")
 END = "<|im_end|>"
-FAILING_TEMPLATE = (  # the tiny ChatML template, refusing any message that says FAIL
-    "{%- for message in messages -%}"
-    "{%- if 'FAIL' in message['content'] -%}{{ raise_exception('cannot render FAIL') }}"
-    "{%- endif -%}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -214,6 +208,55 @@ def test_resume_after_limit_and_after_sigkill_gives_the_uninterrupted_output(tin
         generate_file(other, data_path=data, out_path=killed, limit=3)
     redone = generate_file(other, data_path=data, out_path=killed, limit=3, force=True)
     assert redone["records_read"] == 3 and redone["settings"]["max_new_tokens"] == 8
+
+
+def test_a_limit_run_finds_parts_that_cover_the_whole_file_complete(tiny_assets, tmp_path):
+    from colocate.generate.run import _regenerate, prepare
+
+    data = head(tiny_assets, tmp_path, 5)
+    cfg = tiny_cfg(tiny_assets["target_llama"], data, "generate.max_new_tokens=4",
+                   "generate.chunk_records=2")
+    out = str(tmp_path / "out.jsonl")
+    # Every part written, then killed before OUT was assembled.
+    job, store = prepare(cfg, data), PartStore(out)
+    store.open(job.key, job.settings, force=False)
+    _regenerate(cfg, job, store, data, 5, None, None)
+    store.close()
+    assert not os.path.exists(out)
+    summary = generate_file(cfg, data_path=data, out_path=out, limit=2)
+    assert summary["complete"] and summary["records_read"] == summary["records_written"] == 5
+    assert [r["generated"]["source_line"] for r in read_records(out)] == [1, 2, 3, 4, 5]
+    assert not os.path.exists(out + ".parts")
+
+
+def test_answers_of_another_engine_dtype_or_weights_are_not_resumed(tiny_assets, tmp_path):
+    data = head(tiny_assets, tmp_path, 4)
+    base = ["generate.max_new_tokens=4", "generate.chunk_records=1"]
+    out = str(tmp_path / "out.jsonl")
+    partial = generate_file(tiny_cfg(tiny_assets["target_llama"], data, *base), data_path=data,
+                            out_path=out, limit=1)
+    assert not partial["complete"]
+    assert {k: partial["settings"][k] for k in ("engine", "dtype", "load_format")} == \
+        {"engine": "hf", "dtype": "float32", "load_format": "auto"}
+    for other in ("target.load_format=dummy", "target.dtype=bfloat16"):
+        with pytest.raises(GenerateError, match="made from other inputs or settings"):
+            generate_file(tiny_cfg(tiny_assets["target_llama"], data, *base, other),
+                          data_path=data, out_path=out)
+    # A generator handed in under another name is another engine too.
+    with pytest.raises(GenerateError, match="made from other inputs or settings"):
+        generate_file(tiny_cfg(tiny_assets["target_llama"], data, *base), data_path=data,
+                      out_path=out, generator=ScriptedGenerator([]))
+
+
+def test_a_generator_that_loses_replies_stops_the_run(tiny_assets, tmp_path):
+    class Short(ScriptedGenerator):
+        def generate(self, prompts, seeds, on_batch=None):
+            return super().generate(prompts[:-1], seeds[:-1], on_batch)
+
+    data = head(tiny_assets, tmp_path, 2)
+    with pytest.raises(AssertionError, match="scripted returned 1 replies for 2 prompts"):
+        generate_file(tiny_cfg(tiny_assets["target_llama"], data), data_path=data,
+                      out_path=str(tmp_path / "o.jsonl"), generator=Short([([2], "stop")]))
 
 
 # --------------------------------------------------------------------------- skips
