@@ -47,11 +47,13 @@ def test_loss_falls_and_acc_rises(tiny_run):
     rows = metrics(run_dir)
     assert [r["step"] for r in rows] == list(range(1, 25))
     first, last = rows[0], rows[-4:]
-    # Measured on CPU: loss 18.6 -> ~4.5 and acc_0 0.00 -> ~0.8 over 24 steps.
-    assert sum(r["loss"] for r in last) / 4 < 0.5 * first["loss"]
+    # Measured on CPU (the trained tiny target: its replies are real content, not junk):
+    # loss 18.5 -> 10.5 (last-4 mean), acc_0 0.00 -> 0.38, accept length 1.0 -> 1.58 over
+    # 24 steps; after 6 steps they were 14.2, 0.34 and 1.50.
+    assert sum(r["loss"] for r in last) / 4 < 0.62 * first["loss"]
     assert first["acc_0"] < 0.05
-    assert sum(r["acc_0"] for r in last) / 4 > 0.6
-    assert last[-1]["accept_length"] > 2.5
+    assert sum(r["acc_0"] for r in last) / 4 > 0.33
+    assert last[-1]["accept_length"] > 1.45
     assert "step 24/24" in proc.stdout and "done: 24 steps" in proc.stdout
     assert all(r["tokens_per_s"] > 0 for r in rows)
 
