@@ -1,8 +1,8 @@
 """Shared fixtures.
 
 ``tiny_assets`` builds the tiny tokenizer and targets once per test session into a
-temporary directory (a few seconds, no network), so tests never depend on what happens
-to be built in the checkout.
+temporary directory (about half a minute, most of it training the Llama target; no
+network), so tests never depend on what happens to be built in the checkout.
 """
 
 from __future__ import annotations
