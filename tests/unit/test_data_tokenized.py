@@ -53,3 +53,18 @@ def test_changed_inputs_invalidate_the_cache(tiny_assets, tiny_tokenizer, tmp_pa
                                   chat_template=other_template), tiny_assets, tiny_tokenizer)
     assert not templated.from_cache and templated.key not in (base.key, grown.key)
     assert _load(cfg, tiny_assets, tiny_tokenizer).from_cache  # the grown entry is still valid
+
+
+def test_atomic_writes_get_a_plain_files_mode(tmp_path):
+    import os
+    import stat
+
+    from colocate.data.cache import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        atomic_write(str(tmp_path / "out.jsonl"), lambda f: f.write(b"{}\n"))
+    finally:
+        os.umask(old)
+    # mkstemp's 0600 would leave generated data unreadable to the rest of a team.
+    assert stat.S_IMODE(os.stat(tmp_path / "out.jsonl").st_mode) == 0o644
