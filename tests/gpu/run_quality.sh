@@ -41,10 +41,24 @@ evaluate() {  # RUN_DIR OUT_JSON [eval args]: serve RUN_DIR/export on RUN_DIR's 
 }
 
 if has after; then
+  # PROMPTS > 0: the target answers that many fresh prompts made by the tiny data generator
+  # (another seed) instead of the 500 bundled ones; AFTER_TRAIN: overrides for training.
+  prompts=examples/tiny/data/conversations.jsonl
+  if [ "${PROMPTS:-0}" -gt 0 ]; then
+    prompts=runs/q-prompts.jsonl
+    python - "$PROMPTS" "$prompts" <<'PY'
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("tiny_build", "examples/tiny/build.py")
+build = importlib.util.module_from_spec(spec); spec.loader.exec_module(build)
+with open(sys.argv[2], "w") as f:
+    for record in build.generate_conversations(int(sys.argv[1]), seed=4321):
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+PY
+  fi
   rm -rf runs/q-gen.jsonl runs/q-gen.jsonl.* runs/q-after
-  generate --out runs/q-gen.jsonl --max-new-tokens 128
+  generate --data "$prompts" --out runs/q-gen.jsonl
   cp runs/q-gen.jsonl.summary.json "$OUT/generate-tiny-summary.json" 2>/dev/null
-  train run.dir=runs/q-after data.path=runs/q-gen.jsonl
+  train run.dir=runs/q-after data.path=runs/q-gen.jsonl ${AFTER_TRAIN:-}
   evaluate runs/q-after "$OUT/eval-after.json"
 fi
 if has before; then  # the speed-up without the draft is measured in `after`
@@ -55,10 +69,10 @@ fi
 if has gate; then
   for target in llama qwen3; do
     rm -rf runs/q-gate-$target runs/q-gate-$target.jsonl*
-    generate --out runs/q-gate-$target.jsonl --limit 64 --max-new-tokens 48 target.path=examples/tiny/target-$target
+    generate --out runs/q-gate-$target.jsonl --limit 16 --max-new-tokens 48 target.path=examples/tiny/target-$target
     run python tests/gpu/pick_samples.py runs/q-gate-$target.jsonl --target examples/tiny/target-$target --out-dir runs/q-gate-$target
   done
-  for case in llama/roundtrip qwen3/no_roundtrip llama/no_roundtrip qwen3/roundtrip; do
+  for case in ${GATE_CASES:-qwen3/no_roundtrip llama/roundtrip}; do
     target=${case%/*}; kind=${case#*/}; data=runs/q-gate-$target/$kind.jsonl; dir=runs/q-gate-$target-$kind
     [ -f "$data" ] || { echo "gate: no $kind sample from target-$target" | tee -a "$LOG"; continue; }
     rm -rf "$dir"
@@ -70,10 +84,10 @@ if has gate; then
 fi
 if has q8b; then
   bash examples/qwen3-8b-shape/prepare.sh | tee -a "$LOG"
-  for graph in false true; do
+  for graph in ${Q8B_GRAPHS:-false true}; do
     rm -rf runs/q8b-gen-$graph.jsonl*
     run timeout 600 python -m colocate generate --config examples/qwen3-8b-shape/run.yaml \
-      --engine sglang --out runs/q8b-gen-$graph.jsonl --limit 256 --max-new-tokens 256 generate.cuda_graph=$graph
+      --engine sglang --out runs/q8b-gen-$graph.jsonl --limit ${Q8B_PROMPTS:-256} --max-new-tokens 256 generate.cuda_graph=$graph
     cp runs/q8b-gen-$graph.jsonl.summary.json "$OUT/generate-q8b-cudagraph-$graph-summary.json" 2>/dev/null
   done
 fi
