@@ -29,6 +29,7 @@ else
 fi
 python examples/tiny/build.py --out examples/tiny 2>&1 | tee -a "$LOG"
 CFG=examples/tiny/config.yaml
+mkdir -p runs
 # 48 held-out conversations; validation (teacher-forced sim_accept_length) after the last step.
 TRAIN=(data.holdout=48 train.val_every_steps=100000 "${TRAIN_DEV[@]}")
 # NP: ranks (default NPROC); one sample cannot be split over two pairs, so the gate uses 2.
