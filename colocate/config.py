@@ -409,12 +409,16 @@ class Config:
         _require(self.engine.tp_size == 1 or self.engine.backend == "sglang", "engine.tp_size",
                  f"{self.engine.tp_size} needs engine.backend=sglang (the hf engine runs the "
                  "whole target on each engine rank); use engine.tp_size=1")
-        _require(self.train.val_every_steps == 0 or self.data.holdout > 0,
-                 "train.val_every_steps", "validation needs held-out conversations; set "
-                 "data.holdout (e.g. 48) or train.val_every_steps=0")
         _require(self.eval.engine not in ("sglang", "both") or self.run.device != "cpu",
                  "eval.engine", f"{self.eval.engine} needs CUDA; use eval.engine=hf with "
                  "run.device=cpu")
+
+    def check_training(self) -> None:
+        """What only `colocate train` needs (eval and generate read the same file and may
+        turn the held-out split off)."""
+        _require(self.train.val_every_steps == 0 or self.data.holdout > 0,
+                 "train.val_every_steps", "validation needs held-out conversations; set "
+                 "data.holdout (e.g. 48) or train.val_every_steps=0")
 
     @property
     def last_step(self) -> int:

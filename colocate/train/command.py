@@ -32,6 +32,7 @@ def main(args: argparse.Namespace) -> int:
     from colocate.transport import open_pair_channel
 
     cfg = load_config(args.config, args.overrides)  # fails before any process group exists
+    cfg.check_training()
     if not os.path.isfile(os.path.join(cfg.target.path, "config.json")):
         raise FileNotFoundError(f"target.path {cfg.target.path}: no config.json; point it at a "
                                 "local model directory (for the demo: python examples/tiny/build.py)")

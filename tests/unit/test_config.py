@@ -44,8 +44,6 @@ def test_off_stays_a_string_and_only_true_false_are_booleans(tmp_path):
     ("eval.every_steps=-1", "eval.every_steps: got -1"),
     ("eval.mem_fraction=0", "eval.mem_fraction: got 0.0; use a fraction in (0, 1)"),
     ("eval.cuda_graph=maybe", "eval.cuda_graph: expected"),
-    ("train.val_every_steps=5", "train.val_every_steps: validation needs held-out "
-                                "conversations; set data.holdout"),
 ])
 def test_bad_values_name_the_key(override, message):
     if message is None:
@@ -61,6 +59,14 @@ def test_cross_section_check():
         load_config(None, ["engine.backend=sglang", "run.device=cpu"])
     with pytest.raises(ConfigError, match="eval.engine: both needs CUDA"):
         load_config(None, ["eval.engine=both", "run.device=cpu"])
+
+
+def test_validation_without_a_holdout_fails_only_for_training():
+    cfg = load_config(None, ["train.val_every_steps=5", "data.holdout=0"])  # eval may read it
+    with pytest.raises(ConfigError, match="train.val_every_steps: validation needs held-out "
+                                          "conversations; set data.holdout"):
+        cfg.check_training()
+    load_config(None, ["train.val_every_steps=5", "data.holdout=8"]).check_training()
 
 
 def test_missing_file_and_bad_yaml(tmp_path):
