@@ -54,6 +54,11 @@ def test_bad_values_name_the_key(override, message):
         load_config(None, [override])
 
 
+def test_exponent_without_a_dot_is_a_number():
+    # YAML 1.1 reads 5e-3 as a string; a learning rate written so must still work.
+    assert load_config(None, ["train.lr=5e-3"]).train.lr == 0.005
+
+
 def test_cross_section_check():
     with pytest.raises(ConfigError, match="engine.backend: sglang needs CUDA"):
         load_config(None, ["engine.backend=sglang", "run.device=cpu"])
