@@ -29,8 +29,9 @@ generated=$run_dir/generated.jsonl
 echo "== 1/3 generate: the target answers the bundled prompts -> $generated"
 python -m colocate generate --config "$config" --out "$generated" "${device[@]}" "$@"
 echo "== 2/3 train: an Eagle3 draft on the target's answers"
+# data.path last: a data.path among the overrides names generate's input, not training's.
 torchrun --standalone --nproc-per-node "$nproc" -m colocate train --config "$config" \
-  data.path="$generated" "${device[@]}" "$@"
+  "${device[@]}" "$@" data.path="$generated"
 echo "== 3/3 eval: serve the draft on the held-out prompts"
 python -m colocate eval --config "$run_dir/config.yaml" --draft "$run_dir/export" \
   --out "$run_dir/eval.json" --engine "${EVAL_ENGINE:-auto}"
