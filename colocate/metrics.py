@@ -236,15 +236,40 @@ def disaggregated_references(engine_tps: float, trainer_tps: float) -> dict[str,
 # ------------------------------------------------------------------ the sink
 
 
-def _tensorboard_writer(log_dir: str):
-    """A SummaryWriter, or None with a warning when tensorboard is not installed."""
+def truncate_metrics(path: str, after_step: int) -> int:
+    """Keep the rows of metrics.jsonl up to `after_step` (a resumed run writes the later
+    steps again) and drop a torn last line; returns how many rows went. Atomic."""
+    if not os.path.exists(path):
+        return 0
+    from colocate.data.cache import atomic_write
+
+    keep, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a crash mid-write; the step is written again
+                dropped += 1
+                continue
+            if row.get("step", 0) <= after_step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    if dropped:
+        atomic_write(path, lambda f: f.writelines(keep), binary=False)
+    return dropped
+
+
+def _tensorboard_writer(log_dir: str, purge_step: int | None = None):
+    """A SummaryWriter, or None with a warning when tensorboard is not installed.
+    purge_step: events from that step on, left by an earlier run, are hidden."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:
         warnings.warn(f"train.tensorboard=true ignored: tensorboard is not installed ({e}); "
                       "pip install tensorboard, metrics.jsonl is written regardless")
         return None
-    return SummaryWriter(log_dir=log_dir)
+    return SummaryWriter(log_dir=log_dir, purge_step=purge_step)
 
 
 class MetricsLog:
@@ -259,7 +284,7 @@ class MetricsLog:
 
     def __init__(self, path: str | None, *, group, device: torch.device, num_pairs: int,
                  position_decay: float, flush_every_s: float = 10.0,
-                 tensorboard_dir: str | None = None):
+                 tensorboard_dir: str | None = None, resumed_at: int = 0):
         self.path = path
         self.group = group
         self.device = device
@@ -272,8 +297,12 @@ class MetricsLog:
         self._tb = None
         if path:
             os.makedirs(os.path.dirname(path), exist_ok=True)
+            # Rows past the checkpoint were written by the run that died after it: this
+            # run writes those steps again.
+            truncate_metrics(path, resumed_at)
             if tensorboard_dir:
-                self._tb = _tensorboard_writer(tensorboard_dir)
+                self._tb = _tensorboard_writer(tensorboard_dir,
+                                               purge_step=resumed_at + 1 if resumed_at else None)
 
     def _host_scalar(self, value: float) -> torch.Tensor:
         return to_device(torch.tensor([float(value)], dtype=torch.float64), self.device)

@@ -207,7 +207,8 @@ class DraftTrainer:
             os.path.join(cfg.run.dir, "metrics.jsonl") if topo.is_first else None,
             group=topo.role_group, device=device, num_pairs=topo.info.num_pairs,
             position_decay=cfg.draft.position_decay, flush_every_s=t.log_every_s,
-            tensorboard_dir=os.path.join(cfg.run.dir, "tb") if t.tensorboard else None)
+            tensorboard_dir=os.path.join(cfg.run.dir, "tb") if t.tensorboard else None,
+            resumed_at=self.start_step)
 
     # ------------------------------------------------------------------ the loop
     def step_label_totals(self, meta: dict) -> torch.Tensor:
@@ -285,7 +286,6 @@ class DraftTrainer:
             if every and (step + 1) % every == 0 and step + 1 < self.cfg.last_step:
                 self.save(step + 1)
             self.served_eval(step)
-        self.metrics.flush()
         if self.cfg.last_step > self.start_step:
             self.save(self.cfg.last_step)
         self.progress.finish(self.metrics.last)
@@ -342,6 +342,8 @@ class DraftTrainer:
                             out_dir=out_dir)
 
     def save(self, step: int) -> None:
+        # Rows up to the checkpoint on disk first: a resume keeps those and writes the rest.
+        self.metrics.flush()
         ckpt.save_checkpoint(self.cfg.run.dir, step, self.model, self.optimizer,
                              data_state=self.data_state, vocab=self.vocab,
                              vocab_sha=self.vocab_sha, group=self.topo.role_cpu_group,

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -130,6 +131,25 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_assets, tmp_path):
     assert [r["step"] for r in b] == list(range(1, 7))
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-6, abs=1e-6)
     assert [r["acc_0"] for r in b] == pytest.approx([r["acc_0"] for r in a], abs=1e-6)
+
+
+def test_resume_after_a_lost_checkpoint_rewrites_no_metrics_row(tiny_assets, tmp_path):
+    # A run whose last checkpoint (step 6) never landed, as if killed after writing rows
+    # 4..6: the rerun resumes at step 3 and metrics.jsonl holds each step once, rows 4..6
+    # being the rerun's (equal to the first run's: resume is exact).
+    run_dir = str(tmp_path / "run")
+    overrides = tiny_overrides(tiny_assets, run_dir, "train.max_steps=6", "draft.unroll_steps=2",
+                               "checkpoint.every_steps=3")
+    assert torchrun_train(overrides).returncode == 0
+    first = metrics(run_dir)
+    shutil.rmtree(os.path.join(run_dir, "checkpoints", "step_000006"))
+    proc = torchrun_train(overrides)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stderr and "step_000003" in proc.stderr
+    again = metrics(run_dir)
+    assert [r["step"] for r in again] == list(range(1, 7))
+    assert [r["loss"] for r in again] == pytest.approx([r["loss"] for r in first], rel=1e-6)
+    assert again[:3] == first[:3]  # kept as written
 
 
 def test_bad_config_fails_fast_with_one_line(tiny_assets, tmp_path):

@@ -173,6 +173,19 @@ def test_metrics_rows_are_written_on_flush(group, tmp_path):
     assert log.last == rows[-1]
 
 
+def test_a_resumed_log_drops_the_rows_after_its_checkpoint(group, tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [json.dumps({"step": s, "loss": 10.0 - s}) + "\n" for s in range(1, 6)]
+    path.write_text("".join(rows) + '{"step": 6, "lo')  # the crash tore step 6's line
+    MetricsLog(str(path), group=group, device=torch.device("cpu"), num_pairs=1,
+               position_decay=0.5, resumed_at=3)
+    assert path.read_text() == "".join(rows[:3])
+    # A fresh run (no checkpoint) in the same directory starts the file over.
+    MetricsLog(str(path), group=group, device=torch.device("cpu"), num_pairs=1,
+               position_decay=0.5)
+    assert path.read_text() == ""
+
+
 def test_tensorboard_flag_warns_when_missing(group, tmp_path, monkeypatch):
     import builtins
 
