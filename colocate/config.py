@@ -173,6 +173,9 @@ class DataSection:
 
 @dataclass(kw_only=True)
 class DraftSection:
+    method: str = "eagle3"
+    """Which draft to train: eagle3 (chain drafting, sglang EAGLE3) or dflash (block
+    drafting, sglang DFLASH). Each is a recipe in colocate/draft/recipes.py."""
     draft_vocab_size: int = 32000
     """Size of the draft's reduced vocabulary (top loss-masked token frequencies). Clamped
     to the target vocabulary with a warning when larger."""
@@ -189,8 +192,27 @@ class DraftSection:
     kernels: str = "auto"
     """Norms, RoPE, SiLU and the soft cross-entropy: auto (fused by torch.compile on CUDA when
     Triton is usable, else eager), eager, or compiled (see colocate/draft/kernels.py)."""
+    num_layers: int = 5
+    """dflash: draft decoder layers (5 suits an 8B target). eagle3 always has one."""
+    block_size: int = 16
+    """dflash: tokens per drafted block (the anchor token and block_size - 1 predictions)."""
+    num_anchors: int = 512
+    """dflash: anchors (block starts) drawn per sequence; a fixed count, padded, so compiled
+    shapes stay static."""
+    block_decay: float = 7.0
+    """dflash: block position k >= 1 weighs exp(-(k - 1) / block_decay) in the loss."""
+    mask_token_id: int = -1
+    """dflash: token id whose frozen embedding fills a block's unknown positions. -1: the
+    tokenizer's mask token, else its pad token, else the last id of the target vocabulary."""
 
     def __post_init__(self):
+        _require(self.method in ("eagle3", "dflash"), "draft.method",
+                 f"got {self.method!r}; use eagle3 or dflash")
+        _require(1 <= self.num_layers <= 64, "draft.num_layers", f"got {self.num_layers}; use 1..64")
+        _require(2 <= self.block_size <= 64, "draft.block_size",
+                 f"got {self.block_size}; use 2..64 (16 is DFlash's default)")
+        _require(self.num_anchors >= 1, "draft.num_anchors", f"got {self.num_anchors}; must be >= 1")
+        _require(self.block_decay > 0, "draft.block_decay", f"got {self.block_decay}; must be > 0")
         _require(self.draft_vocab_size >= 2, "draft.draft_vocab_size",
                  f"got {self.draft_vocab_size}; must be >= 2")
         _require(1 <= self.unroll_steps <= 32, "draft.unroll_steps",
