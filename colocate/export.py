@@ -1,4 +1,5 @@
-"""`colocate export RUN_DIR OUT_DIR`: write the draft as sglang's EAGLE3 draft checkpoint.
+"""`colocate export RUN_DIR OUT_DIR`: write the draft as sglang's draft checkpoint (the run's
+recipe decides the layout; this module writes Eagle3's and the shared parts).
 
 Output: `config.json` (architectures ["LlamaForCausalLMEagle3"], the draft vocabulary size,
 the target layers it reads, the target's geometry) and `model.safetensors` with the draft's
@@ -19,7 +20,7 @@ import shutil
 import torch
 from safetensors.torch import save_file
 
-from colocate.draft import DraftArch, Eagle3Draft
+from colocate.draft import DraftArch
 
 EXPECTED_PREFIXES = ("fc.", "midlayer.", "norm.", "lm_head.")
 
@@ -84,13 +85,13 @@ def export_draft(state_dict: dict[str, torch.Tensor], arch: DraftArch, *, d2t: t
     return out_dir
 
 
-def load_checkpoint_weights(path: str, arch: DraftArch) -> dict[str, torch.Tensor]:
-    """The draft's weights from a DCP checkpoint, in one process (no process group)."""
+def load_checkpoint_weights(path: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The draft's weights from a DCP checkpoint, in one process (no process group), read
+    into the state dict of `model` (the recipe's module, which names and shapes them)."""
     import inspect
 
     import torch.distributed.checkpoint as dcp
 
-    model = Eagle3Draft(arch)
     state = {"model": model.state_dict()}
     # torch 2.6's dcp.load has no `no_dist` keyword (it infers it from an uninitialised
     # process group, as later versions also do); pass it only where it exists.
@@ -112,7 +113,7 @@ def main(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
     from colocate.config import load_config
-    from colocate.engine.base import resolve_aux_layer_ids
+    from colocate.draft.recipe import recipe_for
     from colocate.train import checkpoint as ckpt
 
     config_path = os.path.join(args.run_dir, "config.yaml")
@@ -124,13 +125,12 @@ def main(args: argparse.Namespace) -> int:
         raise ExportError(f"{args.run_dir}: no complete checkpoint under "
                           f"{ckpt.checkpoint_root(args.run_dir)}")
     target_config = AutoConfig.from_pretrained(cfg.target.path, local_files_only=True)
-    aux = resolve_aux_layer_ids(cfg.target.aux_layer_ids, target_config.num_hidden_layers)
+    recipe = recipe_for(cfg)
+    layer_ids = recipe.layer_ids(target_config.num_hidden_layers)
     vocab = ckpt.read_vocab(path)
-    draft = cfg.draft
-    draft.draft_vocab_size = vocab["d2t"].numel()
-    arch = DraftArch.from_target_config(target_config, draft, len(aux))
-    weights = load_checkpoint_weights(path, arch)
-    export_draft(weights, arch, d2t=vocab["d2t"], t2d=vocab["t2d"], aux_layer_ids=aux,
-                 target_config=target_config, out_dir=args.out_dir)
+    arch, model = recipe.build_model(target_config, vocab["d2t"].numel(), layer_ids)
+    weights = load_checkpoint_weights(path, model)
+    recipe.export(weights, arch, vocab=vocab, layer_ids=layer_ids, target_config=target_config,
+                  out_dir=args.out_dir)
     print(f"exported {path} -> {args.out_dir}")
     return 0

@@ -1,13 +1,15 @@
 """Every number colocate reports, and the sinks that write them: the one place these formulas live.
 
 Training statistics. One micro-step's statistics are *sums over token positions* in one
-float64 vector (K = draft.unroll_steps; `stats_vector` builds it, `step_summary` reads it):
+float64 vector (K = the recipe's scored positions: Eagle3's draft.unroll_steps, DFlash's
+draft.block_size - 1; `stats_vector` builds it, `step_summary` reads it):
 
     [ce_0 .. ce_{K-1} | hits_0 .. hits_{K-1} | counted_0 .. counted_{K-1} | sim_tokens sim_cycles]
 
-ce_k (soft cross-entropy summed over step k's loss positions), hits_k and counted_k (positions
+ce_k (cross-entropy summed over step k's loss positions), hits_k and counted_k (positions
 where step k's draft argmax is the target's, and positions step k is scored on), and the
-greedy-serving simulation's reply tokens and verify cycles (`sim_accept_sums`). Sums add
+greedy-serving simulation's reply tokens and verify cycles (Eagle3: `sim_accept_sums`, exact;
+DFlash: 1 + leading hits of each sampled block, per block). Sums add
 across micro-steps and trainers; ratios are taken once, on the reduced vector, so every token
 weighs the same wherever it was trained (a mean of per-micro-step means would let a
 micro-step of 10 labels weigh as much as one of 10,000).
@@ -31,7 +33,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -54,11 +56,15 @@ def stats_vector(ce_sum: torch.Tensor, hits: torch.Tensor, counted: torch.Tensor
     return torch.cat([ce_sum.detach().double(), hits.double(), counted.double(), sim.double()])
 
 
-def step_summary(values: Sequence[float], position_decay: float) -> dict[str, float]:
+def step_summary(values: Sequence[float], position_decay: float = 1.0, *,
+                 pooled_weights: Sequence[float] | None = None) -> dict[str, float]:
     """Loss and metrics from a (reduced) stats vector turned into floats.
 
-    loss = sum_k decay^k * ce_k / counted_k: the per-token loss the trainer optimizes when
-    `values` covers a whole optimizer step on every trainer. acc_k = hits_k / counted_k (a
+    loss = sum_k decay^k * ce_k / counted_k (Eagle3: each position a per-token mean), or with
+    `pooled_weights` w_k, sum_k w_k * ce_k / sum_k w_k * counted_k (DFlash: one weighted mean
+    over all positions): the per-token loss the trainer optimizes when `values` covers a
+    whole optimizer step on every trainer. loss_k = ce_k / counted_k either way.
+    acc_k = hits_k / counted_k (a
     position whose target token is outside the draft vocabulary is counted, never a hit).
     labels = counted_0, the positions step 0 was scored on.
     """
@@ -67,7 +73,12 @@ def step_summary(values: Sequence[float], position_decay: float) -> dict[str, fl
     ce, hits = values[:num_steps], values[num_steps:2 * num_steps]
     counted = values[2 * num_steps:3 * num_steps]
     losses = [c / n if n else 0.0 for c, n in zip(ce, counted)]
-    row = {"loss": sum(position_decay ** k * x for k, x in enumerate(losses))}
+    if pooled_weights is None:
+        loss = sum(position_decay ** k * x for k, x in enumerate(losses))
+    else:
+        total = sum(w * n for w, n in zip(pooled_weights, counted))
+        loss = sum(w * c for w, c in zip(pooled_weights, ce)) / total if total else 0.0
+    row = {"loss": loss}
     row.update({f"loss_{k}": x for k, x in enumerate(losses)})
     row.update({f"acc_{k}": h / n if n else 0.0 for k, (h, n) in enumerate(zip(hits, counted))})
     row["sim_accept_length"] = accept_length(*values[3 * num_steps:])
@@ -283,13 +294,13 @@ class MetricsLog:
     """
 
     def __init__(self, path: str | None, *, group, device: torch.device, num_pairs: int,
-                 position_decay: float, flush_every_s: float = 10.0,
+                 summarize: Callable[[list[float]], dict], flush_every_s: float = 10.0,
                  tensorboard_dir: str | None = None, resumed_at: int = 0):
         self.path = path
         self.group = group
         self.device = device
         self.num_pairs = num_pairs
-        self.position_decay = position_decay
+        self.summarize = summarize  # the draft recipe's: its loss formula (step_summary)
         self.flush_every_s = flush_every_s
         self.pending: list = []
         self.last: dict | None = None
@@ -340,12 +351,12 @@ class MetricsLog:
             values, val = values[:num + 2], values[num + 2:]
         *stats, grad_norm, tokens = values
         seconds = host.pop("seconds")
-        row = {"step": step + 1, **step_summary(stats, self.position_decay),
+        row = {"step": step + 1, **self.summarize(stats),
                "grad_norm": grad_norm, "tokens": int(tokens),
                "tokens_per_s": tokens_per_s(tokens, seconds), "step_s": seconds, **host,
                **{f"{name}_s": v for name, v in phase_seconds(phases or []).items()}}
         if val:
-            row.update({f"val_{k}": v for k, v in step_summary(val, self.position_decay).items()})
+            row.update({f"val_{k}": v for k, v in self.summarize(val).items()})
         return row
 
     def _retire(self, write: bool) -> None:

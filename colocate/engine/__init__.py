@@ -8,7 +8,7 @@ Typical use on an engine rank::
     engine.prefill(micro_batch, writer, budget=cfg.data.tokens_per_micro_step)
     ring.publish(writer)
 
-and on its trainer: `RingConsumer.start(..., needs=feature_needs(H, num_aux, dtype))`.
+and on its trainer: `RingConsumer.start(..., needs=recipe.feature_needs(H, num_aux, dtype))`.
 """
 
 from __future__ import annotations
@@ -17,15 +17,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from colocate.engine.base import (FEATURE_NAMES, TargetEngine, default_aux_layer_ids,
-                                  feature_needs, resolve_aux_layer_ids)
+from colocate.engine.base import FEATURE_NAMES, TargetEngine, resolve_aux_layer_ids
 from colocate.engine.fake import FakeEngine
 
 if TYPE_CHECKING:
     from colocate.config import Config
 
-__all__ = ["FEATURE_NAMES", "FakeEngine", "TargetEngine", "build_engine", "default_aux_layer_ids",
-           "feature_needs", "resolve_aux_layer_ids", "resolve_target_dtype"]
+__all__ = ["FEATURE_NAMES", "FakeEngine", "TargetEngine", "build_engine", "resolve_aux_layer_ids", "resolve_target_dtype"]
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -41,16 +39,24 @@ def resolve_target_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def build_engine(cfg: "Config", device: torch.device) -> TargetEngine:
-    """The engine `cfg.engine.backend` names, loaded from `cfg.target` onto `device`."""
+    """The engine `cfg.engine.backend` names, loaded from `cfg.target` onto `device`,
+    capturing what the run's draft recipe reads."""
+    from colocate.draft.recipe import recipe_for
+
     dtype = resolve_target_dtype(cfg.target.dtype, device)
+    recipe = recipe_for(cfg)
     if cfg.engine.backend == "hf":
         from colocate.engine.hf import HFTargetEngine  # imports transformers: only when used
 
-        return HFTargetEngine(cfg.target.path, dtype=dtype, device=device,
-                              aux_layer_ids=cfg.target.aux_layer_ids,
-                              load_format=cfg.target.load_format, seed=cfg.run.seed)
-    if cfg.engine.backend == "sglang":
+        engine = HFTargetEngine(cfg.target.path, dtype=dtype, device=device,
+                                aux_layer_ids=cfg.target.aux_layer_ids,
+                                default_layer_ids=recipe.default_layer_ids,
+                                load_format=cfg.target.load_format, seed=cfg.run.seed)
+    elif cfg.engine.backend == "sglang":
         from colocate.engine.sglang import SGLangTargetEngine  # imports sglang: only when used
 
-        return SGLangTargetEngine(cfg, device)
-    raise ValueError(f"engine.backend: got {cfg.engine.backend!r}; use hf or sglang")
+        engine = SGLangTargetEngine(cfg, device, default_layer_ids=recipe.default_layer_ids)
+    else:
+        raise ValueError(f"engine.backend: got {cfg.engine.backend!r}; use hf or sglang")
+    engine.ship_last_hidden = recipe.needs_last_hidden
+    return engine

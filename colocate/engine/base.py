@@ -1,7 +1,8 @@
 """The engine interface: turn one packed micro-batch into the features the draft learns from.
 
 An engine rank runs the target model's prefill on a `MicroBatch` and writes, into one ring
-slot, everything its trainer needs (the wire format; `feature_needs` is the trainer's side):
+slot, everything its trainer needs (the wire format; the draft recipe's `feature_needs` is the
+trainer's side):
 
     input_ids    int64 [T]              the packed tokens
     positions    int64 [T]              position within its own sequence
@@ -9,7 +10,8 @@ slot, everything its trainer needs (the wire format; `feature_needs` is the trai
     seq_lens     int32 [S]              lengths of the S packed sequences (sum T)
     aux_hidden   dtype [T, num_aux * H] outputs of layers `aux_layer_ids`, concatenated in
                                         that order (Eagle3's `fc` input)
-    last_hidden  dtype [T, H]           the final norm's output (the trainer applies lm_head)
+    last_hidden  dtype [T, H]           the final norm's output (the trainer applies lm_head);
+                                        only when `ship_last_hidden` (Eagle3's teacher)
 
 `TargetEngine.prefill` owns the checks and the slot layout; a backend only implements
 `_forward`, which fills the two hidden-state views in place on the device.
@@ -28,11 +30,11 @@ must compare its features with the hf backend's from the same weights.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Callable
 
 import torch
 
 from colocate.data.packing import MicroBatch, positions_from_lens
-from colocate.transport.layout import Need
 from colocate.transport.ring import SlotWriter, layout_bytes
 
 FEATURE_NAMES = ("input_ids", "positions", "loss_mask", "seq_lens", "aux_hidden", "last_hidden")
@@ -43,42 +45,24 @@ _INDEX_DTYPES = {"input_ids": torch.int64, "positions": torch.int64, "loss_mask"
                  "seq_lens": torch.int32}
 
 
-def feature_needs(hidden_size: int, num_aux: int, dtype: torch.dtype) -> dict[str, Need]:
-    """The trainer's requirement table for one ring message ("T" tokens, "S" sequences)."""
-    return {
-        "input_ids": Need(torch.int64, ("T",)),
-        "positions": Need(torch.int64, ("T",)),
-        "loss_mask": Need(torch.bool, ("T",)),
-        "seq_lens": Need(torch.int32, ("S",)),
-        "aux_hidden": Need(dtype, ("T", num_aux * hidden_size)),
-        "last_hidden": Need(dtype, ("T", hidden_size)),
-    }
-
-
 # --------------------------------------------------------------------------- aux layer ids
 
 
-def default_aux_layer_ids(num_layers: int) -> list[int]:
-    """Eagle3's choice: outputs of a low, a middle and a late layer, [1, L//2 - 1, L - 4]."""
-    if num_layers < 4:
-        raise ValueError(
-            f"target.aux_layer_ids: the target has only {num_layers} decoder layers, too few for "
-            f"Eagle3's default [1, L//2-1, L-4]; set target.aux_layer_ids explicitly to ids in "
-            f"[0, {max(num_layers - 2, 0)}]")
-    return [1, num_layers // 2 - 1, num_layers - 4]
-
-
-def resolve_aux_layer_ids(configured: list[int] | None, num_layers: int) -> list[int]:
-    """`configured` checked against the target's depth, or Eagle3's default when None.
+def resolve_aux_layer_ids(configured: list[int] | None, num_layers: int,
+                          default: Callable[[int], list[int]] | None = None) -> list[int]:
+    """`configured` checked against the target's depth, or `default(num_layers)` when None
+    (the draft recipe's choice; Eagle3's [1, L//2-1, L-4] when no recipe is given).
 
     Valid ids are 0..L-2: the output of the last layer (L-1) is the final norm's input, and
     the draft already receives the final norm's output as `last_hidden`."""
     if configured is None:
-        return default_aux_layer_ids(num_layers)
+        if default is None:
+            from colocate.draft.eagle3_recipe import eagle3_layer_ids as default
+        return default(num_layers)
     ids = [int(i) for i in configured]
     if not ids:
         raise ValueError("target.aux_layer_ids: empty; give at least one layer id, or leave it "
-                         "null for Eagle3's default [1, L//2-1, L-4]")
+                         "null for the draft method's default")
     bad = [i for i in ids if not 0 <= i <= num_layers - 2]
     if bad:
         raise ValueError(
@@ -86,7 +70,7 @@ def resolve_aux_layer_ids(configured: list[int] | None, num_layers: int) -> list
             f"layers; valid ids are 0..{num_layers - 2} (0-based layer outputs; the last layer "
             f"{num_layers - 1} is excluded because its output is the final norm's input, which "
             f"the draft gets normalised as last_hidden). Fix the ids, or leave the key null for "
-            f"Eagle3's default")
+            f"the draft method's default")
     return ids
 
 
@@ -95,6 +79,10 @@ def resolve_aux_layer_ids(configured: list[int] | None, num_layers: int) -> list
 
 class TargetEngine(ABC):
     """One small interface for every backend; `prefill` is the only entry point callers use."""
+
+    ship_last_hidden: bool = True
+    """Whether `prefill` writes `last_hidden` (the draft recipe's `needs_last_hidden`; DFlash
+    does without it, which saves a sixth of its slot bytes)."""
 
     # Backends set these six in __init__; callers read them through the properties below.
     _hidden_size: int
@@ -130,10 +118,10 @@ class TargetEngine(ABC):
 
     @abstractmethod
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_lens: torch.Tensor,
-                 aux_out: torch.Tensor, last_out: torch.Tensor) -> None:
+                 aux_out: torch.Tensor, last_out: torch.Tensor | None) -> None:
         """Backend hook: run the target on the packed batch (all arguments on `self.device`)
-        and fill `aux_out` [T, num_aux * H] and `last_out` [T, H] in place, without a host
-        round trip. The inputs are already checked."""
+        and fill `aux_out` [T, num_aux * H] and `last_out` [T, H] (when not None) in place,
+        without a host round trip. The inputs are already checked."""
 
     # ------------------------------------------------------------------ derived
 
@@ -144,10 +132,12 @@ class TargetEngine(ABC):
     def _shapes(self, num_tokens: int, num_sequences: int
                 ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         t, h = num_tokens, self.hidden_size
-        return {"input_ids": ((t,), torch.int64), "positions": ((t,), torch.int64),
-                "loss_mask": ((t,), torch.bool), "seq_lens": ((num_sequences,), torch.int32),
-                "aux_hidden": ((t, self.num_aux * h), self.dtype),
-                "last_hidden": ((t, h), self.dtype)}
+        shapes = {"input_ids": ((t,), torch.int64), "positions": ((t,), torch.int64),
+                  "loss_mask": ((t,), torch.bool), "seq_lens": ((num_sequences,), torch.int32),
+                  "aux_hidden": ((t, self.num_aux * h), self.dtype)}
+        if self.ship_last_hidden:
+            shapes["last_hidden"] = ((t, h), self.dtype)
+        return shapes
 
     def slot_bytes(self, tokens_per_micro_step: int, max_sequences: int) -> int:
         """Bytes of a ring slot that holds any micro-batch within the budget (every tensor's
@@ -173,7 +163,8 @@ class TargetEngine(ABC):
             view.copy_(src.reshape(view.shape), non_blocking=True)
             on_device[name] = view
         aux_out = writer.alloc("aux_hidden", *shapes["aux_hidden"])
-        last_out = writer.alloc("last_hidden", *shapes["last_hidden"])
+        last_out = (writer.alloc("last_hidden", *shapes["last_hidden"])
+                    if self.ship_last_hidden else None)
         with torch.no_grad():
             self._forward(on_device["input_ids"], on_device["positions"], on_device["seq_lens"],
                           aux_out, last_out)

@@ -49,7 +49,8 @@ class FakeEngine(TargetEngine):
         return torch.cat([angles.sin(), angles.cos()], dim=-1)[:, :self.hidden_size]
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_lens: torch.Tensor,
-                 aux_out: torch.Tensor, last_out: torch.Tensor) -> None:
+                 aux_out: torch.Tensor, last_out: torch.Tensor | None) -> None:
         aux, last = self.features(input_ids, positions)
         aux_out.copy_(aux)
-        last_out.copy_(last)
+        if last_out is not None:
+            last_out.copy_(last)

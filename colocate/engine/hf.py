@@ -93,7 +93,8 @@ class HFTargetEngine(TargetEngine):
     """transformers prefill with forward hooks on the aux layers and the final norm."""
 
     def __init__(self, path: str, *, dtype: torch.dtype, device: torch.device,
-                 aux_layer_ids: list[int] | None = None, attn_implementation: str | None = None,
+                 aux_layer_ids: list[int] | None = None, default_layer_ids=None,
+                 attn_implementation: str | None = None,
                  load_format: str = "auto", seed: int = 0):
         device = torch.device(device)
         attn = attn_implementation or pick_attn_implementation(device)
@@ -129,7 +130,8 @@ class HFTargetEngine(TargetEngine):
                              "`model.layers` / `model.norm`; the hf engine supports "
                              "Llama-style decoder models")
         self._num_layers = len(layers)
-        self._aux_layer_ids = resolve_aux_layer_ids(aux_layer_ids, self._num_layers)
+        self._aux_layer_ids = resolve_aux_layer_ids(aux_layer_ids, self._num_layers,
+                                                    default=default_layer_ids)
         # Filled per prefill: where each hook writes; None outside prefill (hooks idle).
         self._targets: dict[str, list[torch.Tensor]] | None = None
         self._fired: set[str] = set()
@@ -142,7 +144,7 @@ class HFTargetEngine(TargetEngine):
 
     def _hook(self, key: str):
         def hook(module: nn.Module, args, output) -> None:
-            if self._targets is None:
+            if self._targets is None or key not in self._targets:
                 return
             # transformers 5 decoder layers return the hidden states tensor; 4.x returned
             # a tuple (hidden_states, ...). Accept both.
@@ -153,9 +155,10 @@ class HFTargetEngine(TargetEngine):
         return hook
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_lens: torch.Tensor,
-                 aux_out: torch.Tensor, last_out: torch.Tensor) -> None:
+                 aux_out: torch.Tensor, last_out: torch.Tensor | None) -> None:
         h = self.hidden_size
-        targets: dict[str, list[torch.Tensor]] = {"norm": [last_out]}
+        targets: dict[str, list[torch.Tensor]] = {"norm": [last_out]} if last_out is not None \
+            else {}
         for i, layer_id in enumerate(self._aux_layer_ids):
             # A repeated id (Eagle3's default repeats for shallow targets) fills both columns.
             targets.setdefault(f"layer{layer_id}", []).append(aux_out[:, i * h:(i + 1) * h])

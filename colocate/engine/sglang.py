@@ -152,7 +152,8 @@ class _NoPrefixCache(SimpleNamespace):
 class SGLangTargetEngine(TargetEngine):
     """sglang ModelRunner prefill with Eagle3 capture; one per engine process."""
 
-    def __init__(self, cfg, device: torch.device, *, rank: int | None = None,
+    def __init__(self, cfg, device: torch.device, *, default_layer_ids=None,
+                 rank: int | None = None,
                  world_size: int | None = None, local_world_size: int | None = None):
         from colocate.engine import resolve_target_dtype
         from colocate.patches import require_sglang
@@ -185,7 +186,7 @@ class SGLangTargetEngine(TargetEngine):
         self._tokens_per_forward = self._budget * tp
         self._host_batch = None  # the CPU MicroBatch during prefill (no D2H for metadata)
         self._runner = self._build_runner(cfg)
-        self._setup_capture(cfg.target.aux_layer_ids)
+        self._setup_capture(cfg.target.aux_layer_ids, default_layer_ids)
 
     # ------------------------------------------------------------------ construction
 
@@ -271,9 +272,10 @@ class SGLangTargetEngine(TargetEngine):
         del embed
         torch.cuda.empty_cache()  # the fp32 draw is transient; sglang profiles free memory next
 
-    def _setup_capture(self, configured_ids) -> None:
+    def _setup_capture(self, configured_ids, default_layer_ids=None) -> None:
         model = self._runner.model
-        self._aux_layer_ids = resolve_aux_layer_ids(configured_ids, self._num_layers)
+        self._aux_layer_ids = resolve_aux_layer_ids(configured_ids, self._num_layers,
+                                                    default=default_layer_ids)
         captured = sorted(set(self._aux_layer_ids))
         # sglang adds one to each id itself (captures layer id+1's input = layer id's output).
         model.set_eagle3_layers_to_capture(captured)
@@ -303,7 +305,7 @@ class SGLangTargetEngine(TargetEngine):
         return input_ids.to(torch.int64).cpu(), seq_lens.to(torch.int64).cpu()
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_lens: torch.Tensor,
-                 aux_out: torch.Tensor, last_out: torch.Tensor) -> None:
+                 aux_out: torch.Tensor, last_out: torch.Tensor | None) -> None:
         ids, lens = self._host_inputs(input_ids, seq_lens)
         offset, num_tokens = 0, ids.numel()
         if self.layout.tp_size > 1:
@@ -327,7 +329,8 @@ class SGLangTargetEngine(TargetEngine):
             else:
                 for i, j in enumerate(self._aux_columns):
                     aux_out[:, i * h:(i + 1) * h].copy_(mine[:, j * h:(j + 1) * h])
-            last_out.copy_(self._norm_out[0][rows])
+            if last_out is not None:
+                last_out.copy_(self._norm_out[0][rows])
         finally:
             self._norm_out.clear()
             # Every micro-step starts from empty pools: nothing is cached across steps.

@@ -1,10 +1,10 @@
-"""`colocate train`: train an Eagle3 draft while the target runs on the same GPUs.
+"""`colocate train`: train a draft (Eagle3 or DFlash, `draft.method`) while the target runs on the same GPUs.
 
     torchrun --nproc-per-node 2G -m colocate train --config run.yaml [key=value ...]
 
 Even ranks train the draft (FSDP2 over the trainer group); odd ranks run the target and
 stream its features through the ring. Writes RUN_DIR/config.yaml, metrics.jsonl,
-checkpoints/ and, at the end, export/ (sglang-loadable EAGLE3 draft).
+checkpoints/ and, at the end, export/ (the sglang-loadable draft).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
-    from colocate.engine.base import resolve_aux_layer_ids
+    from colocate.draft.recipe import recipe_for
     from colocate.topology import close_topology, init_topology
     from colocate.transport import open_pair_channel
 
@@ -37,7 +37,7 @@ def main(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"target.path {cfg.target.path}: no config.json; point it at a "
                                 "local model directory (for the demo: python examples/tiny/build.py)")
     target_config = AutoConfig.from_pretrained(cfg.target.path, local_files_only=True)
-    aux = resolve_aux_layer_ids(cfg.target.aux_layer_ids, target_config.num_hidden_layers)
+    aux = recipe_for(cfg).layer_ids(target_config.num_hidden_layers)
 
     topo = init_topology(device=cfg.run.device, timeout_s=cfg.run.startup_timeout_s, mps=cfg.mps)
     info = topo.info

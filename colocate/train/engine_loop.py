@@ -26,7 +26,7 @@ from colocate.config import Config
 from colocate.data import (DataError, DataStream, TokenizedDataset, load_or_build_tokenized,
                            load_or_build_vocab)
 from colocate.data.packing import MicroBatch, pack_once
-from colocate.draft import label_counts
+from colocate.draft.recipe import DraftRecipe, StepKey, recipe_for
 from colocate.engine import build_engine
 from colocate.topology import Topology
 from colocate.progress import BusyClock, peak_gib
@@ -56,23 +56,26 @@ def prepare_data(cfg: Config, tokenizer, target_vocab_size: int):
     return tokenized, vocab, held_out
 
 
-def pack_step(stream: DataStream, num_micro_steps: int,
-              unroll_steps: int) -> list[tuple[MicroBatch, dict]]:
+def pack_step(stream: DataStream, num_micro_steps: int, recipe: DraftRecipe, *, seed: int,
+              step: int, pair: int) -> list[tuple[MicroBatch, dict]]:
     """The next optimizer step's micro-batches, each with its message meta.
 
     Packed up front (host work only) because the trainer's loss divides by N_k, the counted
-    positions of each unroll step over the whole step, before its first backward. Meta:
+    positions of each draft position over the whole step, before its first backward. Meta:
     seq_lens; data_state, the stream's position right after this micro-batch (a checkpoint
     taken after it resumes with the next one); label_counts, this micro-batch's counts;
-    step_label_counts, this pair's totals for the step (trainers sum them over pairs).
+    step_label_counts, this pair's totals for the step (trainers sum them over pairs); and
+    whatever the draft recipe plans for the micro-batch (DFlash: its anchors, drawn from
+    (seed, step, micro-step, pair), so a resumed run draws the same).
     """
     batches = [stream.next_micro_batch() for _ in range(num_micro_steps)]
-    counts = [label_counts(b.seq_lens, b.loss_mask, unroll_steps) for b in batches]
-    totals = torch.stack(counts).sum(0).tolist()
+    plans = [recipe.plan_batch(b, StepKey(seed=seed, step=step, micro=i, pair=pair))
+             for i, b in enumerate(batches)]
+    totals = torch.stack([counts for _, counts in plans]).sum(0).tolist()
     stream_state = stream.state()  # identity and position after the last micro-batch
     return [(b, dict(seq_lens=b.seq_lens.tolist(), data_state={**stream_state, **b.end_state},
-                     label_counts=c.tolist(), step_label_counts=totals))
-            for b, c in zip(batches, counts)]
+                     label_counts=counts.tolist(), step_label_counts=totals, **extra))
+            for b, (extra, counts) in zip(batches, plans)]
 
 
 def validation_batches(held_out: TokenizedDataset, topo: Topology,
@@ -114,6 +117,7 @@ def run_engine(cfg: Config, topo: Topology, channel: PairChannel, *, target_conf
     if topo.device.type == "cuda" and cfg.mps.engine_mem_fraction > 0:
         torch.cuda.set_per_process_memory_fraction(cfg.mps.engine_mem_fraction, topo.device)
     engine = build_engine(cfg, topo.device)
+    recipe = recipe_for(cfg)
 
     # 3. Tell the trainer what it trains against; learn where to start.
     channel.send("plan", d2t=vocab.d2t, t2d=vocab.t2d, draft_ids=vocab.draft_ids,
@@ -165,10 +169,15 @@ def run_engine(cfg: Config, topo: Topology, channel: PairChannel, *, target_conf
             for _ in range(cfg.train.micro_steps):
                 send(None, {})
         else:
-            for batch, meta in pack_step(stream, cfg.train.micro_steps, cfg.draft.unroll_steps):
+            for batch, meta in pack_step(stream, cfg.train.micro_steps, recipe, seed=cfg.run.seed,
+                                         step=step, pair=info.pair_index):
                 send(batch, meta)
         if validates_after(step, every=cfg.train.val_every_steps, last_step=cfg.last_step):
             for i, batch in enumerate(val_batches):
+                # Held-out anchors are drawn once per batch (step -1): every validation
+                # scores the same positions, so its numbers compare across steps.
+                extra, _ = recipe.plan_batch(batch, StepKey(seed=cfg.run.seed, step=-1, micro=i,
+                                                            pair=info.pair_index))
                 send(batch, dict(split="val", val_last=i == len(val_batches) - 1,
-                                 seq_lens=batch.seq_lens.tolist()))
+                                 seq_lens=batch.seq_lens.tolist(), **extra))
     ring.close()

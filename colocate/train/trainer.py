@@ -1,4 +1,4 @@
-"""Trainer rank: learns the Eagle3 draft from the features its engine streams through the ring.
+"""Trainer rank: learns the draft (the run's recipe: Eagle3 or DFlash) from the features its engine streams through the ring.
 
 The trainer holds no dataset: the engine sends the draft vocabulary (`plan`) and then one
 packed micro-step per ring message; the trainer answers `start` with where to begin (step
@@ -7,7 +7,6 @@ and data position from its checkpoint), so a resumed run continues exactly.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import os
@@ -16,13 +15,11 @@ import time
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 
 from colocate.config import Config, ConfigError, TrainSection
-from colocate.draft import (DraftArch, Eagle3Draft, UnrollResult, eagle3_unroll,
-                            target_distribution)
-from colocate.engine import feature_needs, resolve_target_dtype
-from colocate.export import export_draft
+from colocate.draft.recipe import DraftRecipe, FrozenTarget, recipe_for
+from colocate.engine import resolve_target_dtype
 from colocate.hostcopy import to_device
 from colocate.metrics import MetricsLog, stats_length
 from colocate.progress import PhaseTimer, Progress, peak_gib
@@ -49,28 +46,9 @@ def clip_(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float) -> Non
         g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def draft_forward(model: Eagle3Draft, embed: torch.Tensor, lm_head: torch.Tensor,
-                  draft_ids: torch.Tensor, feats: dict[str, torch.Tensor], seq_lens, cfg: Config,
-                  *, label_totals: torch.Tensor | None = None,
-                  timer: PhaseTimer | None = None) -> UnrollResult:
-    """Teacher and unroll forward of one micro-step, no backward. Training differentiates
-    `.loss`; training and forward-only evaluation alike reduce `.stats()` (colocate.metrics)."""
-    with torch.no_grad():
-        target = target_distribution(feats["last_hidden"], lm_head, draft_ids)
-    if timer:
-        timer.mark("teacher")
-    result = eagle3_unroll(model, embed, feats["aux_hidden"], target, feats["input_ids"],
-                           feats["loss_mask"], feats["positions"], seq_lens,
-                           cfg.draft.unroll_steps, cfg.draft.position_decay,
-                           label_totals=label_totals)
-    if timer:
-        timer.mark("forward")
-    return result
-
-
-def micro_step(model: Eagle3Draft, embed: torch.Tensor, lm_head: torch.Tensor,
-               draft_ids: torch.Tensor, feats: dict[str, torch.Tensor], seq_lens, cfg: Config,
-               *, label_totals: torch.Tensor | None, num_trainers: int, last: bool,
+def micro_step(recipe: DraftRecipe, model: torch.nn.Module, frozen: FrozenTarget,
+               feats: dict[str, torch.Tensor], meta: dict, *,
+               label_totals: torch.Tensor | None, num_trainers: int, last: bool,
                timer: PhaseTimer) -> torch.Tensor:
     """Forward and backward of one micro-step; returns its stats vector (on the device).
 
@@ -83,8 +61,8 @@ def micro_step(model: Eagle3Draft, embed: torch.Tensor, lm_head: torch.Tensor,
     micro-step of an optimizer step.
     """
     model.set_requires_gradient_sync(last)
-    result = draft_forward(model, embed, lm_head, draft_ids, feats, seq_lens, cfg,
-                           label_totals=label_totals, timer=timer)
+    result = recipe.forward(model, frozen, feats, meta, label_totals=label_totals, timer=timer)
+    timer.mark("forward")
     (result.loss * num_trainers).backward()
     timer.mark("backward")
     return result.stats()
@@ -110,19 +88,14 @@ def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grou
     return norm
 
 
-def build_sharded_draft(arch: DraftArch, cfg: Config, mesh, dtype: torch.dtype,
-                        device: torch.device) -> Eagle3Draft:
-    """The draft, initialised identically on every trainer, sharded over `mesh` (FSDP2,
-    float32 master weights, `dtype` compute)."""
-    model = Eagle3Draft(arch, attention=cfg.draft.attention, kernels=cfg.draft.kernels)
-    model.init_weights(torch.Generator().manual_seed(cfg.run.seed))
+def build_sharded_draft(recipe: DraftRecipe, target_config, draft_vocab_size: int,
+                        layer_ids: list[int], mesh, dtype: torch.dtype, device: torch.device):
+    """(arch, the draft initialised identically on every trainer and sharded over `mesh`:
+    FSDP2, float32 master weights, `dtype` compute)."""
+    arch, model = recipe.build_model(target_config, draft_vocab_size, layer_ids)
     model.to(device)
-    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-    # The draft is small and every micro-step runs it unroll_steps times: keep it
-    # unsharded between forwards instead of all-gathering it on every step.
-    fully_shard(model.midlayer, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
-    return model
+    recipe.shard(model, mesh, MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32))
+    return arch, model
 
 
 def make_optimizer(model: torch.nn.Module, t: TrainSection) -> torch.optim.Optimizer:
@@ -139,6 +112,7 @@ class DraftTrainer:
         """evals: the first trainer's `ServedEvals` for eval.every_steps (None elsewhere)."""
         self.cfg, self.topo, self.channel = cfg, topo, channel
         self.target_config, self.aux_layer_ids, self.evals = target_config, aux_layer_ids, evals
+        self.recipe = recipe = recipe_for(cfg)
         device = topo.device
         startup = cfg.run.startup_timeout_s
         dtype = resolve_target_dtype(cfg.target.dtype, device)  # draft compute dtype
@@ -147,27 +121,28 @@ class DraftTrainer:
         _, plan = channel.recv("plan", startup, "the engine's plan (data and draft vocabulary)")
         self.vocab = {"d2t": plan["d2t"], "t2d": plan["t2d"]}
         self.vocab_sha = vocab_sha(plan["d2t"])
-        self.draft_ids = plan["draft_ids"].to(device)
+        draft_ids = plan["draft_ids"].to(device)
         if topo.is_first:
             log.info("data: %s", plan["stats_line"])
 
         # 2. Frozen target tensors: input embedding for the draft, lm_head for the teacher.
         if cfg.target.load_format == "dummy":
-            self.embed, self.lm_head = dummy_embed_and_head(
+            embed, lm_head = dummy_embed_and_head(
                 target_config.vocab_size, target_config.hidden_size, seed=cfg.run.seed,
                 dtype=dtype, device=device)
         else:
-            self.embed, self.lm_head = load_embed_and_head(
+            embed, lm_head = load_embed_and_head(
                 cfg.target.path, tie_word_embeddings=bool(getattr(target_config,
                                                                   "tie_word_embeddings", False)),
                 dtype=dtype, device=device)
+        self.frozen = FrozenTarget(embed=embed, lm_head=lm_head, draft_ids=draft_ids)
 
         # 3. The draft, sharded over trainers. The plan's vocabulary is already clamped to
         # the target's (and warned about once).
-        draft = dataclasses.replace(cfg.draft, draft_vocab_size=len(self.draft_ids))
-        self.arch = DraftArch.from_target_config(target_config, draft, len(aux_layer_ids))
-        self.model = model = build_sharded_draft(self.arch, cfg, topo.trainer_mesh(), dtype,
-                                                 device)
+        self.arch, self.model = build_sharded_draft(
+            recipe, target_config, len(draft_ids), aux_layer_ids, topo.trainer_mesh(), dtype,
+            device)
+        model = self.model
         self.num_trainers = dist.get_world_size(topo.role_group)  # FSDP2 averages over these
 
         # 4. AdamW over float32 master weights.
@@ -198,7 +173,7 @@ class DraftTrainer:
         channel.send("start", start_step=self.start_step, data_state=data_state)
 
         # 6. The ring: open the engine's slots; check every message against what we need.
-        needs = feature_needs(target_config.hidden_size, len(aux_layer_ids), dtype)
+        needs = recipe.feature_needs(target_config.hidden_size, len(aux_layer_ids), dtype)
         self.ring = RingConsumer.start(channel, device=device, needs=needs, timeout_s=startup)
 
         self.progress = Progress(enabled=topo.is_first, max_steps=cfg.last_step,
@@ -206,7 +181,7 @@ class DraftTrainer:
         self.metrics = MetricsLog(
             os.path.join(cfg.run.dir, "metrics.jsonl") if topo.is_first else None,
             group=topo.role_group, device=device, num_pairs=topo.info.num_pairs,
-            position_decay=cfg.draft.position_decay, flush_every_s=t.log_every_s,
+            summarize=recipe.summary, flush_every_s=t.log_every_s,
             tensorboard_dir=os.path.join(cfg.run.dir, "tb") if t.tensorboard else None,
             resumed_at=self.start_step)
 
@@ -242,15 +217,15 @@ class DraftTrainer:
                                     f"{step} micro-step {micro}, before train.max_steps")
                 with delivery:
                     if discard:  # bench.trainer=discard: measure the engine alone
-                        stats = torch.zeros(stats_length(self.cfg.draft.unroll_steps),
+                        stats = torch.zeros(stats_length(self.recipe.num_positions),
                                             dtype=torch.float64, device=self.topo.device)
                     else:
                         if micro == 0:
                             label_totals = self.step_label_totals(delivery.meta)
                         stats = micro_step(
-                            self.model, self.embed, self.lm_head, self.draft_ids,
-                            delivery.tensors, delivery.meta["seq_lens"], self.cfg,
-                            label_totals=label_totals, num_trainers=self.num_trainers,
+                            self.recipe, self.model, self.frozen, delivery.tensors,
+                            delivery.meta, label_totals=label_totals,
+                            num_trainers=self.num_trainers,
                             last=micro == t.micro_steps - 1, timer=self.timer)
                     tokens += delivery.meta["num_tokens"]
                     engine_wait = delivery.meta["engine_wait_s"]
@@ -310,9 +285,8 @@ class DraftTrainer:
                                     f"after step {step + 1}; the engine sent "
                                     f"{'the end' if delivery is None else 'a training one'}")
                 with delivery:
-                    stats = draft_forward(self.model, self.embed, self.lm_head, self.draft_ids,
-                                          delivery.tensors, delivery.meta["seq_lens"],
-                                          self.cfg).stats()
+                    stats = self.recipe.forward(self.model, self.frozen, delivery.tensors,
+                                                delivery.meta).stats()
                     last = delivery.meta["val_last"]
                 sums = stats if sums is None else sums + stats
                 if last:
@@ -331,15 +305,15 @@ class DraftTrainer:
             self.evals.poll()
 
     def export(self, out_dir: str) -> str | None:
-        """Write the draft as sglang's EAGLE3 checkpoint into `out_dir` (on the first trainer;
-        returns it there, None elsewhere). Every trainer gathers the full weights."""
+        """Write the draft in the layout sglang serves it from into `out_dir` (on the first
+        trainer; returns it there, None elsewhere). Every trainer gathers the full weights."""
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
                                                                          cpu_offload=True))
         if not self.topo.is_first:
             return None
-        return export_draft(full, self.arch, d2t=self.vocab["d2t"], t2d=self.vocab["t2d"],
-                            aux_layer_ids=self.aux_layer_ids, target_config=self.target_config,
-                            out_dir=out_dir)
+        return self.recipe.export(full, self.arch, vocab=self.vocab,
+                                  layer_ids=self.aux_layer_ids, target_config=self.target_config,
+                                  out_dir=out_dir)
 
     def save(self, step: int) -> None:
         # Rows up to the checkpoint on disk first: a resume keeps those and writes the rest.

@@ -31,7 +31,8 @@ from transformers import LlamaConfig
 
 from colocate import metrics
 from colocate.config import load_config
-from colocate.draft import DraftArch, label_counts
+from colocate.draft import label_counts
+from colocate.draft.recipe import FrozenTarget, recipe_for
 from colocate.progress import PhaseTimer, peak_gib, phase_seconds
 from colocate.train.target_tensors import dummy_embed_and_head
 from colocate.train.trainer import build_sharded_draft, clip_and_step, make_optimizer, micro_step
@@ -104,8 +105,10 @@ def run_mode(mode: str, args, shape, batches, device, mesh, embed, head, draft_i
     cfg = load_config(None, [f"draft.kernels={mode}", f"draft.attention={args.attention}",
                              f"draft.unroll_steps={args.unroll}", f"draft.draft_vocab_size={DRAFT_VOCAB}",
                              f"train.micro_steps={len(batches)}"])
-    arch = DraftArch.from_target_config(LlamaConfig(**shape), cfg.draft, NUM_AUX)
-    model = build_sharded_draft(arch, cfg, mesh, torch.bfloat16, device)
+    recipe = recipe_for(cfg)
+    _, model = build_sharded_draft(recipe, LlamaConfig(**shape), DRAFT_VOCAB,
+                                   list(range(NUM_AUX)), mesh, torch.bfloat16, device)
+    frozen = FrozenTarget(embed=embed, lm_head=head, draft_ids=draft_ids)
     optimizer = make_optimizer(model, cfg.train)
     timer = PhaseTimer(device)
     first = {}
@@ -116,11 +119,12 @@ def run_mode(mode: str, args, shape, batches, device, mesh, embed, head, draft_i
     def one_step(record_first: bool = False):
         timer.mark("start")
         for i, batch in enumerate(batches):
-            stats = micro_step(model, embed, head, draft_ids, batch["feats"], batch["seq_lens"],
-                               cfg, label_totals=label_totals, num_trainers=1,
+            stats = micro_step(recipe, model, frozen, batch["feats"],
+                               {"seq_lens": batch["seq_lens"]}, label_totals=label_totals,
+                               num_trainers=1,
                                last=i == len(batches) - 1, timer=timer)
             if record_first and i == 0:
-                first["loss"] = metrics.step_summary(stats.tolist(), cfg.draft.position_decay)["loss"]
+                first["loss"] = recipe.summary(stats.tolist())["loss"]
         if record_first:  # the first step's gradients (weights still the shared initial ones)
             first["grads"] = {n: p.grad.full_tensor().float().cpu()
                               for n, p in model.named_parameters()}

@@ -88,14 +88,15 @@ def test_export_matches_the_trained_draft(tiny_run, tmp_path):
     for name in weights:
         assert torch.equal(again[name], weights[name]), name
 
-    from colocate.draft import DraftArch
+    from colocate.draft.recipe import recipe_for
     from colocate.export import load_checkpoint_weights
     from colocate.train.checkpoint import list_checkpoints
     from transformers import AutoConfig
 
     cfg = load_config(os.path.join(run_dir, "config.yaml"))
-    arch = DraftArch.from_target_config(AutoConfig.from_pretrained(cfg.target.path), cfg.draft, 3)
-    trained = load_checkpoint_weights(list_checkpoints(run_dir)[-1], arch)
+    _, model = recipe_for(cfg).build_model(AutoConfig.from_pretrained(cfg.target.path),
+                                           weights["d2t"].numel(), [1, 2, 3])
+    trained = load_checkpoint_weights(list_checkpoints(run_dir)[-1], model)
     for name, tensor in trained.items():
         assert torch.equal(weights[name], tensor.to(torch.bfloat16)), name
     assert len(list_checkpoints(run_dir)) == 2  # keep_last

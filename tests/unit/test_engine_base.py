@@ -9,10 +9,19 @@ import torch
 
 from colocate.config import Config, EngineSection, TargetSection
 from colocate.data.packing import MicroBatch
-from colocate.engine import (FEATURE_NAMES, FakeEngine, build_engine, default_aux_layer_ids,
-                             feature_needs, resolve_aux_layer_ids, resolve_target_dtype)
+from colocate.draft.eagle3_recipe import eagle3_layer_ids as default_aux_layer_ids
+from colocate.engine import (FEATURE_NAMES, FakeEngine, build_engine, resolve_aux_layer_ids,
+                             resolve_target_dtype)
 from colocate.transport.layout import check_layout, dtype_from_name
 from colocate.transport.ring import SlotOverflow, SlotWriter
+
+
+def feature_needs(hidden_size, num_aux, dtype):
+    """Eagle3's requirement table (the default recipe's)."""
+    from colocate.config import load_config
+    from colocate.draft.recipe import recipe_for
+
+    return recipe_for(load_config(None)).feature_needs(hidden_size, num_aux, dtype)
 
 
 def make_batch(seq_lens: list[int], vocab_size: int, seed: int = 0) -> MicroBatch:

@@ -7,11 +7,10 @@ import os
 
 import torch
 
-from colocate.engine import feature_needs
 from colocate.engine.hf import HFTargetEngine
 from colocate.transport import RingConsumer, RingProducer
 from colocate.transport.local_pair import run_local_pair
-from tests.unit.test_engine_base import make_batch, read_slot, slot_writer
+from tests.unit.test_engine_base import feature_needs, make_batch, read_slot, slot_writer
 
 BUDGET = 32
 # Three micro-steps through two slots, so a slot is reused after its ack.

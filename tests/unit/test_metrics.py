@@ -155,7 +155,7 @@ def group():
 def test_metrics_rows_are_written_on_flush(group, tmp_path):
     path = str(tmp_path / "metrics.jsonl")
     log = MetricsLog(path, group=group, device=torch.device("cpu"), num_pairs=1,
-                     position_decay=0.5, flush_every_s=3600)
+                     summarize=lambda v: step_summary(v, 0.5), flush_every_s=3600)
     for step in range(3):
         # A step's sums over two micro-steps: per token, 2 - step CE, hits 5 of 10 and 1 of 4.
         stats = micro_stats([(2.0 - step) * 10, 0.0], [5, 1], [10, 4], sim=(30, 12))
@@ -178,11 +178,11 @@ def test_a_resumed_log_drops_the_rows_after_its_checkpoint(group, tmp_path):
     rows = [json.dumps({"step": s, "loss": 10.0 - s}) + "\n" for s in range(1, 6)]
     path.write_text("".join(rows) + '{"step": 6, "lo')  # the crash tore step 6's line
     MetricsLog(str(path), group=group, device=torch.device("cpu"), num_pairs=1,
-               position_decay=0.5, resumed_at=3)
+               summarize=lambda v: step_summary(v, 0.5), resumed_at=3)
     assert path.read_text() == "".join(rows[:3])
     # A fresh run (no checkpoint) in the same directory starts the file over.
     MetricsLog(str(path), group=group, device=torch.device("cpu"), num_pairs=1,
-               position_decay=0.5)
+               summarize=lambda v: step_summary(v, 0.5))
     assert path.read_text() == ""
 
 
@@ -199,7 +199,7 @@ def test_tensorboard_flag_warns_when_missing(group, tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_tensorboard)
     with pytest.warns(UserWarning, match="train.tensorboard=true ignored"):
         MetricsLog(str(tmp_path / "m.jsonl"), group=group, device=torch.device("cpu"),
-                   num_pairs=1, position_decay=0.8, tensorboard_dir=str(tmp_path / "tb"))
+                   num_pairs=1, summarize=lambda v: step_summary(v, 0.8), tensorboard_dir=str(tmp_path / "tb"))
 
 
 # ----------------------------------------------------------------- FLOPs and references

@@ -1,0 +1,85 @@
+"""Eagle3 as a recipe: chain drafting with a one-layer draft, trained by test-time unrolling.
+
+Reads three target layers ([1, L//2-1, L-4] by default) and the final norm's output (the
+teacher: the target's own next-token distribution over the draft vocabulary); served by
+sglang's EAGLE3 (`LlamaForCausalLMEagle3`). The model, loss and export live in
+colocate/draft/eagle3.py, colocate/draft/loss.py and colocate/export.py.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.fsdp import fully_shard
+
+from colocate import metrics
+from colocate.draft.arch import DraftArch
+from colocate.draft.eagle3 import Eagle3Draft
+from colocate.draft.loss import eagle3_unroll, label_counts, target_distribution
+from colocate.draft.recipe import DraftRecipe, FrozenTarget, StepKey
+
+
+def eagle3_layer_ids(num_layers: int) -> list[int]:
+    """Eagle3's choice: outputs of a low, a middle and a late layer, [1, L//2 - 1, L - 4]."""
+    if num_layers < 4:
+        raise ValueError(
+            f"target.aux_layer_ids: the target has only {num_layers} decoder layers, too few for "
+            f"Eagle3's default [1, L//2-1, L-4]; set target.aux_layer_ids explicitly to ids in "
+            f"[0, {max(num_layers - 2, 0)}]")
+    return [1, num_layers // 2 - 1, num_layers - 4]
+
+
+class Eagle3Recipe(DraftRecipe):
+    method = "eagle3"
+    needs_last_hidden = True
+    served_algorithm = "EAGLE3"
+
+    def default_layer_ids(self, num_layers: int) -> list[int]:
+        return eagle3_layer_ids(num_layers)
+
+    @property
+    def num_positions(self) -> int:
+        return self.cfg.draft.unroll_steps
+
+    def plan_batch(self, batch, key: StepKey) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        del key  # nothing random: every position is scored
+        return {}, label_counts(batch.seq_lens, batch.loss_mask, self.cfg.draft.unroll_steps)
+
+    def build_model(self, target_config, draft_vocab_size: int,
+                    layer_ids: list[int]) -> tuple[DraftArch, Eagle3Draft]:
+        import dataclasses
+
+        section = dataclasses.replace(self.cfg.draft, draft_vocab_size=draft_vocab_size)
+        arch = DraftArch.from_target_config(target_config, section, len(layer_ids))
+        model = Eagle3Draft(arch, attention=self.cfg.draft.attention,
+                            kernels=self.cfg.draft.kernels)
+        model.init_weights(torch.Generator().manual_seed(self.cfg.run.seed))
+        return arch, model
+
+    def shard(self, model: Eagle3Draft, mesh, mp_policy) -> None:
+        # The draft is small and every micro-step runs it unroll_steps times: keep it
+        # unsharded between forwards instead of all-gathering it on every step.
+        fully_shard(model.midlayer, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
+        fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
+
+    def forward(self, model: Eagle3Draft, frozen: FrozenTarget, feats: dict[str, torch.Tensor],
+                meta: dict, *, label_totals: torch.Tensor | None = None, timer=None):
+        with torch.no_grad():
+            target = target_distribution(feats["last_hidden"], frozen.lm_head, frozen.draft_ids)
+        if timer:
+            timer.mark("teacher")
+        d = self.cfg.draft
+        return eagle3_unroll(model, frozen.embed, feats["aux_hidden"], target,
+                             feats["input_ids"], feats["loss_mask"], feats["positions"],
+                             meta["seq_lens"], d.unroll_steps, d.position_decay,
+                             label_totals=label_totals)
+
+    def summary(self, values) -> dict[str, float]:
+        return metrics.step_summary(values, self.cfg.draft.position_decay)
+
+    def export(self, state_dict, arch: DraftArch, *, vocab: dict, layer_ids: list[int],
+               target_config, out_dir: str) -> str:
+        from colocate.export import export_draft
+
+        return export_draft(state_dict, arch, d2t=vocab["d2t"], t2d=vocab["t2d"],
+                            aux_layer_ids=layer_ids, target_config=target_config,
+                            out_dir=out_dir)

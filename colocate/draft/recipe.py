@@ -1,0 +1,147 @@
+"""A draft method is a recipe: one object owns everything that differs between methods.
+
+The engine, the trainer, metrics and export never branch on `draft.method`; they ask the
+run's recipe (`recipe_for(cfg)`):
+
+    engine side   layer_ids(num_layers)     target layers whose outputs the engine captures
+                  needs_last_hidden         whether it also ships the final norm's output
+                  plan_batch(batch, key)    extra ring tensors of one micro-batch (host) and
+                                            its per-position label counts (loss denominators)
+    trainer side  feature_needs(...)        the ring tensors it requires, shapes and dtypes
+                  build_model / shard       the draft module and its FSDP2 wrapping
+                  forward(...)              loss (with grad) and the stats vector
+                  summary(values)           loss and metrics from a reduced stats vector
+    export        export(...)               the checkpoint layout sglang serves
+                  served_algorithm          sglang's speculative_algorithm for it
+
+Every method's stats vector has the layout colocate/metrics.py documents, with K =
+`num_positions` scored positions per draft (Eagle3: unroll steps; DFlash: block positions).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from colocate.transport.layout import Need
+
+
+@dataclass(frozen=True)
+class FrozenTarget:
+    """The target tensors a trainer borrows, never trained: the input embedding [V, H], the
+    lm_head [V, H], and the draft vocabulary's target ids [Vd] (Eagle3's reduced head)."""
+
+    embed: torch.Tensor
+    lm_head: torch.Tensor
+    draft_ids: torch.Tensor
+
+
+@dataclass(frozen=True)
+class StepKey:
+    """Identifies one micro-batch for anything drawn at random (DFlash's anchors): the same
+    key draws the same values in a resumed run."""
+
+    seed: int
+    step: int
+    micro: int
+    pair: int
+
+    def generator(self) -> torch.Generator:
+        # Mixed through fixed odd multipliers so neighbouring keys do not share streams.
+        mixed = (self.seed * 1_000_003 + self.step * 8_191 + self.micro * 131 + self.pair) % 2**63
+        return torch.Generator().manual_seed(mixed)
+
+
+def base_feature_needs(dtype: torch.dtype) -> dict[str, Need]:
+    """Tensors every recipe needs: the packed batch itself ("T" tokens, "S" sequences)."""
+    del dtype  # the index tensors have fixed dtypes
+    return {
+        "input_ids": Need(torch.int64, ("T",)),
+        "positions": Need(torch.int64, ("T",)),
+        "loss_mask": Need(torch.bool, ("T",)),
+        "seq_lens": Need(torch.int32, ("S",)),
+    }
+
+
+class DraftRecipe(ABC):
+    method: ClassVar[str]
+    needs_last_hidden: ClassVar[bool]
+    served_algorithm: ClassVar[str]
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    # ------------------------------------------------------------------ engine side
+
+    @abstractmethod
+    def default_layer_ids(self, num_layers: int) -> list[int]:
+        """The target layers (0-based outputs) this method reads when target.aux_layer_ids
+        is null."""
+
+    def layer_ids(self, num_layers: int) -> list[int]:
+        from colocate.engine.base import resolve_aux_layer_ids
+
+        return resolve_aux_layer_ids(self.cfg.target.aux_layer_ids, num_layers,
+                                     default=self.default_layer_ids)
+
+    @property
+    @abstractmethod
+    def num_positions(self) -> int:
+        """K: scored positions per draft (length of each block of the stats vector)."""
+
+    @abstractmethod
+    def plan_batch(self, batch, key: StepKey) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """(extra ring tensors on the host, label counts int64 [K]) of one micro-batch."""
+
+    # ------------------------------------------------------------------ trainer side
+
+    def feature_needs(self, hidden_size: int, num_layers: int,
+                      dtype: torch.dtype) -> dict[str, Need]:
+        needs = base_feature_needs(dtype)
+        needs["aux_hidden"] = Need(dtype, ("T", num_layers * hidden_size))
+        if self.needs_last_hidden:
+            needs["last_hidden"] = Need(dtype, ("T", hidden_size))
+        return needs
+
+    @abstractmethod
+    def build_model(self, target_config, draft_vocab_size: int,
+                    layer_ids: list[int]) -> tuple[Any, torch.nn.Module]:
+        """(arch, model with initialised weights on the CPU)."""
+
+    @abstractmethod
+    def shard(self, model: torch.nn.Module, mesh, mp_policy) -> None:
+        """Apply FSDP2 to `model` in place."""
+
+    @abstractmethod
+    def forward(self, model: torch.nn.Module, frozen: FrozenTarget,
+                feats: dict[str, torch.Tensor], meta: dict, *,
+                label_totals: torch.Tensor | None = None, timer=None):
+        """One micro-step's forward, no backward: an object with `.loss` (grad) and
+        `.stats()`. `feats`: the ring tensors; `meta`: the message's meta (seq_lens and what
+        `plan_batch` added); `label_totals`: the step's [K] counts (None: this micro-step's
+        own); `timer`: a PhaseTimer to mark sub-phases on (e.g. "teacher")."""
+
+    @abstractmethod
+    def summary(self, values) -> dict[str, float]:
+        """Loss and metrics of a reduced stats vector (metrics.step_summary)."""
+
+    # ------------------------------------------------------------------ export
+
+    @abstractmethod
+    def export(self, state_dict: dict[str, torch.Tensor], arch, *, vocab: dict,
+               layer_ids: list[int], target_config, out_dir: str) -> str:
+        """Write the sglang checkpoint into `out_dir`; returns it."""
+
+
+def recipe_for(cfg) -> DraftRecipe:
+    """The recipe `cfg.draft.method` names."""
+    from colocate.draft.eagle3_recipe import Eagle3Recipe
+
+    recipes: dict[str, type[DraftRecipe]] = {"eagle3": Eagle3Recipe}
+    if cfg.draft.method not in recipes:
+        raise ValueError(f"draft.method: {cfg.draft.method!r} has no recipe here; use one of "
+                         f"{', '.join(sorted(recipes))}")
+    return recipes[cfg.draft.method](cfg)
