@@ -232,8 +232,9 @@ class DFlashDraft(nn.Module):
     """
 
     def __init__(self, arch: DFlashArch, attention: str = "auto", kernels: str = "auto"):
-        """attention: `draft.attention`, read by the loss to pick the mask kind (auto: flex
-        BlockMask on CUDA when usable, else dense); kernels: `draft.kernels`."""
+        """attention: `draft.attention`, read by the loss to pick the mask kind (auto: a flex
+        BlockMask on CUDA when usable, else dense; loop: the dense reference; flex: always
+        flex, eager and forward-only on CPU as torch allows there); kernels: `draft.kernels`."""
         super().__init__()
         self.arch = arch
         self.attention, self.kernels = attention, kernels

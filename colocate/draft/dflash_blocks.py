@@ -156,7 +156,9 @@ class BlockLayout:
         return self.mask_mod()(None, None, q_idx, kv_idx)
 
     def flex_mask(self, sparse_block_size: int = 128) -> BlockMask:
-        """The same mask as a flex BlockMask (evaluated densely once, on the device)."""
+        """The same mask as a flex BlockMask. `create_block_mask` evaluates mask_mod densely
+        once, on the device: a few int32 [M, T + M] intermediates (~0.8 GB each at M = 8192,
+        T = 16k; not measured here, no GPU)."""
         if FLEX_IMPORT_ERROR is not None:
             raise RuntimeError(f"a flex BlockMask needs torch >= 2.5: {FLEX_IMPORT_ERROR}")
         return create_block_mask(self.mask_mod(), None, None, self.num_queries,
