@@ -138,9 +138,10 @@ class DraftRecipe(ABC):
 
 def recipe_for(cfg) -> DraftRecipe:
     """The recipe `cfg.draft.method` names."""
+    from colocate.draft.dflash_recipe import DFlashRecipe
     from colocate.draft.eagle3_recipe import Eagle3Recipe
 
-    recipes: dict[str, type[DraftRecipe]] = {"eagle3": Eagle3Recipe}
+    recipes: dict[str, type[DraftRecipe]] = {"eagle3": Eagle3Recipe, "dflash": DFlashRecipe}
     if cfg.draft.method not in recipes:
         raise ValueError(f"draft.method: {cfg.draft.method!r} has no recipe here; use one of "
                          f"{', '.join(sorted(recipes))}")

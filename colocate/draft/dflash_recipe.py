@@ -1,0 +1,108 @@
+"""DFlash as a recipe: block drafting with a multi-layer draft conditioned on target layers.
+
+Reads K target layers (sglang's default spread, K = 5) and no final hidden state: the labels
+are the trained tokens themselves. Per micro-batch the engine draws the anchors (block
+starts) from (seed, step, micro-step, pair) and ships them in the message's meta, so the
+step's loss denominator is known before the first backward and a resumed run draws the same
+blocks. Served by sglang's DFLASH (`DFlashDraftModel`). The model, blocks, loss and export
+live in colocate/draft/dflash.py, dflash_blocks.py, dflash_loss.py and colocate/export_dflash.py.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.fsdp import fully_shard
+
+from colocate import metrics
+from colocate.draft.dflash import DFlashArch, DFlashDraft, default_target_layer_ids
+from colocate.draft.dflash_blocks import block_label_counts, draw_anchors, position_weights
+from colocate.draft.dflash_loss import dflash_forward
+from colocate.draft.recipe import DraftRecipe, FrozenTarget, StepKey
+
+NUM_CONTEXT_LAYERS = 5
+"""Target layers DFlash reads by default (sglang's and the paper's choice)."""
+
+
+def resolve_mask_token_id(configured: int, target_path: str, vocab_size: int) -> int:
+    """draft.mask_token_id, or (-1) the tokenizer's mask token, else its pad token, else the
+    last id of the target vocabulary. Any fixed id works (its frozen embedding only marks
+    "unknown"), but trainer and export must agree: both resolve it here."""
+    if configured >= 0:
+        return configured
+    from colocate.target import load_tokenizer
+
+    tokenizer = load_tokenizer(target_path)
+    for candidate in (getattr(tokenizer, "mask_token_id", None),
+                      getattr(tokenizer, "pad_token_id", None)):
+        if candidate is not None and 0 <= candidate < vocab_size:
+            return int(candidate)
+    return vocab_size - 1
+
+
+def padded_anchors(rows: list[list[int]], num_anchors: int) -> torch.Tensor:
+    """[S, num_anchors] int64, -1 padded, from the meta's per-sequence valid anchors."""
+    out = torch.full((len(rows), num_anchors), -1, dtype=torch.long)
+    for s, row in enumerate(rows):
+        out[s, :len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
+class DFlashRecipe(DraftRecipe):
+    method = "dflash"
+    needs_last_hidden = False
+    served_algorithm = "DFLASH"
+
+    def default_layer_ids(self, num_layers: int) -> list[int]:
+        return default_target_layer_ids(num_layers, NUM_CONTEXT_LAYERS)
+
+    @property
+    def num_positions(self) -> int:
+        return self.cfg.draft.block_size - 1
+
+    def plan_batch(self, batch, key: StepKey) -> tuple[dict, torch.Tensor]:
+        d = self.cfg.draft
+        anchors = draw_anchors(batch.loss_mask, batch.seq_lens, d.num_anchors, key.generator())
+        counts = block_label_counts(batch.loss_mask, batch.seq_lens, anchors, d.block_size)
+        # Only the valid anchors travel (the padding is rebuilt on the trainer): a few KB.
+        rows = [[a for a in row if a >= 0] for row in anchors.tolist()]
+        return {"anchors": rows}, counts
+
+    def build_model(self, target_config, draft_vocab_size: int,
+                    layer_ids: list[int]) -> tuple[DFlashArch, DFlashDraft]:
+        del draft_vocab_size  # DFlash drafts over the target's whole vocabulary (its lm_head)
+        mask_id = resolve_mask_token_id(self.cfg.draft.mask_token_id, self.cfg.target.path,
+                                        target_config.vocab_size)
+        arch = DFlashArch.from_target_config(target_config, self.cfg.draft, layer_ids, mask_id)
+        model = DFlashDraft(arch, attention=self.cfg.draft.attention,
+                            kernels=self.cfg.draft.kernels)
+        model.init_weights(torch.Generator().manual_seed(self.cfg.run.seed))
+        return arch, model
+
+    def shard(self, model: DFlashDraft, mesh, mp_policy) -> None:
+        # fc/hidden_norm run in project_context, outside the root's forward: their own units,
+        # so their all-gather hooks fire. Kept unsharded between forwards like Eagle3's.
+        for unit in (model.fc, model.hidden_norm, *model.layers):
+            fully_shard(unit, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
+        fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
+
+    def forward(self, model: DFlashDraft, frozen: FrozenTarget, feats: dict[str, torch.Tensor],
+                meta: dict, *, label_totals: torch.Tensor | None = None, timer=None):
+        del timer  # no teacher phase: the labels are the tokens
+        d = self.cfg.draft
+        anchors = padded_anchors(meta["anchors"], d.num_anchors)
+        return dflash_forward(model, frozen.embed, frozen.lm_head, feats["aux_hidden"],
+                              feats["input_ids"], feats["loss_mask"], feats["positions"],
+                              meta["seq_lens"], anchors, gamma=d.block_decay,
+                              label_totals=label_totals)
+
+    def summary(self, values) -> dict[str, float]:
+        d = self.cfg.draft
+        return metrics.step_summary(values, pooled_weights=position_weights(
+            d.block_size, d.block_decay).tolist())
+
+    def export(self, state_dict, arch: DFlashArch, *, vocab: dict, layer_ids: list[int],
+               target_config, out_dir: str) -> str:
+        del vocab, layer_ids  # the arch holds the layer ids; no reduced vocabulary
+        from colocate.export_dflash import export_dflash
+
+        return export_dflash(state_dict, arch, target_config=target_config, out_dir=out_dir)
