@@ -21,8 +21,49 @@ from colocate.config import DraftSection
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
+class RopeGeometry:
+    """RoPE of a draft, shared by every draft arch: needs `head_dim`, `rope_theta` and
+    `rope_scaling` fields on the dataclass that mixes it in."""
+
+    head_dim: int
+    rope_theta: float
+    rope_scaling: Mapping[str, Any] | None
+
+    @property
+    def rope_type(self) -> str:
+        if not self.rope_scaling:
+            return "default"
+        return self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+
+    def check_rope_type(self, draft_name: str) -> None:
+        if self.rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(f"target rope type {self.rope_type!r} is not supported by the "
+                             f"{draft_name} draft (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+
+    def inv_freq(self) -> torch.Tensor:
+        """RoPE inverse frequencies [head_dim // 2] in float32 (neox layout, rotate-half)."""
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim
+        inv_freq = 1.0 / (self.rope_theta ** exponents)
+        rope_type, s = self.rope_type, self.rope_scaling
+        if rope_type == "linear":
+            inv_freq = inv_freq / s["factor"]
+        elif rope_type == "llama3":
+            inv_freq = _llama3_scale(inv_freq, s["factor"], s["low_freq_factor"],
+                                     s["high_freq_factor"], s["original_max_position_embeddings"])
+        return inv_freq.float()
+
+
+def rope_from_hf(hf_config: Any) -> tuple[float, Mapping[str, Any] | None]:
+    """(rope_theta, rope_scaling minus theta or None) of an HF config. transformers >= 5
+    keeps theta inside rope_parameters; older configs use rope_theta + rope_scaling."""
+    rope = dict(getattr(hf_config, "rope_parameters", None)
+                or getattr(hf_config, "rope_scaling", None) or {})
+    theta = float(rope.pop("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
+    return theta, (MappingProxyType(rope) if rope else None)
+
+
 @dataclass(frozen=True, kw_only=True)
-class DraftArch:
+class DraftArch(RopeGeometry):
     hidden_size: int
     """Draft width == target width (the draft eats target hidden states and embeddings)."""
     num_heads: int
@@ -42,16 +83,7 @@ class DraftArch:
     def __post_init__(self):
         assert self.num_heads % self.num_kv_heads == 0, (self.num_heads, self.num_kv_heads)
         assert 2 <= self.draft_vocab_size <= self.target_vocab_size, self.draft_vocab_size
-        rope_type = self.rope_type
-        if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ValueError(f"target rope type {rope_type!r} is not supported by the Eagle3 "
-                             f"draft (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
-
-    @property
-    def rope_type(self) -> str:
-        if not self.rope_scaling:
-            return "default"
-        return self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+        self.check_rope_type("Eagle3")
 
     @classmethod
     def from_target_config(cls, hf_config: Any, draft: DraftSection, num_aux: int) -> DraftArch:
@@ -68,11 +100,7 @@ class DraftArch:
             warnings.warn(f"draft.draft_vocab_size={draft_vocab} exceeds the target vocabulary "
                           f"({vocab}); using {vocab}")
             draft_vocab = vocab
-        # transformers >= 5 keeps theta inside rope_parameters; older configs use
-        # rope_theta + rope_scaling. Accept both.
-        rope = dict(getattr(hf_config, "rope_parameters", None)
-                    or getattr(hf_config, "rope_scaling", None) or {})
-        theta = float(rope.pop("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
+        theta, scaling = rope_from_hf(hf_config)
         return cls(
             hidden_size=hidden,
             num_heads=num_heads,
@@ -81,24 +109,12 @@ class DraftArch:
             intermediate_size=draft.intermediate_size or hf_config.intermediate_size,
             rms_norm_eps=float(hf_config.rms_norm_eps),
             rope_theta=theta,
-            rope_scaling=MappingProxyType(rope) if rope else None,
+            rope_scaling=scaling,
             max_position_embeddings=hf_config.max_position_embeddings,
             target_vocab_size=vocab,
             draft_vocab_size=draft_vocab,
             num_aux=num_aux,
         )
-
-    def inv_freq(self) -> torch.Tensor:
-        """RoPE inverse frequencies [head_dim // 2] in float32 (neox layout, rotate-half)."""
-        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim
-        inv_freq = 1.0 / (self.rope_theta ** exponents)
-        rope_type, s = self.rope_type, self.rope_scaling
-        if rope_type == "linear":
-            inv_freq = inv_freq / s["factor"]
-        elif rope_type == "llama3":
-            inv_freq = _llama3_scale(inv_freq, s["factor"], s["low_freq_factor"],
-                                     s["high_freq_factor"], s["original_max_position_embeddings"])
-        return inv_freq.float()
 
 
 def _llama3_scale(inv_freq: torch.Tensor, factor: float, low_freq_factor: float,

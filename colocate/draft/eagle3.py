@@ -61,6 +61,22 @@ class KVCache:
 """Keys/values ([T, Hkv, D] each, RoPE applied) of the unroll steps so far, step 0 first."""
 
 
+@torch.no_grad()
+def init_draft_weights(module: nn.Module, generator: torch.Generator, std: float = 0.02) -> None:
+    """Deterministic init of any draft: normal(0, std) linears, ones for norms.
+
+    Values are drawn on the CPU from `generator` in parameter-name order, so the result is
+    the same on every device. Call before sharding (FSDP params are DTensors).
+    """
+    for name, param in sorted(module.named_parameters()):
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+        else:
+            values = torch.empty(param.shape, dtype=torch.float32).normal_(
+                0.0, std, generator=generator)
+            param.copy_(values)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float, kernels: str = "auto"):
         super().__init__()
@@ -156,20 +172,8 @@ class Eagle3Draft(nn.Module):
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, kernels)
         self.lm_head = nn.Linear(arch.hidden_size, arch.draft_vocab_size, bias=False)
 
-    @torch.no_grad()
     def init_weights(self, generator: torch.Generator, std: float = 0.02) -> None:
-        """Deterministic init: normal(0, std) linears, ones for norms.
-
-        Values are drawn on the CPU from `generator` in parameter-name order, so the result
-        is the same on every device. Call before sharding (FSDP params are DTensors).
-        """
-        for name, param in sorted(self.named_parameters()):
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            else:
-                values = torch.empty(param.shape, dtype=torch.float32).normal_(
-                    0.0, std, generator=generator)
-                param.copy_(values)
+        init_draft_weights(self, generator, std)
 
     def forward(self, embeds_TH: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
                 seq_bounds: list[tuple[int, int]], kv_cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
