@@ -29,9 +29,38 @@ class ExportError(ValueError):
     pass
 
 
-def draft_config(arch: DraftArch, aux_layer_ids: list[int], target_config) -> dict:
+def rope_keys(arch) -> dict:
+    """RoPE in both spellings: transformers 5 reads rope_parameters, older readers
+    rope_theta + rope_scaling. `arch`: any draft arch with RoPE geometry."""
     scaling = dict(arch.rope_scaling) if arch.rope_scaling else None
-    rope = {**(scaling or {}), "rope_type": arch.rope_type, "rope_theta": arch.rope_theta}
+    return {"rope_theta": arch.rope_theta, "rope_scaling": scaling,
+            "rope_parameters": {**(scaling or {}), "rope_type": arch.rope_type,
+                                "rope_theta": arch.rope_theta}}
+
+
+def check_names(names, expected_prefixes: tuple[str, ...]) -> None:
+    """sglang's loaders skip names they do not know without a word: refuse them here."""
+    unknown = [k for k in names if not k.startswith(expected_prefixes)]
+    if unknown:
+        raise ExportError(f"draft weights {unknown} have names sglang would silently drop")
+
+
+def write_export(tensors: dict[str, torch.Tensor], config: dict, out_dir: str) -> str:
+    """config.json + model.safetensors into `out_dir`, atomically: both files are written
+    into a sibling temporary directory that then replaces `out_dir` whole."""
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    from colocate.train.checkpoint import replace_dir
+
+    replace_dir(tmp, out_dir)
+    return out_dir
+
+
+def draft_config(arch: DraftArch, aux_layer_ids: list[int], target_config) -> dict:
     return {
         "architectures": ["LlamaForCausalLMEagle3"],
         "model_type": "llama",
@@ -48,10 +77,7 @@ def draft_config(arch: DraftArch, aux_layer_ids: list[int], target_config) -> di
         "draft_vocab_size": arch.draft_vocab_size,
         "target_hidden_size": arch.hidden_size,
         "tie_word_embeddings": False,
-        # Both spellings: transformers 5 reads rope_parameters, older readers rope_theta.
-        "rope_theta": arch.rope_theta,
-        "rope_scaling": scaling,
-        "rope_parameters": rope,
+        **rope_keys(arch),
         "bos_token_id": getattr(target_config, "bos_token_id", None),
         "eos_token_id": getattr(target_config, "eos_token_id", None),
         "torch_dtype": "bfloat16",
@@ -64,25 +90,14 @@ def export_draft(state_dict: dict[str, torch.Tensor], arch: DraftArch, *, d2t: t
                  t2d: torch.Tensor, aux_layer_ids: list[int], target_config, out_dir: str,
                  dtype: torch.dtype = torch.bfloat16) -> str:
     """Write config.json + model.safetensors atomically into `out_dir`; returns it."""
-    unknown = [k for k in state_dict if not k.startswith(EXPECTED_PREFIXES)]
-    if unknown:
-        raise ExportError(f"draft weights {unknown} have names sglang would silently drop")
+    check_names(state_dict, EXPECTED_PREFIXES)
     if d2t.numel() != arch.draft_vocab_size or t2d.numel() != arch.target_vocab_size:
         raise ExportError(f"d2t ({d2t.numel()}) / t2d ({t2d.numel()}) do not match the draft "
                           f"vocabulary {arch.draft_vocab_size} / target {arch.target_vocab_size}")
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state_dict.items()}
     tensors["d2t"] = d2t.to("cpu", torch.int64).contiguous()
     tensors["t2d"] = t2d.to("cpu", torch.bool).contiguous()
-    tmp = out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(draft_config(arch, aux_layer_ids, target_config), f, indent=2)
-    from colocate.train.checkpoint import replace_dir
-
-    replace_dir(tmp, out_dir)
-    return out_dir
+    return write_export(tensors, draft_config(arch, aux_layer_ids, target_config), out_dir)
 
 
 def load_checkpoint_weights(path: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:

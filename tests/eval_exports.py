@@ -1,4 +1,4 @@
-"""A randomly initialised Eagle3 draft exported for a target: what eval tests decode with."""
+"""Randomly initialised drafts (Eagle3, DFlash) exported for a target: what eval tests decode with."""
 
 from __future__ import annotations
 
@@ -26,3 +26,19 @@ def write_random_export(target_path: str, out_dir: str, *, aux_layer_ids=(1, 2, 
     return export_draft(model.state_dict(), arch, d2t=draft_ids - torch.arange(draft_vocab_size),
                         t2d=t2d, aux_layer_ids=list(aux_layer_ids), target_config=target_config,
                         out_dir=out_dir)
+
+
+def write_random_dflash_export(target_path: str, out_dir: str, *, target_layer_ids=(1, 2, 4),
+                               num_layers: int = 2, block_size: int = 8, seed: int = 0,
+                               std: float = 0.02) -> str:
+    """Export an `init_weights` DFlash draft for the target (mask token: its last id)."""
+    from colocate.draft.dflash import DFlashArch, DFlashDraft
+    from colocate.export_dflash import export_dflash
+
+    target_config = AutoConfig.from_pretrained(target_path, local_files_only=True)
+    section = DraftSection(num_layers=num_layers, block_size=block_size)
+    arch = DFlashArch.from_target_config(target_config, section, list(target_layer_ids),
+                                         target_config.vocab_size - 1)
+    model = DFlashDraft(arch)
+    model.init_weights(torch.Generator().manual_seed(seed), std=std)
+    return export_dflash(model.state_dict(), arch, target_config=target_config, out_dir=out_dir)

@@ -81,7 +81,8 @@ def run_eval(cfg: Config, draft_dir: str) -> dict:
                          max_new_tokens=ev.max_new_tokens, source=source)
     prompts = found.prompts
     stop_ids = stop_token_ids(cfg.target.path, tokenizer)
-    gen = dict(num_steps=ev.steps, max_new_tokens=ev.max_new_tokens, stop_ids=stop_ids)
+    num_steps = export.method.num_steps(export.config, ev.steps)  # DFlash: its block
+    gen = dict(num_steps=num_steps, max_new_tokens=ev.max_new_tokens, stop_ids=stop_ids)
 
     runs = {}
     if "hf" in engines:
@@ -107,7 +108,7 @@ def run_eval(cfg: Config, draft_dir: str) -> dict:
             attention_backend=cfg.engine.attention_backend, seed=cfg.run.seed,
             mem_fraction=ev.mem_fraction, cuda_graph=ev.cuda_graph, baseline=ev.baseline)
     return summarize(runs, draft=export.path, target=cfg.target.path, data=source,
-                     steps=ev.steps, max_new_tokens=ev.max_new_tokens,
+                     steps=num_steps, max_new_tokens=ev.max_new_tokens,
                      num_skipped_too_long=found.num_skipped_too_long,
                      num_skipped_unrenderable=found.num_skipped_unrenderable)
 

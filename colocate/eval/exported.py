@@ -1,5 +1,6 @@
 """An exported draft directory (`colocate export` / training's RUN_DIR/export): read it, check
-it belongs to the target at hand, and load it into the project's own `Eagle3Draft`.
+it belongs to the target at hand, and load it into the project's own `Eagle3Draft` or
+`DFlashDraft` (which one is `colocate.eval.methods`' call, from config.json's architectures).
 
 The export's config.json is the draft's geometry (what sglang will build); the target's
 config decides whether the draft can run on it at all. The draft is checked against the
@@ -39,10 +40,16 @@ class ExportedDraft:
         return (self.config.get("architectures") or [""])[0]
 
     @property
+    def method(self):
+        """Its `colocate.eval.methods` entry (EvalError for an unknown architecture)."""
+        from colocate.eval.methods import served_method
+
+        return served_method(self)
+
+    @property
     def aux_layer_ids(self) -> list[int]:
         """Target layers the draft reads, our convention (aux id i = output of layer i)."""
-        eagle = self.config.get("eagle_config") or {}
-        return [int(i) for i in eagle.get("eagle_aux_hidden_state_layer_ids") or []]
+        return self.method.layer_ids(self.config)
 
     @property
     def config_path(self) -> str:
@@ -66,8 +73,8 @@ def read_export(path: str) -> ExportedDraft:
         raise EvalError(f"{config_path}: not valid JSON ({e}); re-export the draft") from None
     export = ExportedDraft(path, config)
     if not export.aux_layer_ids:
-        raise EvalError(f"{config_path}: no eagle_config.eagle_aux_hidden_state_layer_ids; "
-                        "it is not an Eagle3 export of colocate (re-export the draft)")
+        raise EvalError(f"{config_path}: no {export.method.layer_ids_key}; it is not an "
+                        f"{export.architecture} export of colocate (re-export the draft)")
     return export
 
 
@@ -102,6 +109,21 @@ def draft_arch(export: ExportedDraft) -> DraftArch:
                                         len(export.aux_layer_ids))
 
 
+def _load_weights(export: ExportedDraft, model: torch.nn.Module,
+                  tensors: dict[str, torch.Tensor], *, dtype: torch.dtype,
+                  device: torch.device) -> None:
+    """`tensors` into `model` (strict), then eval mode on `device` with parameters in `dtype`."""
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise EvalError(f"{os.path.join(export.path, WEIGHTS_NAME)}: does not match its "
+                        f"{CONFIG_NAME} ({' '.join(first[:2])}); re-export the draft") from None
+    model.requires_grad_(False).eval().to(device)
+    for param in model.parameters():  # not the RoPE inv_freq buffer: it stays float32
+        param.data = param.data.to(dtype)
+
+
 def load_draft(export: ExportedDraft, *, dtype: torch.dtype, device: torch.device,
                kernels: str = "eager") -> tuple[Eagle3Draft, torch.Tensor]:
     """(Eagle3Draft holding the exported weights, in eval mode; d2t int64 [Vd] on device)."""
@@ -115,13 +137,42 @@ def load_draft(export: ExportedDraft, *, dtype: torch.dtype, device: torch.devic
         raise EvalError(f"{weights_path}: no d2t tensor (the draft-to-target vocabulary map); "
                         "re-export the draft")
     model = Eagle3Draft(draft_arch(export), attention="loop", kernels=kernels)
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        raise EvalError(f"{weights_path}: does not match its {CONFIG_NAME} "
-                        f"({' '.join(first[:2])}); re-export the draft") from None
-    model.requires_grad_(False).eval().to(device)
-    for param in model.parameters():  # not the RoPE inv_freq buffer: it stays float32
-        param.data = param.data.to(dtype)
+    _load_weights(export, model, tensors, dtype=dtype, device=device)
     return model, d2t.to(device=device, dtype=torch.long)
+
+
+def dflash_arch(export: ExportedDraft):
+    """The DFlash draft's shape from its own config.json (`colocate.export_dflash`'s keys)."""
+    from colocate.draft.arch import rope_from_hf
+    from colocate.draft.dflash import DFlashArch
+
+    c = export.config
+    dflash = c.get("dflash_config") or {}
+    try:
+        theta, scaling = rope_from_hf(SimpleNamespace(**c))
+        return DFlashArch(
+            hidden_size=int(c["hidden_size"]), num_heads=int(c["num_attention_heads"]),
+            num_kv_heads=int(c["num_key_value_heads"]), head_dim=int(c["head_dim"]),
+            intermediate_size=int(c["intermediate_size"]), rms_norm_eps=float(c["rms_norm_eps"]),
+            rope_theta=theta, rope_scaling=scaling,
+            max_position_embeddings=int(c["max_position_embeddings"]),
+            num_layers=int(c["num_hidden_layers"]),
+            target_layer_ids=tuple(int(i) for i in dflash["target_layer_ids"]),
+            block_size=export.method.block_size(c), mask_token_id=int(dflash["mask_token_id"]),
+            target_vocab_size=int(c["vocab_size"]))
+    except KeyError as e:
+        raise EvalError(f"{export.config_path}: no {e.args[0]!r}; re-export the draft") from None
+
+
+def load_dflash(export: ExportedDraft, *, dtype: torch.dtype, device: torch.device,
+                kernels: str = "eager"):
+    """DFlashDraft holding the exported weights, in eval mode (BlockDraft hands it dense
+    masks; attention="loop" only keeps a training loss from choosing flex)."""
+    from safetensors.torch import load_file
+
+    from colocate.draft.dflash import DFlashDraft
+
+    model = DFlashDraft(dflash_arch(export), attention="loop", kernels=kernels)
+    _load_weights(export, model, load_file(os.path.join(export.path, WEIGHTS_NAME)),
+                  dtype=dtype, device=device)
+    return model

@@ -1,5 +1,10 @@
-"""Plain-torch greedy chain speculative decoding: a transformers target with a KV cache and the
-exported Eagle3 draft run incrementally through the project's own `Eagle3Draft` modules.
+"""Plain-torch greedy speculative decoding: a transformers target with a KV cache and the
+exported draft, run through the project's own draft modules. The decoder asks a drafting
+object (`Drafter`) for proposals: `IncrementalDraft` below for Eagle3 (a chain), `BlockDraft`
+(colocate.eval.block) for DFlash (a block); `colocate.eval.methods` picks it from the export.
+Both are verified and accounted by the same loop (`chain.chain_generate`).
+
+The Eagle3 part:
 
 It plays the part sglang's EAGLE3 worker plays when serving (speculative_num_steps=K,
 speculative_eagle_topk=1, speculative_num_draft_tokens=K+1), on any device, so the accept
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +42,20 @@ from torch import nn
 from colocate.draft import Eagle3Draft, kernels
 from colocate.draft.kernels import upcast
 from colocate.eval.chain import AcceptStats, EngineRun, chain_generate
+
+
+class Drafter(Protocol):
+    """A draft seen from the reference decoder (one request at a time)."""
+
+    def reset(self) -> None:
+        """Forget the request: nothing committed."""
+
+    def extend(self, aux_TA: torch.Tensor, next_tokens: list[int]):
+        """Newly committed positions t: the target's aux features [T, A*H] of each and the
+        token x_{t+1} after each (the last of them is the target's newest, uncommitted token)."""
+
+    def propose(self, num_steps: int) -> list[int]:
+        """`num_steps` target-vocabulary tokens to follow that newest token."""
 
 
 def cached_attention(q_MHD: torch.Tensor, k_NKD: torch.Tensor, v_NKD: torch.Tensor,
@@ -117,6 +137,9 @@ class IncrementalDraft:
         logits = self._logits(h)
         self._last = (h[-1:], logits[-1:])
         return logits
+
+    def propose(self, num_steps: int) -> list[int]:
+        return self.chain(num_steps)[0]
 
     @torch.no_grad()
     def chain(self, num_steps: int, teacher_tokens: list[int] | None = None,
@@ -202,9 +225,9 @@ class HFTarget:
 
 
 class ReferenceDecoder:
-    """`ChainModels` over an `HFTarget` and an `IncrementalDraft` (None: target alone)."""
+    """`ChainModels` over an `HFTarget` and a `Drafter` (None: the target alone)."""
 
-    def __init__(self, target: HFTarget, draft: IncrementalDraft | None):
+    def __init__(self, target: HFTarget, draft: Drafter | None):
         self.target, self.draft = target, draft
         self._window: tuple[int, list[int], torch.Tensor] | None = None
 
@@ -217,7 +240,7 @@ class ReferenceDecoder:
         return greedy[-1]
 
     def propose(self, num_steps: int) -> list[int]:
-        return self.draft.chain(num_steps)[0]
+        return self.draft.propose(num_steps)
 
     def verify(self, tokens: list[int]) -> list[int]:
         start = self.target.length
@@ -234,15 +257,14 @@ class ReferenceDecoder:
 
 
 def load_reference(target_path: str, export, *, dtype: torch.dtype, device: torch.device,
-                   ) -> tuple[HFTarget, IncrementalDraft]:
-    """The target (sdpa attention, `dtype`, on `device`) and the exported draft beside it."""
+                   ) -> tuple[HFTarget, Drafter]:
+    """The target (sdpa attention, `dtype`, on `device`) and the exported draft's drafting
+    object beside it (its kind from the export: `colocate.eval.methods`)."""
     from colocate.engine.hf import load_causal_lm
-    from colocate.eval.exported import load_draft
 
     model = load_causal_lm(target_path, dtype, "sdpa").requires_grad_(False).eval().to(device)
-    draft_model, d2t = load_draft(export, dtype=dtype, device=device)
-    embed = model.get_input_embeddings().weight
-    return HFTarget(model, export.aux_layer_ids), IncrementalDraft(draft_model, embed, d2t)
+    draft = export.method.reference_draft(export, model, dtype=dtype, device=device)
+    return HFTarget(model, export.aux_layer_ids), draft
 
 
 def _decode_all(models: ReferenceDecoder, prompts: list[list[int]], num_steps: int,
@@ -257,7 +279,7 @@ def _decode_all(models: ReferenceDecoder, prompts: list[list[int]], num_steps: i
     return stats, outputs, time.perf_counter() - start
 
 
-def reference_eval(target: HFTarget, draft: IncrementalDraft, prompts: list[list[int]], *,
+def reference_eval(target: HFTarget, draft: Drafter, prompts: list[list[int]], *,
                    num_steps: int, max_new_tokens: int, stop_ids: frozenset[int],
                    baseline: bool = True) -> EngineRun:
     """Accept length of the draft over `prompts`, and tokens/s with it and (`baseline`)

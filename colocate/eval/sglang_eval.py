@@ -2,7 +2,9 @@
 
 GPU ONLY. Not run in CI (sglang is not installed there and needs CUDA); it is kept small so
 that it can be read against sglang 0.5.17 and verified on an H200. The Engine arguments are
-the ones the probe that served our export used (`shared/sglang/probes/serve_eagle3.py`).
+the ones the probe that served our export used (`shared/sglang/probes/serve_eagle3.py`);
+the speculative ones come from the export's kind (`colocate.eval.methods`: EAGLE3 chain or
+DFLASH block).
 
 Each measurement runs in its own spawned process: sglang keeps module-level state, so one
 process holds one engine, and the process exit hands the GPU back for the next one. Two
@@ -24,13 +26,10 @@ from multiprocessing import get_context
 from typing import TYPE_CHECKING, Collection
 
 from colocate.eval.chain import AcceptStats, EngineRun
-from colocate.eval.exported import EvalError, ExportedDraft
+from colocate.eval.exported import ExportedDraft
 
 if TYPE_CHECKING:
     import torch
-
-SPECULATIVE_ALGORITHMS = {"LlamaForCausalLMEagle3": "EAGLE3"}
-"""Export architecture -> sglang speculative_algorithm (DFlash: "DFlashDraftModel": "DFLASH")."""
 
 ENGINE_TIMEOUT_S = 3600.0
 """Bound on one engine's whole measurement (start-up, warm-up, both batch sizes)."""
@@ -50,15 +49,8 @@ def sglang_available() -> bool:
 
 
 def speculative_args(export: ExportedDraft, num_steps: int) -> dict:
-    algorithm = SPECULATIVE_ALGORITHMS.get(export.architecture)
-    if algorithm is None:
-        raise EvalError(f"{export.config_path}: architecture {export.architecture!r} has no "
-                        f"sglang speculative algorithm here (known: "
-                        f"{', '.join(SPECULATIVE_ALGORITHMS)})")
-    return {"speculative_algorithm": algorithm,
-            "speculative_draft_model_path": os.path.abspath(export.path),
-            "speculative_num_steps": num_steps, "speculative_eagle_topk": 1,
-            "speculative_num_draft_tokens": num_steps + 1}
+    """The Engine arguments that serve `export` (`colocate.eval.methods` decides which)."""
+    return export.method.sglang_args(export, num_steps)
 
 
 def _measure(engine_kwargs: dict, prompts: list[list[int]], sampling: dict,

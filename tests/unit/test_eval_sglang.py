@@ -17,6 +17,24 @@ def test_chain_arguments_from_the_export():
         "speculative_num_draft_tokens": 5}
 
 
+def test_block_arguments_from_a_dflash_export():
+    config = {"architectures": ["DFlashDraftModel"], "block_size": 16,
+              "dflash_config": {"mask_token_id": 5, "target_layer_ids": [1, 9, 17, 25, 33]}}
+    export = ExportedDraft("/x/export", config)
+    assert export.aux_layer_ids == [1, 9, 17, 25, 33]
+    with pytest.warns(UserWarning, match="eval.steps=4 does not apply to a DFlash draft.*15"):
+        num_steps = export.method.num_steps(config, 4)
+    assert num_steps == 15
+    # sglang's DFLASH: the verify window is the block; num_steps and topk must be 1.
+    assert speculative_args(export, num_steps) == {
+        "speculative_algorithm": "DFLASH", "speculative_draft_model_path": "/x/export",
+        "speculative_num_draft_tokens": 16, "speculative_num_steps": 1,
+        "speculative_eagle_topk": 1}
+    # parse_dflash_draft_config reads dflash_config.block_size first, then the top level.
+    nested = {**config, "dflash_config": {**config["dflash_config"], "block_size": 8}}
+    assert ExportedDraft("/x", nested).method.num_steps(nested, 7) == 7
+
+
 def test_unknown_architecture_names_the_file():
     export = ExportedDraft("/x/export", {"architectures": ["MedusaModel"]})
     with pytest.raises(EvalError, match="/x/export/config.json: architecture 'MedusaModel'"):
