@@ -224,11 +224,13 @@ class DFlashDecoderLayer(nn.Module):
 
 
 class DFlashDraft(nn.Module):
-    """The whole block draft: `project_context` once per micro-step, then `forward`.
+    """The whole block draft: context projection and the block layers.
 
-    FSDP2: `project_context` is not the root's `forward`, so the root's gather hooks do not
-    run for it; shard `fc` and `hidden_norm` as units of their own (it calls their forwards)
-    and each layer as usual. Neither method keeps state between calls.
+    Training calls `forward(..., project=True)` with the raw target features, so the
+    projection runs inside the root module's forward (FSDP2 gathers `fc` and `hidden_norm`
+    with the root's parameters only then); incremental decoding projects each new token's
+    features once with `project_context` and passes the cached context. Neither keeps state
+    between calls.
     """
 
     def __init__(self, arch: DFlashArch, attention: str = "auto", kernels: str = "auto"):
@@ -256,15 +258,18 @@ class DFlashDraft(nn.Module):
 
     def forward(self, block_embeds_MH: torch.Tensor, block_positions_M: torch.Tensor,
                 ctx_TH: torch.Tensor, ctx_positions_T: torch.Tensor,
-                mask: torch.Tensor | BlockMask) -> torch.Tensor:
+                mask: torch.Tensor | BlockMask, *, project: bool = False) -> torch.Tensor:
         """Hidden states [M, H] of M block tokens after the final `norm` (the target lm_head
         applies to them directly).
 
         block_embeds_MH: target embeddings of the blocks' tokens; block_positions_M: their
-        RoPE positions; ctx_TH: `project_context` output; ctx_positions_T: its positions;
+        RoPE positions; ctx_TH: `project_context` output, or with `project` the raw target
+        features [T, K*H] it is computed from here; ctx_positions_T: its positions;
         mask: bool [M, T + M] (True = may attend; keys ordered [context; block tokens]) or a
         flex BlockMask over the same [M, T + M] grid.
         """
+        if project:
+            ctx_TH = self.project_context(ctx_TH)
         h_MH = block_embeds_MH.to(self.fc.weight.dtype)
         for layer in self.layers:
             h_MH = layer(h_MH, block_positions_M, ctx_TH, ctx_positions_T, mask)

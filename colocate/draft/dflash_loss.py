@@ -120,8 +120,8 @@ def dflash_forward(model: DFlashDraft, embed_weight: torch.Tensor,
 
     block_ids_M, block_positions_M = layout.block_inputs(input_ids, positions, arch.mask_token_id)
     block_embeds_MH = F.embedding(block_ids_M, embed_weight.detach())
-    ctx_TH = model.project_context(target_hidden)
-    out_MH = model(block_embeds_MH, block_positions_M, ctx_TH, positions, mask)
+    out_MH = model(block_embeds_MH, block_positions_M, target_hidden, positions, mask,
+                   project=True)
 
     # Block position 0 (the anchor token) predicts nothing: rows of positions 1..B-1 only.
     num_blocks = layout.num_blocks

@@ -79,9 +79,9 @@ class DFlashRecipe(DraftRecipe):
         return arch, model
 
     def shard(self, model: DFlashDraft, mesh, mp_policy) -> None:
-        # fc/hidden_norm run in project_context, outside the root's forward: their own units,
-        # so their all-gather hooks fire. Kept unsharded between forwards like Eagle3's.
-        for unit in (model.fc, model.hidden_norm, *model.layers):
+        # One unit per layer, fc/hidden_norm/norm with the root; kept unsharded between
+        # forwards like Eagle3's (small draft, one forward per micro-step).
+        for unit in model.layers:
             fully_shard(unit, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
         fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
 
