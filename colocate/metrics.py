@@ -232,6 +232,24 @@ def draft_train_flops_per_token(geom: Geometry, seq_len: int, *, draft_vocab_siz
     return matmul + attention + teacher
 
 
+def dflash_train_flops_per_token(geom: Geometry, seq_len: int, *, num_layers: int,
+                                 block_size: int, num_anchors: int, num_context: int,
+                                 intermediate_size: int = 0) -> float:
+    """Per trained token of a packed micro-step: fc and every layer's context K/V for every
+    token; the block rows (anchors x block_size, at most one anchor per token) through the
+    layers, attending to about half the sequence plus their block; the frozen lm_head on the
+    predicting rows (forward, and backward to the draft's output only). x3 for forward +
+    backward, as above. Anchors per token: num_anchors / seq_len, capped at 1."""
+    h, kv = geom.hidden_size, 2 * geom.hidden_size * geom.num_kv_heads * geom.head_dim
+    rows = block_size * min(1.0, num_anchors / seq_len)
+    context = 6.0 * (num_context * h * h + num_layers * kv)
+    layer = geom.layer_params(mlp_width=intermediate_size or None)
+    attention = geom.attention_flops(causal_context(seq_len) + block_size)
+    blocks = rows * num_layers * (6.0 * layer + 3.0 * attention)
+    head = rows * (block_size - 1) / block_size * 4.0 * h * geom.vocab_size
+    return context + blocks + head
+
+
 def mfu(flops_per_token: float, tokens_per_s: float, peak: float) -> float:
     return flops_per_token * tokens_per_s / peak
 

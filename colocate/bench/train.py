@@ -163,13 +163,12 @@ def flops_per_token(cfg) -> dict[str, float]:
 
     geom = m.Geometry.from_hf_config(AutoConfig.from_pretrained(cfg.target.path,
                                                                 local_files_only=True))
+    from colocate.draft.recipe import recipe_for
+
     seq = cfg.data.max_length
-    num_aux = len(cfg.target.aux_layer_ids) if cfg.target.aux_layer_ids else 3
+    recipe = recipe_for(cfg)
     engine = m.target_prefill_flops_per_token(geom, seq)
-    vocab = min(cfg.draft.draft_vocab_size, geom.vocab_size)
-    trainer = m.draft_train_flops_per_token(geom, seq, draft_vocab_size=vocab,
-                                            unroll_steps=cfg.draft.unroll_steps, num_aux=num_aux,
-                                            intermediate_size=cfg.draft.intermediate_size)
+    trainer = recipe.train_flops_per_token(geom, seq, len(recipe.layer_ids(geom.num_layers)))
     return {"engine": engine, "trainer": trainer, "both": engine + trainer}
 
 

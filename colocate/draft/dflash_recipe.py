@@ -95,6 +95,13 @@ class DFlashRecipe(DraftRecipe):
                               meta["seq_lens"], anchors, gamma=d.block_decay,
                               label_totals=label_totals)
 
+    def train_flops_per_token(self, geom, seq_len: int, num_layers: int) -> float:
+        d = self.cfg.draft
+        return metrics.dflash_train_flops_per_token(
+            geom, seq_len, num_layers=d.num_layers, block_size=d.block_size,
+            num_anchors=d.num_anchors, num_context=num_layers,
+            intermediate_size=d.intermediate_size)
+
     def summary(self, values) -> dict[str, float]:
         d = self.cfg.draft
         return metrics.step_summary(values, pooled_weights=position_weights(

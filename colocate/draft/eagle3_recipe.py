@@ -73,6 +73,12 @@ class Eagle3Recipe(DraftRecipe):
                              meta["seq_lens"], d.unroll_steps, d.position_decay,
                              label_totals=label_totals)
 
+    def train_flops_per_token(self, geom, seq_len: int, num_layers: int) -> float:
+        d = self.cfg.draft
+        return metrics.draft_train_flops_per_token(
+            geom, seq_len, draft_vocab_size=min(d.draft_vocab_size, geom.vocab_size),
+            unroll_steps=d.unroll_steps, num_aux=num_layers, intermediate_size=d.intermediate_size)
+
     def summary(self, values) -> dict[str, float]:
         return metrics.step_summary(values, self.cfg.draft.position_decay)
 

@@ -125,6 +125,11 @@ class DraftRecipe(ABC):
         own); `timer`: a PhaseTimer to mark sub-phases on (e.g. "teacher")."""
 
     @abstractmethod
+    def train_flops_per_token(self, geom, seq_len: int, num_layers: int) -> float:
+        """Model FLOPs of training per token (metrics.Geometry of the target; `num_layers`
+        target layers read), for MFU."""
+
+    @abstractmethod
     def summary(self, values) -> dict[str, float]:
         """Loss and metrics of a reduced stats vector (metrics.step_summary)."""
 

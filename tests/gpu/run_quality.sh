@@ -8,7 +8,10 @@
 #           Llama target) and one whose text does not (the random tiny Qwen3 target)
 #   q8b     colocate generate tokens/s with sglang, Qwen3-8B-shaped target (dummy weights)
 # Every served number is measured twice: sglang's EAGLE3 decoder and the plain-torch
-# reference (eval --engine both). ENGINE=hf runs the same steps on the CPU (reference only),
+# reference (eval --engine both). DRAFT: overrides for every training run, e.g. DFlash:
+#   DRAFT="draft.method=dflash draft.num_layers=2 draft.block_size=8" (eval then serves it
+#   with sglang's DFLASH: the export's config.json says which decoder).
+# ENGINE=hf runs the same steps on the CPU (reference only),
 # a dry run of this script. Needs the offline wheel bundle in .whl_sgl/ (docs/sglang.md).
 set -uo pipefail
 SITE=${SITE:-/tmp/site}
@@ -34,7 +37,7 @@ python examples/tiny/build.py --out examples/tiny 2>&1 | tee -a "$LOG"
 CFG=examples/tiny/config.yaml
 mkdir -p runs
 # 48 held-out conversations; validation (teacher-forced sim_accept_length) after the last step.
-TRAIN=(data.holdout=48 train.val_every_steps=100000 "${TRAIN_DEV[@]}")
+TRAIN=(data.holdout=48 train.val_every_steps=100000 "${TRAIN_DEV[@]}" ${DRAFT:-})
 # NP: ranks (default NPROC); one sample cannot be split over two pairs, so the gate uses 2.
 train() { run timeout 600 torchrun --standalone --nproc-per-node "${NP:-$NPROC}" -m colocate train --config $CFG "${TRAIN[@]}" "$@"; }
 generate() { run timeout 600 python -m colocate generate --config $CFG --engine "$ENGINE" "$@" "${GEN_DEV[@]}"; }

@@ -72,3 +72,18 @@ def test_an_unknown_method_names_the_key():
     cfg.draft.method = "medusa"  # past validation, as a hand-edited run config could be
     with pytest.raises(ValueError, match="draft.method: 'medusa'"):
         recipe_for(cfg)
+
+
+def test_dflash_training_flops_counted_by_hand():
+    from colocate.metrics import Geometry, dflash_train_flops_per_token
+
+    g = Geometry(hidden_size=4, intermediate_size=8, num_layers=6, num_heads=2, num_kv_heads=1,
+                 head_dim=2, vocab_size=10)
+    # seq 8, 2 anchors (0.25 per token), block 4: 1 block row per token, 3/4 of them predict.
+    got = dflash_train_flops_per_token(g, 8, num_layers=1, block_size=4, num_anchors=2,
+                                       num_context=3)
+    context = 6 * (3 * 16 + 1 * 2 * 4 * 1 * 2)  # fc 3H x H, one layer's k/v of the context
+    layer = 4 * (2 + 2) * 2 + 2 * 2 * 4 + 3 * 4 * 8  # q/k/v, o, MLP
+    blocks = 1 * (6 * layer + 3 * 4 * 2 * 2 * (4.5 + 4))  # attention: half of 8 (+.5) + block
+    head = 0.75 * 4 * 4 * 10
+    assert got == pytest.approx(context + blocks + head)
