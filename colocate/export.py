@@ -19,6 +19,7 @@ import shutil
 import torch
 from safetensors.torch import save_file
 
+from colocate.config import describe_path
 from colocate.draft import DraftArch, Eagle3Draft
 
 EXPECTED_PREFIXES = ("fc.", "midlayer.", "norm.", "lm_head.")
@@ -117,7 +118,7 @@ def main(args: argparse.Namespace) -> int:
 
     config_path = os.path.join(args.run_dir, "config.yaml")
     if not os.path.isfile(config_path):
-        raise ExportError(f"{args.run_dir}: no config.yaml; is it a colocate run directory?")
+        raise ExportError(f"{describe_path(args.run_dir)}: no config.yaml; is it a colocate run directory?")
     cfg = load_config(config_path)
     path = args.checkpoint or ckpt.find_resume(args.run_dir, "auto")
     if not path:

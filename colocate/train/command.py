@@ -13,7 +13,7 @@ import argparse
 import logging
 import os
 
-from colocate.config import load_config, save_config
+from colocate.config import describe_path, load_config, save_config
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)  # fails before any process group exists
     cfg.check_training()
     if not os.path.isfile(os.path.join(cfg.target.path, "config.json")):
-        raise FileNotFoundError(f"target.path {cfg.target.path}: no config.json; point it at a "
+        raise FileNotFoundError(f"target.path {describe_path(cfg.target.path)}: no config.json; point it at a "
                                 "local model directory (for the demo: python examples/tiny/build.py)")
     target_config = AutoConfig.from_pretrained(cfg.target.path, local_files_only=True)
     aux = resolve_aux_layer_ids(cfg.target.aux_layer_ids, target_config.num_hidden_layers)
