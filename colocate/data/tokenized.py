@@ -31,7 +31,7 @@ from colocate.data.template import Renderer, check_generation_prompt, resolve_ch
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: conversations with roles out of order are malformed
 """Bump when tokenization or the stored layout changes, to invalidate old cache entries."""
 
 

@@ -64,8 +64,8 @@ def find_resume(run_dir: str, resume: str) -> str | None:
         found = list_checkpoints(run_dir)
         return found[-1] if found else None
     if not os.path.isfile(os.path.join(resume, "meta.json")):
-        raise FileNotFoundError(f"checkpoint.resume {describe_path(resume)}: not a complete checkpoint "
-                                "(no meta.json); use auto, never or a step_* directory")
+        raise FileNotFoundError(f"checkpoint.resume {describe_path(resume)}: not a complete "
+                                "checkpoint (no meta.json); use auto, never or a step_* directory")
     return resume
 
 
