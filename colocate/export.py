@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from colocate.config import describe_path
 from colocate.draft import DraftArch, Eagle3Draft
+from colocate.model_card import write_model_card
 
 EXPECTED_PREFIXES = ("fc.", "midlayer.", "norm.", "lm_head.")
 
@@ -79,6 +80,7 @@ def export_draft(state_dict: dict[str, torch.Tensor], arch: DraftArch, *, d2t: t
     save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(draft_config(arch, aux_layer_ids, target_config), f, indent=2)
+    write_model_card(tmp, out_dir)  # README.md: what the run did, how sglang serves it
     from colocate.train.checkpoint import replace_dir
 
     replace_dir(tmp, out_dir)
@@ -118,7 +120,8 @@ def main(args: argparse.Namespace) -> int:
 
     config_path = os.path.join(args.run_dir, "config.yaml")
     if not os.path.isfile(config_path):
-        raise ExportError(f"{describe_path(args.run_dir)}: no config.yaml; is it a colocate run directory?")
+        raise ExportError(f"{describe_path(args.run_dir)}: no config.yaml; is it a colocate run "
+                          "directory?")
     cfg = load_config(config_path)
     path = args.checkpoint or ckpt.find_resume(args.run_dir, "auto")
     if not path:

@@ -28,6 +28,11 @@ def test_refused_and_finished_reruns_leave_the_run_dir_alone(tiny_assets, tmp_pa
     before = snapshot(run_dir)
     assert {"config.yaml", "metrics.jsonl", "export/config.json"} <= set(before)
     assert "lr: 0.001" in open(os.path.join(run_dir, "config.yaml")).read()
+    card = open(os.path.join(run_dir, "export", "README.md")).read()  # the model card
+    assert f"| target | `{tiny_assets['target_llama']}` |" in card
+    assert f"| data | `{tiny_assets['data']}` (0 conversations held out) |" in card
+    assert "| steps | 2 optimizer steps," in card
+    assert f"--speculative-draft-model-path {run_dir}/export" in card
 
     # The same command again: nothing to train, said once, exit 0, nothing rewritten.
     again = torchrun_train(tiny_overrides(tiny_assets, run_dir, "train.max_steps=2",
