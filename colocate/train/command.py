@@ -14,7 +14,6 @@ import logging
 import os
 
 from colocate.config import describe_path, load_config
-from colocate.train.run_dir import finished_message, record_config
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +29,7 @@ def main(args: argparse.Namespace) -> int:
 
     from colocate.engine.base import resolve_aux_layer_ids
     from colocate.topology import close_topology, init_topology
+    from colocate.train.run_dir import finished_message
     from colocate.transport import open_pair_channel
 
     cfg = load_config(args.config, args.overrides)  # fails before any process group exists
@@ -82,6 +82,7 @@ def main(args: argparse.Namespace) -> int:
 def _train(cfg, topo, channel, target_config, aux, evals) -> None:
     import torch
 
+    from colocate.train.run_dir import record_config
     from colocate.train.trainer import DraftTrainer
 
     if topo.device.type == "cuda" and cfg.mps.trainer_mem_fraction > 0:
