@@ -42,19 +42,41 @@ def _commands() -> dict[str, tuple[str, str]]:
     }
 
 
+# The config sections each command reads (every key is documented in colocate/config.py).
+_CONFIG_KEYS = {
+    "train": "run, target, engine, data, draft, train, checkpoint, mps, transport and "
+             "eval.every_steps / eval.at_end",
+    "export": "none (it reads RUN_DIR/config.yaml)",
+    "generate": "target, data (chat_template, chat_template_kwargs), generate, run.device",
+    "eval": "target, data (holdout, chat_template), eval, run.device",
+    "prepare-vocab": "target, data, draft.draft_vocab_size, run.dir",
+    "bench": "those of train (bench train), and bench",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    import importlib
+
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="colocate", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"colocate {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    modules = {}
-    import importlib
-
+    # Only the chosen command's module is imported (most pull in torch): `colocate --help`
+    # lists the commands without importing any of them.
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    module = None
     for name, (module_name, help_text) in _commands().items():
-        module = importlib.import_module(module_name)
-        modules[name] = module
-        module.add_arguments(sub.add_parser(name, help=help_text, description=module.__doc__,
-                                            formatter_class=argparse.RawDescriptionHelpFormatter))
+        keys = _CONFIG_KEYS.get(name)
+        epilog = (f"config keys: {keys}; set them in --config YAML or as key=value "
+                  "overrides (every key is documented in colocate/config.py)") if keys else None
+        command = sub.add_parser(name, help=help_text, epilog=epilog,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+        if name == chosen:
+            module = importlib.import_module(module_name)
+            command.description = module.__doc__
+            module.add_arguments(command)
     args = parser.parse_args(argv)
+    modules = {args.command: module}
     logging.basicConfig(level=logging.DEBUG if os.environ.get("COLOCATE_DEBUG") else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

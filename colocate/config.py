@@ -471,6 +471,58 @@ def _yaml_load(text_or_stream):
     return yaml.load(text_or_stream, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
+def user_number(value: Any, *, integer: bool) -> int | float | None:
+    """A number as users write it (``3e-4``, ``1_000``, ``1e3`` or ``10.0`` for an integer),
+    or None when `value` is not one. YAML 1.1 reads ``3e-4`` and ``1e3`` (no dot) as
+    strings, so strings are parsed here; a bool is never a number."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        try:  # exact for long integers; int() and float() both accept 1_000
+            value = int(text)
+        except ValueError:
+            try:
+                value = float(text)
+            except ValueError:
+                return None
+    if not isinstance(value, (int, float)) or value != value:  # value != value: NaN
+        return None
+    if not integer:
+        return float(value)
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    return value
+
+
+def _arg_type(integer: bool):
+    import argparse
+
+    def parse(text: str):
+        number = user_number(text, integer=integer)
+        if number is None:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if integer else 'a number'}, got {text!r}")
+        return number
+    parse.__name__ = "int" if integer else "float"
+    return parse
+
+
+int_arg = _arg_type(True)
+"""argparse ``type=`` for integers as users write them (1_000, 1e3)."""
+float_arg = _arg_type(False)
+"""argparse ``type=`` for numbers as users write them (3e-4, 1_000)."""
+
+
+def describe_path(path: str) -> str:
+    """`path` for an error message: a relative one also says where it was looked for
+    (relative paths resolve from the working directory of the command)."""
+    if os.path.isabs(path):
+        return path
+    return (f"{path} (looked for {os.path.abspath(path)}; relative paths resolve from the "
+            f"working directory {os.getcwd()})")
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Convert a YAML value to the field's declared type, or raise naming the key."""
     origin, args = get_origin(hint), get_args(hint)
@@ -490,18 +542,13 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         _require(isinstance(value, bool), key, f"expected true or false, got {value!r}")
         return value
     if hint is int:
-        _require(isinstance(value, int) and not isinstance(value, bool), key,
-                 f"expected an integer, got {value!r}")
-        return value
+        number = user_number(value, integer=True)
+        _require(number is not None, key, f"expected an integer, got {value!r}")
+        return number
     if hint is float:
-        if isinstance(value, str):  # YAML 1.1 reads 5e-3 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        _require(isinstance(value, (int, float)) and not isinstance(value, bool), key,
-                 f"expected a number, got {value!r}")
-        return float(value)
+        number = user_number(value, integer=False)
+        _require(number is not None, key, f"expected a number, got {value!r}")
+        return number
     if hint is str:
         _require(isinstance(value, (str, int, float)) and not isinstance(value, bool), key,
                  f"expected a string, got {value!r}")
@@ -546,7 +593,7 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
     values: dict[str, Any] = {}
     if path:
         if not os.path.isfile(path):
-            raise ConfigError(f"--config {path}: no such file")
+            raise ConfigError(f"--config {describe_path(path)}: no such file")
         with open(path) as f:
             try:
                 loaded = _yaml_load(f)

@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 
 from colocate import mps
-from colocate.config import MpsSection
+from colocate.config import MpsSection, float_arg
 from colocate.numa import numa_node_for_gpu, parse_cpulist
 from colocate.selftest import NEEDS, consume, produce, slot_capacity
 from colocate.transport import RingConsumer, RingProducer
@@ -280,7 +280,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cuda: a GPU is required; cpu: skip the GPU checks")
     p.add_argument("--mps", default="auto", choices=["auto", "required", "off"],
                    help="required: an MPS failure fails the command (otherwise a warning)")
-    p.add_argument("--timeout", type=float, default=60.0, help="bound on each check (seconds)")
+    p.add_argument("--timeout", type=float_arg, default=60.0, help="bound on each check (seconds)")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -20,7 +20,9 @@ import shutil
 import torch
 from safetensors.torch import save_file
 
+from colocate.config import describe_path
 from colocate.draft import DraftArch
+from colocate.model_card import write_model_card
 
 EXPECTED_PREFIXES = ("fc.", "midlayer.", "norm.", "lm_head.")
 
@@ -46,7 +48,8 @@ def check_names(names, expected_prefixes: tuple[str, ...]) -> None:
 
 
 def write_export(tensors: dict[str, torch.Tensor], config: dict, out_dir: str) -> str:
-    """config.json + model.safetensors into `out_dir`, atomically: both files are written
+    """config.json + model.safetensors + README.md (the model card) into `out_dir`,
+    atomically: the files are written
     into a sibling temporary directory that then replaces `out_dir` whole."""
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -54,6 +57,7 @@ def write_export(tensors: dict[str, torch.Tensor], config: dict, out_dir: str) -
     save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
+    write_model_card(tmp, out_dir)  # README.md: what the run did, how sglang serves it
     from colocate.train.checkpoint import replace_dir
 
     replace_dir(tmp, out_dir)
@@ -133,7 +137,8 @@ def main(args: argparse.Namespace) -> int:
 
     config_path = os.path.join(args.run_dir, "config.yaml")
     if not os.path.isfile(config_path):
-        raise ExportError(f"{args.run_dir}: no config.yaml; is it a colocate run directory?")
+        raise ExportError(f"{describe_path(args.run_dir)}: no config.yaml; is it a colocate run "
+                          "directory?")
     cfg = load_config(config_path)
     path = args.checkpoint or ckpt.find_resume(args.run_dir, "auto")
     if not path:

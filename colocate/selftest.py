@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from colocate.config import float_arg, int_arg
 from colocate.transport import Need, RingConsumer, RingProducer, layout_bytes, open_pair_channel
 
 NEEDS = {"header": Need(torch.int64, (3,)), "payload": Need(torch.uint8, (None,)),
@@ -123,10 +124,10 @@ def format_reports(reports: list[PairReport], *, slots: int, backend: str) -> st
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--slots", type=int, default=2, help="ring slots per pair (K)")
-    p.add_argument("--steps", type=int, default=50, help="messages per pair")
-    p.add_argument("--bytes", type=int, default=16 << 20, help="largest payload in bytes")
-    p.add_argument("--timeout", type=float, default=60.0, help="bound on every wait (seconds)")
+    p.add_argument("--slots", type=int_arg, default=2, help="ring slots per pair (K)")
+    p.add_argument("--steps", type=int_arg, default=50, help="messages per pair")
+    p.add_argument("--bytes", type=int_arg, default=16 << 20, help="largest payload in bytes")
+    p.add_argument("--timeout", type=float_arg, default=60.0, help="bound on every wait (seconds)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--mps", default="auto", choices=["auto", "required", "off"])
 

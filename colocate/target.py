@@ -10,6 +10,8 @@ from __future__ import annotations
 import glob
 import os
 
+from colocate.config import describe_path
+
 _WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin")
 
 
@@ -17,7 +19,7 @@ def check_model_dir(path: str, *, need_weights: bool = True) -> None:
     """A readable error before transformers' own, which may talk about the hub.
     need_weights=False for target.load_format=dummy (config.json and a tokenizer suffice)."""
     if not os.path.isdir(path):
-        raise ValueError(f"target.path: {path!r} is not a directory; set it to a local model "
+        raise ValueError(f"target.path: {describe_path(path)} is not a directory; set it to a local model "
                          "directory (config.json plus safetensors weights); the hub is not used")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(f"target.path: {path!r} has no config.json; point it at the model "
@@ -32,7 +34,7 @@ def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"target.path {path}: no such directory; point it at a local "
+        raise FileNotFoundError(f"target.path {describe_path(path)}: no such directory; point it at a local "
                                 "model directory (config.json, safetensors, tokenizer)")
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from colocate import metrics as m
-from colocate.config import load_config
+from colocate.config import float_arg, int_arg, load_config
 
 
 @dataclass(frozen=True)
@@ -225,11 +225,11 @@ def format_table(results: list[Result], flops: dict[str, float], peak: float | N
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="the run config to benchmark")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
-    p.add_argument("--steps", type=int, default=12, help="optimizer steps per mode")
-    p.add_argument("--warmup", type=int, default=4, help="steps left out of each mode's numbers")
+    p.add_argument("--steps", type=int_arg, default=12, help="optimizer steps per mode")
+    p.add_argument("--warmup", type=int_arg, default=4, help="steps left out of each mode's numbers")
     p.add_argument("--modes", default=",".join(mode.key for mode in MODES),
                    help="comma list of: " + ", ".join(mode.key for mode in MODES))
-    p.add_argument("--timeout", type=float, default=900.0, help="seconds per mode")
+    p.add_argument("--timeout", type=float_arg, default=900.0, help="seconds per mode")
     p.add_argument("--workdir", default="", help="keep each mode's run dir and log here")
     p.add_argument("--sweep", default="", metavar="KEY=V1,V2,...",
                    help="run the modes once per value of this config key, e.g. "

@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from colocate.config import int_arg
 from colocate.transport import Need, RingConsumer, RingProducer
 from colocate.transport.local_pair import PairContext, run_local_pair
 
@@ -110,8 +111,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes-mb", default="1,4,16,64,256,512",
                    help="payload sizes in MiB, comma separated (512 MiB = 16k tokens x 4 x 4096 "
                         "x bf16)")
-    p.add_argument("--iters", type=int, default=20, help="timed messages per size and phase")
-    p.add_argument("--slots", type=int, default=2, help="ring slots (K)")
+    p.add_argument("--iters", type=int_arg, default=20, help="timed messages per size and phase")
+    p.add_argument("--slots", type=int_arg, default=2, help="ring slots (K)")
     p.add_argument("--backend", choices=["all", "shm", "cuda_ipc"], default="all")
 
 

@@ -16,7 +16,11 @@ Either may carry ``"last_assistant_turn_only": true|false``, overriding the run'
   decoded text does not always tokenize back to the ids the target emitted.
 
 Everything downstream sees only ``Conversation``: ``Turn``s with roles ``system``, ``user``,
-``assistant``.
+``assistant``, in the order chat templates expect: an optional leading system turn, then
+user and assistant alternating, starting with user. Any other order (a first assistant
+turn, two user turns in a row, a late system turn) is a ``RoleOrderError``, a malformed
+line like the others (skipped and counted with ``data.skip_invalid``): nothing reorders or
+merges turns behind the user's back.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from colocate.data.errors import MAX_LOGGED_SKIPS, DataError
+from colocate.data.errors import MAX_LOGGED_SKIPS, DataError, RoleOrderError
 from colocate.data.stats import DataStats
 
 log = logging.getLogger(__name__)
@@ -86,9 +90,30 @@ class Conversation:
         return [i for i, turn in enumerate(self.turns) if turn.role == "assistant"]
 
 
-def _invalid(where: str, what: str) -> DataError:
-    return DataError(f"{where}: {what}. Fix the line, or set data.skip_invalid=true to count "
-                     "and skip malformed lines")
+def _invalid(where: str, what: str, kind: type[DataError] = DataError) -> DataError:
+    return kind(f"{where}: {what}. Fix the line, or set data.skip_invalid=true to count "
+                "and skip malformed lines")
+
+
+def check_role_order(roles: list[str], form: str, where: str) -> None:
+    """Raise RoleOrderError unless `roles` is [system], then user/assistant alternating from
+    user (ending with either)."""
+    expected = "user"
+    for i, role in enumerate(roles):
+        if role == "system" and i == 0:
+            continue
+        if role != expected:
+            if role == "system":
+                why = "a system turn after the first turn"
+            elif i == (1 if roles[0] == "system" else 0):
+                why = "the conversation starts with an assistant turn"
+            else:
+                why = f"a second {role} turn in a row"
+            raise _invalid(where, f"role order: {form}[{i}]: {why} (roles: "
+                                  f"{', '.join(roles)}); expected an optional system turn "
+                                  "first, then user and assistant turns alternating, starting "
+                                  "with user", RoleOrderError)
+        expected = "assistant" if role == "user" else "user"
 
 
 def parse_record(record: Any, where: str) -> Conversation:
@@ -123,6 +148,7 @@ def parse_record(record: Any, where: str) -> Conversation:
                                   f"{type(content).__name__}")
         turns.append(Turn(role_map[role], content, _reasoning(turn, at, where),
                           _token_ids(turn, role_map[role], at, where)))
+    check_role_order([turn.role for turn in turns], form, where)
     override = record.get("last_assistant_turn_only")
     if override is not None and not isinstance(override, bool):
         raise _invalid(where, f"'last_assistant_turn_only' must be true or false, got "

@@ -11,6 +11,12 @@ class DataError(ValueError):
     """
 
 
+class RoleOrderError(DataError):
+    """A conversation whose roles are out of order: it must be an optional leading system
+    turn, then user and assistant turns alternating, starting with user. Nothing reorders
+    or merges turns silently: the line is fixed, or skipped with ``data.skip_invalid``."""
+
+
 MAX_LOGGED_SKIPS = 5
 """Skipped records logged one by one (with FILE:LINE) before the log goes quiet; every skip
 is still counted."""

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from colocate.config import DataSection
+from colocate.config import DataSection, describe_path
 from colocate.data.cache import (atomic_torch_save, load_cached, update_with_file,
                                  update_with_tokenizer_files)
 from colocate.data.conversations import read_conversations
@@ -31,7 +31,7 @@ from colocate.data.template import Renderer, check_generation_prompt, resolve_ch
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: conversations with roles out of order are malformed
 """Bump when tokenization or the stored layout changes, to invalidate old cache entries."""
 
 
@@ -155,7 +155,7 @@ def load_or_build_tokenized(cfg: DataSection, tokenizer, tokenizer_path: str,
     split: "train" (every line but the `data.holdout` ones) or "holdout" (only those)."""
     assert split in ("train", "holdout"), split
     if not os.path.isfile(cfg.path):
-        raise DataError(f"data.path: {cfg.path} is not a file; point it at a JSONL of "
+        raise DataError(f"data.path: {describe_path(cfg.path)} is not a file; point it at a JSONL of "
                         "conversations")
     renderer = renderer_for(cfg, tokenizer, tokenizer_path)
     key = tokenized_key(cfg, renderer.template, tokenizer, tokenizer_path, split)

@@ -18,7 +18,7 @@ import argparse
 import dataclasses
 import gc
 
-from colocate.config import Config, load_config
+from colocate.config import Config, int_arg, load_config
 from colocate.data.cache import atomic_write_json
 from colocate.eval.exported import EvalError, check_target, read_export
 
@@ -31,9 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="held-out JSONL (eval.data)")
     p.add_argument("--engine", default=None, choices=("auto", "hf", "sglang", "both"),
                    help="eval.engine")
-    p.add_argument("--limit", type=int, default=None, help="prompts (eval.num_prompts)")
-    p.add_argument("--steps", type=int, default=None, help="draft steps K (eval.steps)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="eval.max_new_tokens")
+    p.add_argument("--limit", type=int_arg, default=None, help="prompts (eval.num_prompts)")
+    p.add_argument("--steps", type=int_arg, default=None, help="draft steps K (eval.steps)")
+    p.add_argument("--max-new-tokens", type=int_arg, default=None, help="eval.max_new_tokens")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
 
 

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import torch
 
-from colocate.config import DraftSection
+from colocate.config import DraftSection, describe_path
 from colocate.draft import DraftArch, Eagle3Draft
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
@@ -59,7 +59,7 @@ class ExportedDraft:
 def read_export(path: str) -> ExportedDraft:
     """The export's config, after checking both files exist and the config is readable."""
     if not os.path.isdir(path):
-        raise EvalError(f"--draft {path}: no such directory; give an export directory "
+        raise EvalError(f"--draft {describe_path(path)}: no such directory; give an export directory "
                         "(RUN_DIR/export of a training run, or `colocate export RUN_DIR OUT`)")
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not os.path.isfile(os.path.join(path, name)):

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from typing import Iterable
 
-from colocate.config import Config
+from colocate.config import Config, describe_path
 from colocate.data import (Conversation, DataError, DataStats, Renderer, encode_prompt,
                            read_conversations)
 from colocate.data.errors import MAX_LOGGED_SKIPS
@@ -23,7 +23,7 @@ def eval_conversations(cfg: Config) -> tuple[Iterable[Conversation], str]:
     path = cfg.eval.data
     if path:
         if not os.path.isfile(path):
-            raise EvalError(f"eval.data / --data {path}: no such file; give a JSONL of held-out "
+            raise EvalError(f"eval.data / --data {describe_path(path)}: no such file; give a JSONL of held-out "
                             "conversations")
         return read_conversations(path, skip_invalid=cfg.data.skip_invalid,
                                   stats=DataStats()), path

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 
+from colocate.config import int_arg
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="YAML run config (target, data, generate)")
@@ -32,9 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="input JSONL (default: data.path)")
     p.add_argument("--engine", choices=("auto", "hf", "sglang"), default=None,
                    help="generate.engine (default: from the config, auto)")
-    p.add_argument("--limit", type=int, default=None,
+    p.add_argument("--limit", type=int_arg, default=None,
                    help="only the first N records (a later run without it goes on)")
-    p.add_argument("--max-new-tokens", type=int, default=None,
+    p.add_argument("--max-new-tokens", type=int_arg, default=None,
                    help="generate.max_new_tokens")
     p.add_argument("--force", action="store_true",
                    help="regenerate from scratch, discarding OUT and its parts")

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from colocate.config import Config, ConfigError
+from colocate.config import Config, ConfigError, describe_path
 from colocate.data.cache import update_with_file, update_with_tokenizer_files
 from colocate.data.conversations import Conversation, read_lines, skip_invalid_line
 from colocate.data.errors import DataError
@@ -93,7 +93,7 @@ def prepare(cfg: Config, data_path: str, engine: str | None = None) -> Job:
     from transformers import AutoConfig
 
     if not os.path.isfile(data_path):
-        raise DataError(f"--data / data.path: {data_path} is not a file; point it at a JSONL "
+        raise DataError(f"--data / data.path: {describe_path(data_path)} is not a file; point it at a JSONL "
                         "of conversations")
     check_model_dir(cfg.target.path, need_weights=cfg.target.load_format != "dummy")
     gen = cfg.generate

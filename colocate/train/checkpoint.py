@@ -27,6 +27,8 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
                                                      set_model_state_dict,
                                                      set_optimizer_state_dict)
 
+from colocate.config import describe_path
+
 PREFIX = "step_"
 
 
@@ -62,8 +64,8 @@ def find_resume(run_dir: str, resume: str) -> str | None:
         found = list_checkpoints(run_dir)
         return found[-1] if found else None
     if not os.path.isfile(os.path.join(resume, "meta.json")):
-        raise FileNotFoundError(f"checkpoint.resume {resume}: not a complete checkpoint "
-                                "(no meta.json); use auto, never or a step_* directory")
+        raise FileNotFoundError(f"checkpoint.resume {describe_path(resume)}: not a complete "
+                                "checkpoint (no meta.json); use auto, never or a step_* directory")
     return resume
 
 

@@ -13,7 +13,7 @@ import argparse
 import logging
 import os
 
-from colocate.config import load_config, save_config
+from colocate.config import describe_path, load_config
 
 log = logging.getLogger(__name__)
 
@@ -29,23 +29,25 @@ def main(args: argparse.Namespace) -> int:
 
     from colocate.draft.recipe import recipe_for
     from colocate.topology import close_topology, init_topology
+    from colocate.train.run_dir import finished_message
     from colocate.transport import open_pair_channel
 
     cfg = load_config(args.config, args.overrides)  # fails before any process group exists
     cfg.check_training()
+    done = finished_message(cfg)
+    if done:  # every rank decides alike, before start-up; rank 0 says it
+        if os.environ.get("RANK", "0") == "0":
+            print(done, flush=True)
+        return 0
     if not os.path.isfile(os.path.join(cfg.target.path, "config.json")):
-        raise FileNotFoundError(f"target.path {cfg.target.path}: no config.json; point it at a "
-                                "local model directory (for the demo: python examples/tiny/build.py)")
+        raise FileNotFoundError(f"target.path {describe_path(cfg.target.path)}: no config.json; "
+                                "point it at a local model directory (for the demo: python "
+                                "examples/tiny/build.py)")
     target_config = AutoConfig.from_pretrained(cfg.target.path, local_files_only=True)
     aux = recipe_for(cfg).layer_ids(target_config.num_hidden_layers)
 
     topo = init_topology(device=cfg.run.device, timeout_s=cfg.run.startup_timeout_s, mps=cfg.mps)
     info = topo.info
-    if topo.is_first and topo.is_trainer:
-        os.makedirs(cfg.run.dir, exist_ok=True)
-        save_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
-        log.info("run %s: %d pair(s) on %s; resolved config in %s/config.yaml", cfg.run.dir,
-                 info.num_pairs, topo.device.type, cfg.run.dir)
     channel = open_pair_channel(engine=not topo.is_trainer, me=info.name,
                                 peer_rank=info.peer_rank, peer_pid=topo.peer_pid,
                                 job_token=topo.job_token, pair_index=info.pair_index,
@@ -80,12 +82,15 @@ def main(args: argparse.Namespace) -> int:
 def _train(cfg, topo, channel, target_config, aux, evals) -> None:
     import torch
 
+    from colocate.train.run_dir import record_config
     from colocate.train.trainer import DraftTrainer
 
     if topo.device.type == "cuda" and cfg.mps.trainer_mem_fraction > 0:
         torch.cuda.set_per_process_memory_fraction(cfg.mps.trainer_mem_fraction, topo.device)
     trainer = DraftTrainer(cfg, topo, channel, target_config=target_config, aux_layer_ids=aux,
                            evals=evals)
+    if topo.is_first:  # accepted (resume checks passed): only now touch the run dir
+        record_config(cfg, topo.info.num_pairs, topo.device.type)
     trainer.train()
     out = trainer.export(os.path.join(cfg.run.dir, "export"))
     if out:

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 
 from colocate.config import Config
+from colocate.model_card import write_model_card
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,9 @@ class ServedEvals:
                "val_sim_accept_length": _val_sim(self.cfg.run.dir, item.step)}
         with open(os.path.join(self.cfg.run.dir, "evals.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
+        export = os.path.join(os.path.dirname(item.out), "export")
+        if os.path.isfile(os.path.join(export, "config.json")):
+            write_model_card(export, export)  # the card now quotes the served accept length
         sim = row["val_sim_accept_length"]
         print(f"served eval after step {item.step} ({row['engine']}, {row['steps']} draft "
               f"steps, {row['num_prompts']} held-out prompts): accept length "

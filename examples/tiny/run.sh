@@ -13,25 +13,31 @@
 #   bash examples/tiny/run.sh train.max_steps=10 run.dir=runs/t2
 # CPU: 4 ranks (2 pairs) with run.device=cpu. GPUs: 2 ranks per visible GPU.
 # Knobs: NPROC (ranks per node), EVAL_ENGINE (auto|hf|sglang|both), COLOCATE_DEBUG=1.
+# Relative paths (run.dir, data.path, ...) resolve from the directory you run it in, as
+# with every colocate command; the demo's own files are passed as absolute paths.
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-python examples/tiny/build.py --out examples/tiny >/dev/null
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"  # colocate, also when not pip-installed
+python "$here/build.py" --out "$here" >/dev/null
 gpus=$(python -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
 if [ "$gpus" -gt 0 ]; then
   nproc=${NPROC:-$((2 * gpus))}; device=()
 else
   nproc=${NPROC:-4}; device=(run.device=cpu); export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 fi
-config=examples/tiny/config.yaml
+config=$here/config.yaml
+demo=(target.path="$here/target-llama" data.path="$here/data/conversations.jsonl")
 run_dir=runs/tiny  # config.yaml's run.dir, unless overridden
 for arg in "$@"; do case $arg in run.dir=*) run_dir=${arg#run.dir=} ;; esac; done
 generated=$run_dir/generated.jsonl
 echo "== 1/3 generate: the target answers the bundled prompts -> $generated"
-python -m colocate generate --config "$config" --out "$generated" "${device[@]}" "$@"
+python -m colocate generate --config "$config" --out "$generated" "${demo[@]}" "${device[@]}" \
+  "$@"
 echo "== 2/3 train: an Eagle3 draft on the target's answers"
 # data.path last: a data.path among the overrides names generate's input, not training's.
 torchrun --standalone --nproc-per-node "$nproc" -m colocate train --config "$config" \
-  "${device[@]}" "$@" data.path="$generated"
+  "${demo[@]}" "${device[@]}" "$@" data.path="$generated"
 echo "== 3/3 eval: serve the draft on the held-out prompts"
 python -m colocate eval --config "$run_dir/config.yaml" --draft "$run_dir/export" \
   --out "$run_dir/eval.json" --engine "${EVAL_ENGINE:-auto}"

@@ -3,7 +3,7 @@
 The command is read from the README itself, so a README that names another demo fails here.
 Its work is shortened with overrides the script forwards (60 prompts, 10 steps, 32 new
 tokens); everything else (the build, torchrun with 4 ranks, the hf reference decoder) is
-what a user runs.
+what a user runs, from a directory of their own: relative paths resolve from there.
 """
 
 import json
@@ -28,11 +28,13 @@ def test_readme_first_command_runs_generate_train_eval(tiny_assets, tmp_path):
     with open(tiny_assets["data"]) as f:
         small.write_text("".join(f.readlines()[:60]))
     run_dir = tmp_path / "run"
-    overrides = [f"data.path={small}", "data.holdout=8", "train.max_steps=10",
+    # Relative paths, run outside the repository (the script names itself by its path).
+    overrides = ["data.path=prompts.jsonl", "data.holdout=8", "train.max_steps=10",
                  "train.val_every_steps=5", "generate.max_new_tokens=32",
-                 "eval.max_new_tokens=32", f"run.dir={run_dir}"]
+                 "eval.max_new_tokens=32", "run.dir=run"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(command.split() + overrides, cwd=REPO_ROOT, env=env,
+    script = os.path.join(REPO_ROOT, command.split()[1])
+    proc = subprocess.run(["bash", script] + overrides, cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -45,7 +47,7 @@ def test_readme_first_command_runs_generate_train_eval(tiny_assets, tmp_path):
     assert len(replies) >= 60 and all(t.get("token_ids") for t in replies)
     # 2. train: on the generated file, 8 conversations held out and validated on.
     config = (run_dir / "config.yaml").read_text()
-    assert str(run_dir / "generated.jsonl") in config
+    assert "path: run/generated.jsonl" in config
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     assert [r["step"] for r in rows] == list(range(1, 11))
     val = [r for r in rows if "val_sim_accept_length" in r]

@@ -1,8 +1,12 @@
 """Config loading: YAML + dotted overrides, validation messages that name the key."""
 
+import argparse
+import re
+
 import pytest
 
-from colocate.config import Config, ConfigError, load_config, save_config
+from colocate.config import (Config, ConfigError, describe_path, float_arg, int_arg, load_config,
+                             save_config)
 
 
 def test_defaults_and_overrides():
@@ -57,6 +61,43 @@ def test_bad_values_name_the_key(override, message):
 def test_exponent_without_a_dot_is_a_number():
     # YAML 1.1 reads 5e-3 as a string; a learning rate written so must still work.
     assert load_config(None, ["train.lr=5e-3"]).train.lr == 0.005
+
+
+def test_numbers_as_users_write_them(tmp_path):
+    # YAML and key=value alike: exponents without a dot, underscores, 1e3 for an integer.
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("train:\n  lr: 3e-4\n  max_steps: 1_000\n  warmup_steps: 1e2\n"
+                         "run:\n  timeout_s: 1_200\n  startup_timeout_s: 2e3\n")
+    cfg = load_config(str(yaml_file), ["train.min_lr_ratio=1e-1", "data.max_length=2_048",
+                                       "data.tokens_per_micro_step=4e3", "train.betas=[9e-1, 0.95]"])
+    assert (cfg.train.lr, cfg.train.max_steps, cfg.train.warmup_steps) == (3e-4, 1000, 100)
+    assert (cfg.run.timeout_s, cfg.run.startup_timeout_s) == (1200.0, 2000.0)
+    assert (cfg.train.min_lr_ratio, cfg.data.max_length) == (0.1, 2048)
+    assert cfg.data.tokens_per_micro_step == 4000 and cfg.train.betas == (0.9, 0.95)
+    assert isinstance(cfg.train.max_steps, int) and isinstance(cfg.run.timeout_s, float)
+    for bad, message in (("train.max_steps=1.5", "expected an integer, got 1.5"),
+                         ("train.max_steps=2.5e0", "expected an integer, got '2.5e0'"),
+                         ("train.lr=fast", "expected a number, got 'fast'"),
+                         ("train.lr=.nan", "expected a number, got nan"),
+                         ("train.lr=true", "expected a number, got True")):
+        with pytest.raises(ConfigError, match=bad.split("=")[0] + ": " + re.escape(message)):
+            load_config(None, [bad])
+
+
+def test_command_line_numbers_as_users_write_them():
+    assert int_arg("1_000") == 1000 and int_arg("16e6") == 16_000_000
+    assert float_arg("3e-4") == 3e-4 and float_arg("1_000.5") == 1000.5
+    with pytest.raises(argparse.ArgumentTypeError, match="expected an integer, got '1.5'"):
+        int_arg("1.5")
+
+
+def test_relative_paths_say_where_they_were_looked_for(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=re.escape(
+            f"--config conf/run.yaml (looked for {tmp_path}/conf/run.yaml; relative paths "
+            f"resolve from the working directory {tmp_path}): no such file")):
+        load_config("conf/run.yaml")
+    assert describe_path("/abs/x.jsonl") == "/abs/x.jsonl"
 
 
 def test_cross_section_check():

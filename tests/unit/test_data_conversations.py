@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -72,3 +73,27 @@ def test_skip_invalid_counts_and_skips(tmp_path):
     assert stats.lines == len(lines) - 2  # blank and whitespace-only lines are ignored
     assert stats.skipped_invalid == len(MALFORMED)
     assert stats.skipped_no_assistant == 2
+
+
+@pytest.mark.parametrize("roles, index, why", [
+    (["assistant", "user", "assistant"], 0, "the conversation starts with an assistant turn"),
+    (["system", "assistant"], 1, "the conversation starts with an assistant turn"),
+    (["user", "user", "assistant"], 1, "a second user turn in a row"),
+    (["user", "assistant", "assistant"], 2, "a second assistant turn in a row"),
+    (["user", "assistant", "system", "user", "assistant"], 2,
+     "a system turn after the first turn"),
+])
+def test_role_order_is_a_named_malformed_line(roles, index, why):
+    from colocate.data.errors import RoleOrderError
+
+    record = {"messages": [{"role": r, "content": "x"} for r in roles]}
+    with pytest.raises(RoleOrderError, match=re.escape(
+            f"f.jsonl:7: role order: messages[{index}]: {why} (roles: {', '.join(roles)})")):
+        parse_record(record, "f.jsonl:7")
+
+
+def test_role_order_accepts_alternation_and_sharegpt_names():
+    for roles in (["user", "assistant"], ["system", "user", "assistant", "user"], ["user"]):
+        parse_record({"messages": [{"role": r, "content": "x"} for r in roles]}, "f:1")
+    parse_record({"conversations": [{"from": "human", "value": "q"},
+                                    {"from": "gpt", "value": "a"}]}, "f:1")

@@ -33,6 +33,6 @@ def test_load_checkpoint_weights_with_torch_2_6_dcp_load(tmp_path, monkeypatch):
     monkeypatch.setattr(dcp, "load", load_2_6)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        loaded = load_checkpoint_weights(str(tmp_path), arch)
+        loaded = load_checkpoint_weights(str(tmp_path), Eagle3Draft(arch))
     for name, value in model.state_dict().items():
         torch.testing.assert_close(loaded[name], value, rtol=0, atol=0)
