@@ -14,6 +14,7 @@ import logging
 import os
 
 from colocate.config import load_config, save_config
+from colocate.exit_codes import Interrupted
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,13 @@ def main(args: argparse.Namespace) -> int:
 
     topo = init_topology(device=cfg.run.device, timeout_s=cfg.run.startup_timeout_s, mps=cfg.mps)
     info = topo.info
+    # From here SIGTERM / SIGINT stop at the next step boundary with a checkpoint (replacing
+    # the MPS owner's exit-on-SIGTERM: the graceful path ends in atexit just the same).
+    from colocate.train.signals import RUN, STOP
+
+    STOP.install()
+    RUN.run_dir, RUN.last_step = cfg.run.dir, cfg.last_step
+    RUN.reports = topo.is_first and topo.is_trainer  # one summary line per job
     if topo.is_first and topo.is_trainer:
         os.makedirs(cfg.run.dir, exist_ok=True)
         save_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
@@ -63,6 +71,8 @@ def main(args: argparse.Namespace) -> int:
             from colocate.train.engine_loop import run_engine
 
             run_engine(cfg, topo, channel, target_config=target_config)
+    except Interrupted:
+        raise  # a clean stop: the trainer already ended the stream with `stop`
     except BaseException as e:
         # Tell the peer why, so it fails with our reason instead of "peer died".
         channel.report_error(f"{info.name}: {type(e).__name__}: {e}")
@@ -75,6 +85,13 @@ def main(args: argparse.Namespace) -> int:
             evals.launch(cfg.last_step, os.path.join(cfg.run.dir, "export"))
         evals.finish()
     return 0
+
+
+def failure_summary(how: str) -> str | None:
+    """The line the first trainer prints when the run ends early (cli.py); None elsewhere."""
+    from colocate.train.signals import RUN
+
+    return RUN.summary_line(how)
 
 
 def _train(cfg, topo, channel, target_config, aux, evals) -> None:

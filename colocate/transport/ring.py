@@ -25,6 +25,10 @@ Who does what, in order:
 4. End of stream: the producer sends `end`, then waits for the consumer's `bye` (sent after
    the consumer released every slot and closed its handles) before freeing the buffers,
    because freeing memory that another process still has open is undefined behaviour.
+5. Early stop (the consumer's run was interrupted): the consumer sends `stop` instead of
+   its next ack, closes its handles and sends `bye`. The producer reads `stop` where it
+   waits for an ack, waits for the `bye`, frees the slots and raises `ConsumerStopped`;
+   messages still in flight are dropped.
 
 Every wait is bounded by `timeout_s`; a dead peer is seen at once (EOF on the channel) and
 a frozen one after the timeout; both errors name the peer rank, the slot and the step.
@@ -39,6 +43,7 @@ from typing import Any
 
 import torch
 
+from colocate.exit_codes import Interrupted
 from colocate.transport.channel import PairChannel, PeerError
 from colocate.transport.layout import (Need, TensorSpec, align_up, check_layout, dtype_from_name,
                                        dtype_name, nbytes_of)
@@ -53,6 +58,10 @@ class LayoutMismatch(RuntimeError):
 
 class SlotOverflow(ValueError):
     """A message does not fit in a slot."""
+
+
+class ConsumerStopped(Interrupted):
+    """The consumer stopped the stream early (its run was interrupted at a clean point)."""
 
 
 @dataclass
@@ -181,8 +190,16 @@ class RingProducer:
     def _receive_ack(self, waiting_for: str) -> None:
         slot, step = self._in_flight[0]
         t0 = time.monotonic()
-        _, ack = self.channel.recv("ack", self.timeout_s, waiting_for)
+        kind, ack = self.channel.recv(("ack", "stop"), self.timeout_s, waiting_for)
         self.stats.wait_s += time.monotonic() - t0
+        if kind == "stop":
+            self._closed = True
+            try:
+                self.channel.recv("bye", self.timeout_s, "the trainer to close the ring slots")
+            finally:
+                self.slots.close()
+            raise ConsumerStopped(f"{self.channel.me}: {self.channel.peer} stopped the stream "
+                                  f"after its step {ack['step']} ({ack['reason']})")
         if (ack["slot"], ack["step"]) != (slot, step):
             raise PeerError(f"{self.channel.me}: {self.channel.peer} acked slot {ack['slot']} "
                             f"step {ack['step']}, expected slot {slot} step {step}")
@@ -301,8 +318,15 @@ class RingConsumer:
         self.channel.send("ack", slot=slot, step=step)
         self.stats.handoff_s += time.monotonic() - t0
 
+    def stop(self, step: int, reason: str) -> None:
+        """End the stream early, at an optimizer-step boundary (`step` steps done): every
+        delivery must be released. The producer frees the slots after our `bye`."""
+        self.channel.send("stop", step=step, reason=reason)
+        self.close()
+
     def close(self) -> None:
-        """After the producer's `end`: close our handles and tell it the memory is free."""
+        """After the producer's `end` (or our `stop`): close our handles and tell it the
+        memory is free."""
         if self._closed:
             return
         self._closed = True
