@@ -9,25 +9,14 @@ On CUDA the optimizer is fused, and the fused AdamW kernel takes a `found_inf` t
 mechanism of torch's GradScaler): the skip is decided on the device, the step counters are
 put back, no host sync. The host learns about it one step later, from a copy made without
 blocking, to count skips in a row. On CPU tensors are host memory: the check is plain.
-
-Fault injection for tests: COLOCATE_FAULT_NAN_GRAD_STEPS="3,5" puts a NaN into the first
-trainer's gradients of optimizer steps 3 and 5 (1-based, as metrics.jsonl's `step`).
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from colocate.exit_codes import Diverged
-
-FAULT_ENV = "COLOCATE_FAULT_NAN_GRAD_STEPS"
-
-
-def injected_nan_steps() -> set[int]:
-    text = os.environ.get(FAULT_ENV, "")
-    return {int(s) for s in text.split(",") if s.strip()}
+from colocate.train import faults
 
 
 class NonFiniteGuard:
@@ -39,10 +28,10 @@ class NonFiniteGuard:
         self.in_a_row = 0
         self.num_skipped = 0
         self._pending: tuple[int, torch.Tensor, object] | None = None  # CUDA: (step, flag, event)
-        self._nan_steps = injected_nan_steps()
+        self._nan_steps = faults.nan_grad_steps()
 
     def inject(self, step: int, grads: list[torch.Tensor], first_trainer: bool) -> None:
-        """The fault hook: a NaN in one gradient of optimizer step `step` (0-based here)."""
+        """faults.py's NaN gradient, at optimizer step `step` (0-based here)."""
         if first_trainer and step + 1 in self._nan_steps and grads:
             grads[0].view(-1)[0] = float("nan")
 

@@ -29,7 +29,7 @@ from colocate.progress import PhaseTimer, Progress, peak_gib
 from colocate.topology import Topology
 from colocate.exit_codes import Interrupted
 from colocate.train import checkpoint as ckpt
-from colocate.train import signals
+from colocate.train import faults, signals
 from colocate.train.health import NonFiniteGuard
 from colocate.train.schedule import lr_at, validates_after
 from colocate.train.target_tensors import dummy_embed_and_head, load_embed_and_head
@@ -354,6 +354,7 @@ class DraftTrainer:
     def export(self, out_dir: str) -> str | None:
         """Write the draft as sglang's EAGLE3 checkpoint into `out_dir` (on the first trainer;
         returns it there, None elsewhere). Every trainer gathers the full weights."""
+        self.ring.pause(f"export to {out_dir}", self.cfg.run.startup_timeout_s)
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
                                                                          cpu_offload=True))
         if not self.topo.is_first:
@@ -363,8 +364,11 @@ class DraftTrainer:
                             out_dir=out_dir)
 
     def save(self, step: int) -> None:
+        # Storage may be slow: the engine waits for us under the start-up bound meanwhile.
+        self.ring.pause(f"checkpoint at step {step}", self.cfg.run.startup_timeout_s)
         # Rows up to the checkpoint on disk first: a resume keeps those and writes the rest.
         self.metrics.flush()
+        faults.slow_checkpoint(step)
         ckpt.save_checkpoint(self.cfg.run.dir, step, self.model, self.optimizer,
                              data_state=self.data_state, vocab=self.vocab,
                              vocab_sha=self.vocab_sha, group=self.topo.role_cpu_group,

@@ -25,7 +25,11 @@ Who does what, in order:
 4. End of stream: the producer sends `end`, then waits for the consumer's `bye` (sent after
    the consumer released every slot and closed its handles) before freeing the buffers,
    because freeing memory that another process still has open is undefined behaviour.
-5. Early stop (the consumer's run was interrupted): the consumer sends `stop` instead of
+5. Declared pauses: before long work between two receives (a checkpoint, an export) the
+   consumer sends `pause(what, bound_s)`; the producer's next wait for it lasts up to
+   bound_s instead of `timeout_s`, and its error says which pause overran. The next
+   message from the consumer ends the pause.
+6. Early stop (the consumer's run was interrupted): the consumer sends `stop` instead of
    its next ack, closes its handles and sends `bye`. The producer reads `stop` where it
    waits for an ack, waits for the `bye`, frees the slots and raises `ConsumerStopped`;
    messages still in flight are dropped.
@@ -132,6 +136,7 @@ class RingProducer:
         self._next_step = 0
         self._in_flight: deque[tuple[int, int]] = deque()  # (slot, step), oldest first
         self._closed = False
+        self._pause: tuple[float, str] | None = None  # (deadline, what): the consumer's pause
 
     @classmethod
     def start(cls, channel: PairChannel, *, num_slots: int, slot_bytes: int,
@@ -190,20 +195,37 @@ class RingProducer:
     def _receive_ack(self, waiting_for: str) -> None:
         slot, step = self._in_flight[0]
         t0 = time.monotonic()
-        kind, ack = self.channel.recv(("ack", "stop"), self.timeout_s, waiting_for)
+        _, ack = self._recv_consumer("ack", waiting_for)
         self.stats.wait_s += time.monotonic() - t0
-        if kind == "stop":
-            self._closed = True
-            try:
-                self.channel.recv("bye", self.timeout_s, "the trainer to close the ring slots")
-            finally:
-                self.slots.close()
-            raise ConsumerStopped(f"{self.channel.me}: {self.channel.peer} stopped the stream "
-                                  f"after its step {ack['step']} ({ack['reason']})")
         if (ack["slot"], ack["step"]) != (slot, step):
             raise PeerError(f"{self.channel.me}: {self.channel.peer} acked slot {ack['slot']} "
                             f"step {ack['step']}, expected slot {slot} step {step}")
         self._in_flight.popleft()
+
+    def _recv_consumer(self, expect: str, waiting_for: str) -> tuple[str, dict]:
+        """The consumer's next `expect` message, bounded by `timeout_s` or by the pause it
+        declared; its `stop` ends the stream here (ConsumerStopped)."""
+        while True:
+            timeout_s, note = self.timeout_s, ""
+            if self._pause is not None:
+                timeout_s = max(timeout_s, self._pause[0] - time.monotonic())
+                note = f", after its declared pause ({self._pause[1]})"
+            kind, msg = self.channel.recv((expect, "pause", "stop"), timeout_s,
+                                          waiting_for + note)
+            if kind == "pause":
+                self._pause = (time.monotonic() + msg["bound_s"],
+                               f"{msg['what']}, up to {msg['bound_s']:.0f} s")
+                continue
+            self._pause = None
+            if kind == "stop":
+                self._closed = True
+                try:
+                    self.channel.recv("bye", self.timeout_s, "the trainer to close the ring slots")
+                finally:
+                    self.slots.close()
+                raise ConsumerStopped(f"{self.channel.me}: {self.channel.peer} stopped the "
+                                      f"stream after its step {msg['step']} ({msg['reason']})")
+            return kind, msg
 
     def close(self, reason: str = "done") -> None:
         """End the stream: collect outstanding acks and the consumer's `bye`, then free."""
@@ -213,7 +235,7 @@ class RingProducer:
         try:
             self.channel.send("end", reason=reason)
             self.drain()
-            self.channel.recv("bye", self.timeout_s, "the trainer to close the ring slots")
+            self._recv_consumer("bye", "the trainer to close the ring slots")
         finally:
             self.slots.close()
 
@@ -317,6 +339,11 @@ class RingConsumer:
         self._held -= 1
         self.channel.send("ack", slot=slot, step=step)
         self.stats.handoff_s += time.monotonic() - t0
+
+    def pause(self, what: str, bound_s: float) -> None:
+        """Declare long work before our next receive or release (`what`, e.g. "checkpoint at
+        step 40"): the producer waits up to `bound_s` for us instead of its timeout."""
+        self.channel.send("pause", what=what, bound_s=float(bound_s))
 
     def stop(self, step: int, reason: str) -> None:
         """End the stream early, at an optimizer-step boundary (`step` steps done): every

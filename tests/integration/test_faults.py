@@ -61,9 +61,31 @@ def worker_pid(proc, rank):
 
 @pytest.fixture(scope="module")
 def straight(tiny_assets, tmp_path_factory):
-    """The uninterrupted run every interrupted one is compared with."""
+    """The uninterrupted run every interrupted one is compared with. Its checkpoint at step 5
+    is made 15 s slower than run.timeout_s (10 s) allows a wait: the trainers declare the
+    pause to their engines, so the run must not fail (test_a_slow_checkpoint_...)."""
     run_dir = str(tmp_path_factory.mktemp("straight") / "run")
-    proc = torchrun_train(tiny_overrides(tiny_assets, run_dir, *COMMON))
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
+         "-m", "colocate", "train", "--config", CONFIG,
+         *tiny_overrides(tiny_assets, run_dir, *COMMON, "checkpoint.every_steps=5",
+                         "run.timeout_s=10")],
+        cwd=REPO, capture_output=True, text=True, timeout=400,
+        env=dict(os.environ, OMP_NUM_THREADS="1", COLOCATE_FAULT_SLOW_CHECKPOINT="5:15"))
+    return run_dir, proc
+
+
+def test_a_checkpoint_slower_than_the_timeout_does_not_fail_the_run(straight):
+    run_dir, proc = straight
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 15))
+    assert os.path.isdir(os.path.join(run_dir, "checkpoints", "step_000005"))
+
+
+@pytest.fixture(scope="module")
+def reference(straight):
+    run_dir, proc = straight
     assert proc.returncode == 0, proc.stderr[-3000:]
     return metrics(run_dir)
 
@@ -75,7 +97,7 @@ def assert_same_losses(rows, reference):
 
 
 def test_sigterm_checkpoints_at_the_step_boundary_and_resumes_exactly(tiny_assets, tmp_path,
-                                                                       straight):
+                                                                       reference):
     # SLURM's scancel / preemption signals every process of the job at once: torchrun and
     # its workers (which then also get torchrun's forwarded SIGTERM: one stop, not two).
     run_dir = str(tmp_path / "run")
@@ -100,11 +122,11 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_resumes_exactly(tiny_asset
     again = torchrun_train(overrides)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resumed from {checkpoint}" in again.stderr
-    assert_same_losses(metrics(run_dir), straight)
+    assert_same_losses(metrics(run_dir), reference)
 
 
 def test_sigkill_of_an_engine_ends_the_job_naming_it_and_rerun_resumes(tiny_assets, tmp_path,
-                                                                       straight):
+                                                                       reference):
     run_dir = str(tmp_path / "run")
     overrides = tiny_overrides(tiny_assets, run_dir, *COMMON, "checkpoint.every_steps=3")
     proc = start(overrides)
@@ -125,7 +147,7 @@ def test_sigkill_of_an_engine_ends_the_job_naming_it_and_rerun_resumes(tiny_asse
     again = torchrun_train(overrides)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stderr
-    assert_same_losses(metrics(run_dir), straight)
+    assert_same_losses(metrics(run_dir), reference)
 
 
 def test_nan_gradients_skip_the_step_and_too_many_stop_the_run(tiny_assets, tmp_path):
