@@ -103,7 +103,9 @@ def _fail(command: str, module, e: BaseException) -> int:
         if not quiet:
             print(line + hint, file=sys.stderr, flush=True)
         write_error_file(line, root_cause=not quiet)
-    summary = summary_of(f"failed ({type(e).__name__})") if summary_of else None
+    how = ("failed because another rank did (torchrun's Root Cause says which)"
+           if code == codes.PEER_FAILED and quiet else f"failed ({type(e).__name__})")
+    summary = summary_of(how) if summary_of else None
     if summary:
         print(summary, file=sys.stderr, flush=True)
     return code

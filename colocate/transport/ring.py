@@ -48,7 +48,7 @@ from typing import Any
 import torch
 
 from colocate.exit_codes import Interrupted
-from colocate.transport.channel import PairChannel, PeerError
+from colocate.transport.channel import PairChannel, PeerDied, PeerError
 from colocate.transport.layout import (Need, TensorSpec, align_up, check_layout, dtype_from_name,
                                        dtype_name, nbytes_of)
 from colocate.transport.slots import CudaIpcSlots, ShmSlots, SlotPool, open_slots
@@ -179,8 +179,12 @@ class RingProducer:
         assert writer.step == self._next_step, "publish slots in acquire order"
         self.slots.record_written(writer.slot)
         specs = writer.specs
-        self.channel.send("data", slot=writer.slot, step=writer.step, layout=specs,
-                          meta=writer.meta, t_publish_ns=time.monotonic_ns())
+        try:
+            self.channel.send("data", slot=writer.slot, step=writer.step, layout=specs,
+                              meta=writer.meta, t_publish_ns=time.monotonic_ns())
+        except PeerDied:
+            self._raise_if_stopped()  # the consumer stopped and left before we read its stop
+            raise
         self._in_flight.append((writer.slot, writer.step))
         self._next_step += 1
         self.stats.messages += 1
@@ -227,13 +231,26 @@ class RingProducer:
                                       f"stream after its step {msg['step']} ({msg['reason']})")
             return kind, msg
 
+    def _raise_if_stopped(self) -> None:
+        """Read what the departed consumer left unread; raise ConsumerStopped if it said
+        `stop` (then `bye`, as it does) before closing."""
+        try:
+            while self.channel.poll():
+                self._recv_consumer("ack", "the trainer's last messages")
+        except (PeerError, OSError):
+            pass
+
     def close(self, reason: str = "done") -> None:
         """End the stream: collect outstanding acks and the consumer's `bye`, then free."""
         if self._closed:
             return
         self._closed = True
         try:
-            self.channel.send("end", reason=reason)
+            try:
+                self.channel.send("end", reason=reason)
+            except PeerDied:
+                self._raise_if_stopped()
+                raise
             self.drain()
             self._recv_consumer("bye", "the trainer to close the ring slots")
         finally:
