@@ -8,6 +8,7 @@ answers 805 until the control pipe exists and for its first N calls, like a raci
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -451,3 +452,23 @@ def test_a_dead_jobs_daemon_is_stopped_by_the_next_job(fake):
     assert mps_owner.stale_records(tmp) == []  # a live owner's daemon is not stale
     assert mps_owner.stop_stale_daemons(tmp) == [] and mps._alive(handle.pid)
     assert mps.stop_daemon(handle, timeout_s=5) and mps_owner.read_records(tmp) == []
+
+
+def test_doctor_reports_a_stale_record_without_touching_it(tmp_path):
+    from colocate import doctor, mps_owner
+
+    root = tmp_path / "colocate-mps-gone"
+    root.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid whose process has exited
+    path = mps_owner.write_record(str(root), daemon_pid=None, pipe_dir=str(root / "pipe"),
+                                  control_bin="nvidia-cuda-mps-control")
+    ctx = doctor.Ctx("cpu", "auto", 10.0)
+    assert doctor.check_mps_stale(ctx, str(tmp_path))[0].status == doctor.OK  # ours: alive
+    record = json.load(open(path))
+    record["owner_pid"] = dead.pid
+    json.dump(record, open(path, "w"))
+    [result] = doctor.check_mps_stale(ctx, str(tmp_path))
+    assert result.status == doctor.WARN and f"started by pid {dead.pid} (gone)" in result.detail
+    assert f"CUDA_MPS_PIPE_DIRECTORY={root / 'pipe'} launch/mps.sh stop" in result.detail
+    assert os.path.exists(path)
