@@ -9,8 +9,11 @@ what real runs suffer rarely: a NaN gradient, slow checkpoint storage.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
+
+log = logging.getLogger(__name__)
 
 NAN_GRAD_STEPS = "COLOCATE_FAULT_NAN_GRAD_STEPS"
 SLOW_CHECKPOINT = "COLOCATE_FAULT_SLOW_CHECKPOINT"
@@ -27,4 +30,6 @@ def slow_checkpoint(step: int) -> None:
     if text:
         at, seconds = text.split(":")
         if int(at) == step:
+            log.warning("fault injection: the checkpoint of step %d takes %s s longer", step,
+                        seconds)
             time.sleep(float(seconds))
