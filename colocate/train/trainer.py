@@ -22,12 +22,12 @@ from colocate.config import Config, ConfigError, TrainSection
 from colocate.draft import (DraftArch, Eagle3Draft, UnrollResult, eagle3_unroll,
                             target_distribution)
 from colocate.engine import feature_needs, resolve_target_dtype
+from colocate.exit_codes import Interrupted
 from colocate.export import export_draft
 from colocate.hostcopy import to_device
 from colocate.metrics import MetricsLog, stats_length
 from colocate.progress import PhaseTimer, Progress, peak_gib
 from colocate.topology import Topology
-from colocate.exit_codes import Interrupted
 from colocate.train import checkpoint as ckpt
 from colocate.train import faults, signals
 from colocate.train.health import NonFiniteGuard
