@@ -7,7 +7,7 @@ enough, since AdamW's momentum and weight decay would still move the weights.
 
 On CUDA the optimizer is fused, and the fused AdamW kernel takes a `found_inf` tensor (the
 mechanism of torch's GradScaler): the skip is decided on the device, the step counters are
-put back, no host sync. The host learns about it one step later, from a copy made without
+put back, no host sync (the same on CPU when the optimizer is fused). The host learns about it one step later, from a copy made without
 blocking, to count skips in a row. On CPU tensors are host memory: the check is plain.
 """
 
@@ -38,9 +38,12 @@ class NonFiniteGuard:
     def step(self, optimizer: torch.optim.Optimizer, norm: torch.Tensor, step: int) -> None:
         """optimizer.step() unless `norm` is non-finite; then count the streak (0-based `step`)."""
         nonfinite = ~torch.isfinite(norm)
-        if self.cuda and optimizer.defaults.get("fused"):
+        if optimizer.defaults.get("fused"):
             optimizer.found_inf = nonfinite.float()  # read by the fused kernel, on the device
             optimizer.step()
+            if not self.cuda:
+                self._count(step, bool(nonfinite))
+                return
             self._check_previous()
             flag = nonfinite.to("cpu", non_blocking=True)
             event = torch.cuda.Event()

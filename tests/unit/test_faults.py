@@ -76,10 +76,10 @@ def test_exit_statuses():
     assert exit_codes.exit_code_for(ZeroDivisionError()) == exit_codes.INTERNAL == 1
 
 
-def _model_and_optimizer():
+def _model_and_optimizer(fused):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1, fused=fused)
     return model, optimizer
 
 
@@ -93,8 +93,9 @@ def _train_step(model, optimizer, guard, step, poison=False):
     optimizer.zero_grad(set_to_none=True)
 
 
-def test_a_non_finite_step_changes_nothing_and_a_streak_stops():
-    model, optimizer = _model_and_optimizer()
+@pytest.mark.parametrize("fused", [None, True])  # host check / the fused kernel's found_inf
+def test_a_non_finite_step_changes_nothing_and_a_streak_stops(fused):
+    model, optimizer = _model_and_optimizer(fused)
     guard = NonFiniteGuard(2, torch.device("cpu"))
     _train_step(model, optimizer, guard, 0)
     weights, state = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
