@@ -139,14 +139,17 @@ class PairChannel:
                            f"'{kind}' ({e}); the peer process died or exited early") from None
 
     def _raise_pending_error(self) -> None:
-        """If the peer's last words before closing were an `error`, raise that instead."""
-        try:
-            while self.poll():
+        """If the peer's last words before closing were an `error`, raise that instead
+        (skipping the ordinary messages it sent before it)."""
+        while self.poll():
+            try:
                 self.recv(("error",), 1.0, "the peer's last message")
-        except PeerReportedError:
-            raise
-        except (PeerError, OSError, pickle.UnpicklingError):
-            pass
+            except PeerReportedError:
+                raise
+            except (PeerDied, PeerTimeout, OSError, pickle.UnpicklingError):
+                return
+            except PeerError:
+                continue  # another kind of message: read on
 
     def recv(self, expect: str | tuple[str, ...], timeout_s: float, waiting_for: str
              ) -> tuple[str, dict[str, Any]]:

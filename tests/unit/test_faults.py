@@ -111,3 +111,20 @@ def test_a_non_finite_step_changes_nothing_and_a_streak_stops(fused):
     _train_step(model, optimizer, guard, 3, poison=True)
     with pytest.raises(exit_codes.Diverged, match="2 optimizer steps in a row, up to step 5"):
         _train_step(model, optimizer, guard, 4, poison=True)
+
+
+def test_a_send_to_a_peer_that_left_raises_its_last_error_past_other_messages():
+    import socket
+
+    from colocate.transport import PairChannel, PeerId, PeerReportedError
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    trainer = PairChannel(a, "trainer rank 0", PeerId("engine", 1, os.getpid()))
+    engine = PairChannel(b, "engine rank 1", PeerId("trainer", 0, os.getpid()))
+    engine.send("data", slot=0, step=7)  # unread by the trainer, busy checkpointing
+    engine.report_error("engine rank 1: PeerTimeout: no answer within 10 s")
+    engine.close()
+    with pytest.raises(PeerReportedError, match="engine rank 1 failed: .*no answer within 10 s"):
+        for _ in range(100):  # the first sends may still fit the socket buffer
+            trainer.send("ack", slot=0, step=7)
+    trainer.close()
