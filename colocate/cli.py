@@ -13,15 +13,9 @@ import sys
 
 from colocate import __version__
 
-# Errors that describe a user mistake or a peer's failure: printed as one line.
-_READABLE = ("ConfigError", "TopologyError", "DataError", "MpsError", "PeerError", "PeerDied",
-             "PeerTimeout", "PeerReportedError", "LayoutMismatch", "SlotOverflow", "ExportError",
-             "PatchError", "EvalError", "GenerateError", "FileNotFoundError",
-             "ValueError")  # ours name the key and the fix (STYLE.md); others keep the hint
-
-
-# Raised identically on every rank before roles diverge (bad config, missing files).
-_SAME_ON_EVERY_RANK = ("ConfigError", "TopologyError", "FileNotFoundError")
+# Raised identically on every rank before roles diverge (bad config, missing files), or on
+# every trainer at the same step (divergence): said once, by rank 0.
+_SAME_ON_EVERY_RANK = ("ConfigError", "TopologyError", "FileNotFoundError", "Diverged")
 
 
 def _commands() -> dict[str, tuple[str, str]]:
@@ -81,15 +75,59 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(modules[args.command].main(args) or 0)
-    except Exception as e:  # noqa: BLE001 - turned into one readable line below
-        if os.environ.get("COLOCATE_DEBUG") or type(e).__name__ not in _READABLE:
-            raise
-        rank = os.environ.get("RANK")
-        if type(e).__name__ == "PeerReportedError":
-            return 2  # the peer failed first and printed the cause itself
-        if type(e).__name__ in _SAME_ON_EVERY_RANK and rank not in (None, "0"):
-            return 2  # every rank hit the same input error; rank 0 says it once
-        where = f"[rank {rank}] " if rank is not None else ""
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - one readable ending below
+        return _fail(args.command, modules[args.command], e)
+
+
+def _is_peer_vanished(e: BaseException) -> bool:
+    """A collective that lost a rank: gloo's words for it (the rank that left says why)."""
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("Connection closed by peer" in text
+                                            or "Connection reset by peer" in text)
+
+
+def _fail(command: str, module, e: BaseException) -> int:
+    """End a failed command: one line (or a traceback for a bug) from the rank that knows
+    why, torchrun's error file, the run's summary line where the command has one, and the
+    exit status of `exit_codes`. Ranks that only saw another rank fail stay quiet."""
+    import traceback
+
+    from colocate import exit_codes as codes
+    from colocate.failures import write_error_file
+
+    code = codes.exit_code_for(e)
+    if _is_peer_vanished(e):
+        code = codes.PEER_FAILED
+    rank = os.environ.get("RANK")
+    where = f"[rank {rank}] " if rank is not None else ""
+    line = f"colocate {command}: error: {where}{e}"
+    debug = bool(os.environ.get("COLOCATE_DEBUG"))
+    quiet = (code == codes.PEER_FAILED and (codes.is_quiet(e) or _is_peer_vanished(e))
+             or type(e).__name__ in _SAME_ON_EVERY_RANK and rank not in (None, "0"))
+    summary_of = getattr(module, "failure_summary", None)
+    if code == codes.INTERRUPTED:
+        how = (f"interrupted ({e})" if isinstance(e, KeyboardInterrupt) and str(e)
+               else "interrupted" if isinstance(e, KeyboardInterrupt) else str(e))
+        summary = summary_of(how) if summary_of else None
+        if summary is None and rank in (None, "0"):
+            summary = f"colocate {command}: {how}"
+        write_error_file(summary or f"{where}{how}", root_cause=summary is not None)
+        if summary:
+            print(summary, file=sys.stderr, flush=True)
+        return code
+    if code == codes.INTERNAL or debug:
+        text = traceback.format_exc()
+        if not quiet or debug:
+            print(text, end="", file=sys.stderr, flush=True)
+        write_error_file(line, root_cause=not quiet, traceback_text=text)
+    else:
         hint = " (COLOCATE_DEBUG=1 shows the traceback)" if type(e) is ValueError else ""
-        print(f"colocate {args.command}: error: {where}{e}{hint}", file=sys.stderr, flush=True)
-        return 2
+        if not quiet:
+            print(line + hint, file=sys.stderr, flush=True)
+        write_error_file(line, root_cause=not quiet)
+    how = ("failed because another rank did (torchrun's Root Cause says which)"
+           if code == codes.PEER_FAILED and quiet else f"failed ({type(e).__name__})")
+    summary = summary_of(how) if summary_of else None
+    if summary:
+        print(summary, file=sys.stderr, flush=True)
+    return code

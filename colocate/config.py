@@ -255,6 +255,9 @@ class TrainSection:
     metrics.jsonl). 0: never."""
     tensorboard: bool = False
     """Also log to RUN_DIR/tb when tensorboard is installed."""
+    max_nonfinite_steps: int = 10
+    """A step whose loss or gradient norm is NaN/inf is skipped (no optimizer step;
+    metrics.jsonl `skipped: 1`); this many skipped in a row stop the run with an error."""
 
     def __post_init__(self):
         _require(self.max_steps >= 1, "train.max_steps", f"got {self.max_steps}; must be >= 1")
@@ -267,6 +270,9 @@ class TrainSection:
         _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "use a ratio in [0, 1]")
         _require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
         _require(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables)")
+        _require(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps",
+                 f"got {self.max_nonfinite_steps}; must be >= 1 (steps skipped in a row "
+                 "before the run stops)")
         self.betas = tuple(float(b) for b in self.betas)
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas",
                  f"got {self.betas}; give two numbers in [0, 1)")

@@ -189,6 +189,18 @@ def check_mps(ctx: Ctx) -> list[Result]:
                          f"started, probed and stopped in {time.monotonic() - t0:.1f}s")]
 
 
+def check_mps_stale(ctx: Ctx, tmp_dir: str | None = None) -> list[Result]:
+    """MPS daemons of this user's jobs that died without stopping them (mps_owner.py);
+    reported, not stopped: the next colocate job on the node stops them."""
+    from colocate import mps_owner
+
+    stale = mps_owner.stale_records(tmp_dir)
+    if not stale:
+        return [Result("mps stale", OK, "no daemon left behind by a dead job")]
+    return [Result("mps stale", WARN, f"{r.describe()}; the next colocate job stops it, or now: "
+                   f"CUDA_MPS_PIPE_DIRECTORY={r.pipe_dir} launch/mps.sh stop") for r in stale]
+
+
 def ring_pair(pctx, steps: int, max_bytes: int, slots: int) -> dict | None:
     """run_local_pair body: selftest's deterministic traffic; the trainer checks every byte."""
     if pctx.engine:
@@ -269,7 +281,7 @@ def checks(ctx: Ctx) -> list[tuple[str, Callable[[Ctx], list[Result]], bool]]:
     """(name, check, required) in the order they run; later checks read what earlier found."""
     on_gpu = ctx.num_gpus > 0 or ctx.device == "cuda"
     return [("versions", check_versions, False), ("gpu", check_gpus, ctx.device == "cuda"),
-            ("mps", check_mps, ctx.mps == "required"),
+            ("mps", check_mps, ctx.mps == "required"), ("mps stale", check_mps_stale, False),
             ("shm ring", lambda ctx: [_ring_result("shm ring", "cpu", ctx.timeout_s * 0.9)], True),
             ("cuda ipc ring", check_cuda_ring, on_gpu), ("allocator", check_allocator, False),
             ("numa", check_numa, False)]

@@ -29,6 +29,7 @@ MFU divides by the bf16 dense peak of the whole GPU: both processes share it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import warnings
@@ -370,7 +371,8 @@ class MetricsLog:
         *stats, grad_norm, tokens = values
         seconds = host.pop("seconds")
         row = {"step": step + 1, **self.summarize(stats),
-               "grad_norm": grad_norm, "tokens": int(tokens),
+               "grad_norm": grad_norm, "skipped": int(not math.isfinite(grad_norm)),
+               "tokens": int(tokens),
                "tokens_per_s": tokens_per_s(tokens, seconds), "step_s": seconds, **host,
                **{f"{name}_s": v for name, v in phase_seconds(phases or []).items()}}
         if val:

@@ -368,6 +368,11 @@ def _start_or_raise(plan: MpsPlan, timeout_s: float, probe_argv: Sequence[str] |
                        f"sockets inside it exceed the Unix socket path limit. Set mps.pipe_dir to "
                        f"a path of at most {_MAX_PIPE_DIR_LEN} characters, or a shorter TMPDIR")
     binary = shutil.which(control_bin, path=os.environ.get("PATH"))
+    # Daemons of this user's jobs that died without stopping them (mps_owner.py).
+    from colocate import mps_owner
+
+    mps_owner.stop_stale_daemons(os.path.dirname(plan.private_root),
+                                 timeout_s=min(max(remaining() / 4, 1.0), 10.0))
 
     # A daemon may already serve this dir (launch/mps.sh, a restarted job): use, never own.
     if os.path.exists(control):
@@ -389,6 +394,8 @@ def _start_or_raise(plan: MpsPlan, timeout_s: float, probe_argv: Sequence[str] |
     try:
         _launch(handle, timeout_s, remaining)
         handle.pid = _read_pid(plan.pipe_dir)
+        mps_owner.write_record(plan.private_root, daemon_pid=handle.pid, pipe_dir=plan.pipe_dir,
+                               control_bin=handle.control_bin)
         last = _probe_until_ready(plan, timeout_s, remaining, probe_argv)
         handle.num_devices, handle.gpu_mem_bytes = last.num_devices, last.gpu_mem_bytes
     except BaseException:

@@ -14,6 +14,7 @@ import logging
 import os
 
 from colocate.config import describe_path, load_config
+from colocate.exit_codes import Interrupted
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,13 @@ def main(args: argparse.Namespace) -> int:
 
     topo = init_topology(device=cfg.run.device, timeout_s=cfg.run.startup_timeout_s, mps=cfg.mps)
     info = topo.info
+    # From here SIGTERM / SIGINT stop at the next step boundary with a checkpoint (replacing
+    # the MPS owner's exit-on-SIGTERM: the graceful path ends in atexit just the same).
+    from colocate.train.signals import RUN, STOP
+
+    STOP.install()
+    RUN.run_dir, RUN.last_step = cfg.run.dir, cfg.last_step
+    RUN.reports = topo.is_first and topo.is_trainer  # one summary line per job
     channel = open_pair_channel(engine=not topo.is_trainer, me=info.name,
                                 peer_rank=info.peer_rank, peer_pid=topo.peer_pid,
                                 job_token=topo.job_token, pair_index=info.pair_index,
@@ -65,6 +73,8 @@ def main(args: argparse.Namespace) -> int:
             from colocate.train.engine_loop import run_engine
 
             run_engine(cfg, topo, channel, target_config=target_config)
+    except Interrupted:
+        raise  # a clean stop: the trainer already ended the stream with `stop`
     except BaseException as e:
         # Tell the peer why, so it fails with our reason instead of "peer died".
         channel.report_error(f"{info.name}: {type(e).__name__}: {e}")
@@ -77,6 +87,13 @@ def main(args: argparse.Namespace) -> int:
             evals.launch(cfg.last_step, os.path.join(cfg.run.dir, "export"))
         evals.finish()
     return 0
+
+
+def failure_summary(how: str) -> str | None:
+    """The line the first trainer prints when the run ends early (cli.py); None elsewhere."""
+    from colocate.train.signals import RUN
+
+    return RUN.summary_line(how)
 
 
 def _train(cfg, topo, channel, target_config, aux, evals) -> None:

@@ -20,11 +20,14 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 from colocate.config import Config, ConfigError, TrainSection
 from colocate.draft.recipe import DraftRecipe, FrozenTarget, recipe_for
 from colocate.engine import resolve_target_dtype
+from colocate.exit_codes import Interrupted
 from colocate.hostcopy import to_device
 from colocate.metrics import MetricsLog, stats_length
 from colocate.progress import PhaseTimer, Progress, peak_gib
 from colocate.topology import Topology
 from colocate.train import checkpoint as ckpt
+from colocate.train import faults, signals
+from colocate.train.health import NonFiniteGuard
 from colocate.train.schedule import lr_at, validates_after
 from colocate.train.target_tensors import dummy_embed_and_head, load_embed_and_head
 from colocate.transport import PairChannel, PeerError, RingConsumer
@@ -69,21 +72,22 @@ def micro_step(recipe: DraftRecipe, model: torch.nn.Module, frozen: FrozenTarget
 
 
 def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, group,
-                  max_norm: float) -> torch.Tensor:
+                  max_norm: float, guard: NonFiniteGuard, step: int,
+                  first_trainer: bool) -> torch.Tensor:
     """Global grad-norm clip over the trainer `group`, then the optimizer step; returns the norm.
 
     Shards of an FSDP2 gradient are disjoint, so the global squared norm is the sum of the
-    local ones. A non-finite norm makes this step's gradients zero (decided on the device:
-    no sync; AdamW's momentum still moves the weights, no NaN reaches them). The logged
-    grad_norm shows inf/nan for such a step.
+    local ones. A non-finite norm skips the optimizer step on every trainer (`guard`, see
+    health.py); the logged grad_norm shows inf/nan for such a step.
     """
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+    guard.inject(step, local, first_trainer)
     sq = torch.stack([x.float().pow(2).sum() for x in local]).sum()
     dist.all_reduce(sq, group=group)
     norm = sq.sqrt()
     clip_(local, norm, max_norm)
-    optimizer.step()
+    guard.step(optimizer, norm, step)
     optimizer.zero_grad(set_to_none=True)
     return norm
 
@@ -202,6 +206,8 @@ class DraftTrainer:
         # Step-time breakdown of the first trainer (the one that writes metrics.jsonl).
         self.timer = PhaseTimer(self.topo.device, enabled=self.topo.is_first)
         self.timer.mark("start")
+        guard = NonFiniteGuard(t.max_nonfinite_steps, self.topo.device)
+        signals.RUN.step = self.start_step
         for step in range(self.start_step, self.cfg.last_step):
             lr = lr_at(step, lr=t.lr, warmup_steps=t.warmup_steps, max_steps=t.max_steps,
                        min_lr_ratio=t.min_lr_ratio)
@@ -237,7 +243,8 @@ class DraftTrainer:
                                     trainer_wait_s=self.ring.stats.wait_s,
                                     engine_wait_s=engine_wait)
             grad_norm = torch.zeros((), device=self.topo.device) if discard else \
-                clip_and_step(self.model, self.optimizer, self.topo.role_group, t.grad_clip)
+                clip_and_step(self.model, self.optimizer, self.topo.role_group, t.grad_clip,
+                              guard, step, self.topo.is_first)
             self.timer.mark("optimizer")
             validate = validates_after(step, every=t.val_every_steps, last_step=self.cfg.last_step)
             val_stats = self.validate(step) if validate else None
@@ -258,12 +265,26 @@ class DraftTrainer:
                 self.ring.timeout_s = self.cfg.run.timeout_s
                 first_step_done = True
             every = self.cfg.checkpoint.every_steps
-            if every and (step + 1) % every == 0 and step + 1 < self.cfg.last_step:
+            saved = bool(every and (step + 1) % every == 0 and step + 1 < self.cfg.last_step)
+            if saved:
                 self.save(step + 1)
             self.served_eval(step)
+            signals.RUN.step = step + 1
+            if step + 1 < self.cfg.last_step and signals.STOP.agreed(self.topo.role_cpu_group):
+                self.stop_early(step + 1, saved=saved)
+        guard.finish()
         if self.cfg.last_step > self.start_step:
             self.save(self.cfg.last_step)
         self.progress.finish(self.metrics.last)
+
+    def stop_early(self, step: int, *, saved: bool) -> None:
+        """A stop signal (signals.py): checkpoint at this step boundary, end the engine's
+        stream, leave with `Interrupted` (every trainer does this at the same step)."""
+        if not saved:
+            self.save(step)
+        how = signals.STOP.signal_name
+        self.ring.stop(step, reason=f"stopped by {how}")
+        raise Interrupted(f"stopped by {how} (checkpoint written)")
 
     def validate(self, step: int) -> torch.Tensor:
         """Forward-only stats (summed) of this pair's held-out micro-steps, which the engine
@@ -307,6 +328,7 @@ class DraftTrainer:
     def export(self, out_dir: str) -> str | None:
         """Write the draft in the layout sglang serves it from into `out_dir` (on the first
         trainer; returns it there, None elsewhere). Every trainer gathers the full weights."""
+        self.ring.pause(f"export to {out_dir}", self.cfg.run.startup_timeout_s)
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
                                                                          cpu_offload=True))
         if not self.topo.is_first:
@@ -316,8 +338,11 @@ class DraftTrainer:
                                   out_dir=out_dir)
 
     def save(self, step: int) -> None:
+        # Storage may be slow: the engine waits for us under the start-up bound meanwhile.
+        self.ring.pause(f"checkpoint at step {step}", self.cfg.run.startup_timeout_s)
         # Rows up to the checkpoint on disk first: a resume keeps those and writes the rest.
         self.metrics.flush()
+        faults.slow_checkpoint(step)
         ckpt.save_checkpoint(self.cfg.run.dir, step, self.model, self.optimizer,
                              data_state=self.data_state, vocab=self.vocab,
                              vocab_sha=self.vocab_sha, group=self.topo.role_cpu_group,

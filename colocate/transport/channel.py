@@ -66,6 +66,7 @@ class PairChannel:
         self.me = me  # e.g. "engine rank 1" — used in every error message
         self.peer = peer
         self._closed = False
+        self._unread: list[tuple[str, dict[str, Any]]] = []  # read past, not yet received
 
     # ------------------------------------------------------------------ set-up
     @classmethod
@@ -139,24 +140,35 @@ class PairChannel:
                            f"'{kind}' ({e}); the peer process died or exited early") from None
 
     def _raise_pending_error(self) -> None:
-        """If the peer's last words before closing were an `error`, raise that instead."""
+        """If the peer's last words before closing were an `error`, raise that instead. The
+        ordinary messages it sent before are kept for `recv` (a `stop` may be among them)."""
+        unread = []
         try:
             while self.poll():
-                self.recv(("error",), 1.0, "the peer's last message")
-        except PeerReportedError:
-            raise
-        except (PeerError, OSError, pickle.UnpicklingError):
+                message = self._read(time.monotonic() + 1.0, 1.0, "the peer's last message")
+                if message[0] == "error":
+                    raise PeerReportedError(f"{self.me}: {self.peer} failed: "
+                                            f"{message[1]['text']}")
+                unread.append(message)
+        except (PeerDied, PeerTimeout, OSError, pickle.UnpicklingError):
             pass
+        finally:
+            self._unread.extend(unread)
 
-    def recv(self, expect: str | tuple[str, ...], timeout_s: float, waiting_for: str
-             ) -> tuple[str, dict[str, Any]]:
-        """Next message, which must be one of `expect`; "error" from the peer is raised."""
-        deadline = time.monotonic() + timeout_s
+    def _read(self, deadline: float, timeout_s: float, waiting_for: str
+              ) -> tuple[str, dict[str, Any]]:
+        if self._unread:
+            return self._unread.pop(0)
         header = self._recv_exact(_HEADER.size, deadline, timeout_s, waiting_for)
         (size,) = _HEADER.unpack(header)
         if size > _MAX_MESSAGE:
             raise PeerError(f"{self.me}: corrupt message header from {self.peer} ({size} bytes)")
-        kind, payload = pickle.loads(self._recv_exact(size, deadline, timeout_s, waiting_for))
+        return pickle.loads(self._recv_exact(size, deadline, timeout_s, waiting_for))
+
+    def recv(self, expect: str | tuple[str, ...], timeout_s: float, waiting_for: str
+             ) -> tuple[str, dict[str, Any]]:
+        """Next message, which must be one of `expect`; "error" from the peer is raised."""
+        kind, payload = self._read(time.monotonic() + timeout_s, timeout_s, waiting_for)
         if kind == "error":
             raise PeerReportedError(f"{self.me}: {self.peer} failed: {payload['text']}")
         expected = (expect,) if isinstance(expect, str) else expect
@@ -167,6 +179,8 @@ class PairChannel:
 
     def poll(self) -> bool:
         """True when a message (or EOF) is ready to read without blocking."""
+        if self._unread:
+            return True
         readable, _, _ = select.select([self._sock], [], [], 0)
         return bool(readable)
 

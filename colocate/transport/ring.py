@@ -25,6 +25,14 @@ Who does what, in order:
 4. End of stream: the producer sends `end`, then waits for the consumer's `bye` (sent after
    the consumer released every slot and closed its handles) before freeing the buffers,
    because freeing memory that another process still has open is undefined behaviour.
+5. Declared pauses: before long work between two receives (a checkpoint, an export) the
+   consumer sends `pause(what, bound_s)`; the producer's next wait for it lasts up to
+   bound_s instead of `timeout_s`, and its error says which pause overran. The next
+   message from the consumer ends the pause.
+6. Early stop (the consumer's run was interrupted): the consumer sends `stop` instead of
+   its next ack, closes its handles and sends `bye`. The producer reads `stop` where it
+   waits for an ack, waits for the `bye`, frees the slots and raises `ConsumerStopped`;
+   messages still in flight are dropped.
 
 Every wait is bounded by `timeout_s`; a dead peer is seen at once (EOF on the channel) and
 a frozen one after the timeout; both errors name the peer rank, the slot and the step.
@@ -39,7 +47,8 @@ from typing import Any
 
 import torch
 
-from colocate.transport.channel import PairChannel, PeerError
+from colocate.exit_codes import Interrupted
+from colocate.transport.channel import PairChannel, PeerDied, PeerError
 from colocate.transport.layout import (Need, TensorSpec, align_up, check_layout, dtype_from_name,
                                        dtype_name, nbytes_of)
 from colocate.transport.slots import CudaIpcSlots, ShmSlots, SlotPool, open_slots
@@ -53,6 +62,10 @@ class LayoutMismatch(RuntimeError):
 
 class SlotOverflow(ValueError):
     """A message does not fit in a slot."""
+
+
+class ConsumerStopped(Interrupted):
+    """The consumer stopped the stream early (its run was interrupted at a clean point)."""
 
 
 @dataclass
@@ -123,6 +136,7 @@ class RingProducer:
         self._next_step = 0
         self._in_flight: deque[tuple[int, int]] = deque()  # (slot, step), oldest first
         self._closed = False
+        self._pause: tuple[float, str] | None = None  # (deadline, what): the consumer's pause
 
     @classmethod
     def start(cls, channel: PairChannel, *, num_slots: int, slot_bytes: int,
@@ -165,8 +179,12 @@ class RingProducer:
         assert writer.step == self._next_step, "publish slots in acquire order"
         self.slots.record_written(writer.slot)
         specs = writer.specs
-        self.channel.send("data", slot=writer.slot, step=writer.step, layout=specs,
-                          meta=writer.meta, t_publish_ns=time.monotonic_ns())
+        try:
+            self.channel.send("data", slot=writer.slot, step=writer.step, layout=specs,
+                              meta=writer.meta, t_publish_ns=time.monotonic_ns())
+        except PeerDied:
+            self._raise_if_stopped()  # the consumer stopped and left before we read its stop
+            raise
         self._in_flight.append((writer.slot, writer.step))
         self._next_step += 1
         self.stats.messages += 1
@@ -181,12 +199,46 @@ class RingProducer:
     def _receive_ack(self, waiting_for: str) -> None:
         slot, step = self._in_flight[0]
         t0 = time.monotonic()
-        _, ack = self.channel.recv("ack", self.timeout_s, waiting_for)
+        _, ack = self._recv_consumer("ack", waiting_for)
         self.stats.wait_s += time.monotonic() - t0
         if (ack["slot"], ack["step"]) != (slot, step):
             raise PeerError(f"{self.channel.me}: {self.channel.peer} acked slot {ack['slot']} "
                             f"step {ack['step']}, expected slot {slot} step {step}")
         self._in_flight.popleft()
+
+    def _recv_consumer(self, expect: str, waiting_for: str) -> tuple[str, dict]:
+        """The consumer's next `expect` message, bounded by `timeout_s` or by the pause it
+        declared; its `stop` ends the stream here (ConsumerStopped)."""
+        while True:
+            timeout_s, note = self.timeout_s, ""
+            if self._pause is not None:
+                timeout_s = max(timeout_s, self._pause[0] - time.monotonic())
+                note = f", after its declared pause ({self._pause[1]})"
+            kind, msg = self.channel.recv((expect, "pause", "stop"), timeout_s,
+                                          waiting_for + note)
+            if kind == "pause":
+                self._pause = (time.monotonic() + msg["bound_s"],
+                               f"{msg['what']}, up to {msg['bound_s']:.0f} s")
+                continue
+            self._pause = None
+            if kind == "stop":
+                self._closed = True
+                try:
+                    self.channel.recv("bye", self.timeout_s, "the trainer to close the ring slots")
+                finally:
+                    self.slots.close()
+                raise ConsumerStopped(f"{self.channel.me}: {self.channel.peer} stopped the "
+                                      f"stream after its step {msg['step']} ({msg['reason']})")
+            return kind, msg
+
+    def _raise_if_stopped(self) -> None:
+        """Read what the departed consumer left unread; raise ConsumerStopped if it said
+        `stop` (then `bye`, as it does) before closing."""
+        try:
+            while self.channel.poll():
+                self._recv_consumer("ack", "the trainer's last messages")
+        except (PeerError, OSError):
+            pass
 
     def close(self, reason: str = "done") -> None:
         """End the stream: collect outstanding acks and the consumer's `bye`, then free."""
@@ -194,9 +246,13 @@ class RingProducer:
             return
         self._closed = True
         try:
-            self.channel.send("end", reason=reason)
+            try:
+                self.channel.send("end", reason=reason)
+            except PeerDied:
+                self._raise_if_stopped()
+                raise
             self.drain()
-            self.channel.recv("bye", self.timeout_s, "the trainer to close the ring slots")
+            self._recv_consumer("bye", "the trainer to close the ring slots")
         finally:
             self.slots.close()
 
@@ -301,8 +357,20 @@ class RingConsumer:
         self.channel.send("ack", slot=slot, step=step)
         self.stats.handoff_s += time.monotonic() - t0
 
+    def pause(self, what: str, bound_s: float) -> None:
+        """Declare long work before our next receive or release (`what`, e.g. "checkpoint at
+        step 40"): the producer waits up to `bound_s` for us instead of its timeout."""
+        self.channel.send("pause", what=what, bound_s=float(bound_s))
+
+    def stop(self, step: int, reason: str) -> None:
+        """End the stream early, at an optimizer-step boundary (`step` steps done): every
+        delivery must be released. The producer frees the slots after our `bye`."""
+        self.channel.send("stop", step=step, reason=reason)
+        self.close()
+
     def close(self) -> None:
-        """After the producer's `end`: close our handles and tell it the memory is free."""
+        """After the producer's `end` (or our `stop`): close our handles and tell it the
+        memory is free."""
         if self._closed:
             return
         self._closed = True

@@ -8,6 +8,7 @@ answers 805 until the control pipe exists and for its first N calls, like a raci
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -419,3 +420,55 @@ def test_launch_helper_start_status_stop(fake, monkeypatch):
     stopped = run("stop")
     assert stopped.returncode == 0, stopped.stderr
     assert not mps._alive(pid) and not os.path.exists(root)
+
+
+def test_a_dead_jobs_daemon_is_stopped_by_the_next_job(fake):
+    from colocate import mps_owner
+
+    tmp = os.path.dirname(fake.plan().private_root)
+    # A job that starts its daemon and is then SIGKILLed: no atexit, the daemon stays.
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        from colocate import mps
+        from colocate.config import MpsSection
+        plan = mps.plan_from_config(MpsSection(mode="required"), "dead", tmp_dir={tmp!r})
+        mps.start_daemon(plan, timeout_s=20, probe_argv={fake.probe_argv!r})
+        os.kill(os.getpid(), signal.SIGKILL)
+        """)
+    dead = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert dead.returncode == -signal.SIGKILL, dead.stderr
+    [record] = mps_owner.read_records(tmp)
+    assert mps._alive(record.daemon_pid) and record.daemon_pid in fake.daemon_pids()
+    assert [r.path for r in mps_owner.stale_records(tmp)] == [record.path]
+
+    # The next job on the node stops it before starting its own, and records itself.
+    plan = fake.plan(mode="required")
+    handle = mps.start_daemon(plan, timeout_s=20, probe_argv=fake.probe_argv)
+    assert not mps._alive(record.daemon_pid)
+    assert not os.path.exists(record.private_root)
+    [mine] = mps_owner.read_records(tmp)
+    assert mine.owner_pid == os.getpid() and mine.daemon_pid == handle.pid
+    assert mps_owner.stale_records(tmp) == []  # a live owner's daemon is not stale
+    assert mps_owner.stop_stale_daemons(tmp) == [] and mps._alive(handle.pid)
+    assert mps.stop_daemon(handle, timeout_s=5) and mps_owner.read_records(tmp) == []
+
+
+def test_doctor_reports_a_stale_record_without_touching_it(tmp_path):
+    from colocate import doctor, mps_owner
+
+    root = tmp_path / "colocate-mps-gone"
+    root.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid whose process has exited
+    path = mps_owner.write_record(str(root), daemon_pid=None, pipe_dir=str(root / "pipe"),
+                                  control_bin="nvidia-cuda-mps-control")
+    ctx = doctor.Ctx("cpu", "auto", 10.0)
+    assert doctor.check_mps_stale(ctx, str(tmp_path))[0].status == doctor.OK  # ours: alive
+    record = json.load(open(path))
+    record["owner_pid"] = dead.pid
+    json.dump(record, open(path, "w"))
+    [result] = doctor.check_mps_stale(ctx, str(tmp_path))
+    assert result.status == doctor.WARN and f"started by pid {dead.pid} (gone)" in result.detail
+    assert f"CUDA_MPS_PIPE_DIRECTORY={root / 'pipe'} launch/mps.sh stop" in result.detail
+    assert os.path.exists(path)

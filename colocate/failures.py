@@ -1,0 +1,54 @@
+"""What a rank leaves behind when it fails: torchrun's error file and the resume command.
+
+torchrun (torch.distributed.elastic) gives every worker a file path in
+TORCHELASTIC_ERROR_FILE; a JSON message written there replaces "To enable traceback see ..."
+in the launcher's failure summary, and the failure with the smallest timestamp is shown as
+the "Root Cause". So the rank whose error is the reason writes it with the current time,
+and a rank that failed only because a peer did (or was stopped) writes its note with a
+timestamp `FOLLOWER_DELAY_S` later: torchrun's timestamps are whole seconds, and a rank that
+wrote nothing (killed by a signal) is stamped when the launcher noticed, so without the
+delay a follower could tie with the real cause and win by having the lower rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import time
+
+FOLLOWER_DELAY_S = 60
+
+
+def write_error_file(message: str, *, root_cause: bool, traceback_text: str | None = None
+                     ) -> bool:
+    """Record `message` for torchrun; the first record of a process wins (later errors are
+    consequences of the first). Returns whether a file was written (False outside torchrun)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path or os.path.exists(path):
+        return False
+    stamp = int(time.time()) + (0 if root_cause else FOLLOWER_DELAY_S)
+    # torchrun shows extraInfo.py_callstack when present, else the message.
+    extra: dict = {"timestamp": str(stamp)}
+    if traceback_text:
+        extra["py_callstack"] = traceback_text
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({"message": {"message": message, "extraInfo": extra}}, f)
+    except OSError:
+        return False
+    return True
+
+
+def resume_command() -> str:
+    """The command line that started this worker, as the user would retype it: under
+    torchrun, `torchrun ... -m colocate <args>` with this job's geometry."""
+    args = shlex.join(sys.argv[1:])
+    if "LOCAL_WORLD_SIZE" not in os.environ:
+        return f"python -m colocate {args}"
+    nodes = int(os.environ.get("WORLD_SIZE", "1")) // int(os.environ["LOCAL_WORLD_SIZE"])
+    where = "--standalone" if nodes == 1 else f"--nnodes {nodes} (same rendezvous)"
+    return (f"torchrun {where} --nproc-per-node {os.environ['LOCAL_WORLD_SIZE']} "
+            f"-m colocate {args}")
