@@ -37,10 +37,12 @@ python examples/tiny/build.py --out examples/tiny 2>&1 | tee -a "$LOG"
 CFG=examples/tiny/config.yaml
 mkdir -p runs
 # 48 held-out conversations; validation (teacher-forced sim_accept_length) after the last step.
-TRAIN=(data.holdout=48 train.val_every_steps=100000 "${TRAIN_DEV[@]}" ${DRAFT:-})
+# TARGET=qwen3: the tiny Qwen3 target instead of the config's Llama, for generate and train.
+TARGET_ARG=(${TARGET:+target.path=examples/tiny/target-$TARGET})
+TRAIN=(data.holdout=48 train.val_every_steps=100000 "${TRAIN_DEV[@]}" ${DRAFT:-} "${TARGET_ARG[@]}")
 # NP: ranks (default NPROC); one sample cannot be split over two pairs, so the gate uses 2.
 train() { run timeout 600 torchrun --standalone --nproc-per-node "${NP:-$NPROC}" -m colocate train --config $CFG "${TRAIN[@]}" "$@"; }
-generate() { run timeout 600 python -m colocate generate --config $CFG --engine "$ENGINE" "$@" "${GEN_DEV[@]}"; }
+generate() { run timeout 600 python -m colocate generate --config $CFG --engine "$ENGINE" "${TARGET_ARG[@]}" "$@" "${GEN_DEV[@]}"; }
 evaluate() {  # RUN_DIR OUT_JSON [eval args]: serve RUN_DIR/export on RUN_DIR's held-out prompts
   run timeout 900 python -m colocate eval --config "$1/config.yaml" --draft "$1/export" \
     --out "$2" --engine $EVAL_ENGINE "${@:3}"
