@@ -127,14 +127,17 @@ def test_unmaskable_samples_are_counted_skips_not_a_failed_build(tiny_assets, ti
                           {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}
     starts_with_reply = {"messages": [{"role": "assistant", "content": "x"}]}
     path = _jsonl(tmp_path, [single, multi, single, starts_with_reply])
-    cfg = DataSection(path=path, cache_dir=str(tmp_path), chat_template=REWRITES)
+    # A conversation that starts with a reply is malformed (role order): an invalid line,
+    # skipped and counted with data.skip_invalid, not an unmaskable sample.
+    cfg = DataSection(path=path, cache_dir=str(tmp_path), chat_template=REWRITES,
+                      skip_invalid=True)
     with caplog.at_level("WARNING"):
         data = load_or_build_tokenized(cfg, tiny_tokenizer, tiny_assets["tokenizer"], "")
     s = data.stats
-    assert (s.lines, s.conversations, s.skipped_unmaskable) == (4, 2, 2)
+    assert (s.lines, s.conversations, s.skipped_unmaskable, s.skipped_invalid) == (4, 2, 1, 1)
     assert f"{path}:2: cannot locate assistant turn 1" in caplog.text
-    assert f"{path}:4: " in caplog.text  # the template cannot render an empty history
-    assert "2 unmaskable" in s.format()
+    assert f"{path}:4: role order" in caplog.text
+    assert "1 unmaskable" in s.format()
     # Nothing usable at all: one error that carries the first reason.
     only = _jsonl(tmp_path, [multi], "only.jsonl")
     with pytest.raises(DataError, match=r"no usable conversation.*first skip: .*only\.jsonl:1"):
