@@ -2,12 +2,12 @@
 
 from colocate.draft.arch import DraftArch
 from colocate.draft.eagle3 import Eagle3Draft
+from colocate.draft.recipe import DraftStepResult
 from colocate.draft.loss import (
-    UnrollResult,
     eagle3_unroll,
     label_counts,
     target_distribution,
 )
 
-__all__ = ["DraftArch", "Eagle3Draft", "UnrollResult", "eagle3_unroll",
+__all__ = ["DraftArch", "DraftStepResult", "Eagle3Draft", "eagle3_unroll",
            "label_counts", "target_distribution"]

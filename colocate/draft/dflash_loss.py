@@ -14,7 +14,7 @@ output (sglang's DFLASH does exactly that; no target final norm), in row chunks:
 [rows, V] float32 logits never exist at once, and the gradient with respect to the draft
 output is formed chunk by chunk in the forward pass (only it, [rows, H], is kept).
 
-Statistics (`DFlashResult.stats`, the `colocate.metrics` layout with K = B - 1 positions):
+Statistics (`DraftStepResult.stats`, the `colocate.metrics` layout with K = B - 1 positions):
 ce_k (unweighted CE summed over position k's counted labels), hits_k (argmax == label),
 counted_k, and (sim_tokens, sim_cycles) = (sum over valid anchors of 1 + the leading run of
 hits from position 1, the number of valid anchors): `metrics.accept_length` of them is the
@@ -23,16 +23,15 @@ accept length of block drafting simulated on the trained tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from colocate import metrics
 from colocate.draft.dflash import DFlashDraft
 from colocate.draft.dflash_blocks import BlockLayout, position_weights
 from colocate.draft.flex import use_flex
+from colocate.draft.recipe import DraftStepResult
 from colocate.draft.kernels import upcast
 
 
@@ -71,24 +70,6 @@ class _HeadCrossEntropy(torch.autograd.Function):
         return grad_RH * grad_loss.to(grad_RH.dtype), None, None, None, None
 
 
-@dataclass
-class DFlashResult:
-    loss: torch.Tensor
-    """Scalar with grad: sum(w * CE) / W (module docstring)."""
-    ce_sum: torch.Tensor
-    """[B-1] unweighted CE summed over each block position's counted labels (no grad)."""
-    hits: torch.Tensor
-    """[B-1] int64 counted labels where the draft's argmax is the label."""
-    counted: torch.Tensor
-    """[B-1] int64 counted labels (`block_label_counts` of this micro-step)."""
-    sim: torch.Tensor
-    """[2] int64 (simulated reply tokens, verify cycles) of block drafting."""
-
-    def stats(self) -> torch.Tensor:
-        """The micro-step's float64 stats vector (`colocate.metrics` layout, K = B - 1)."""
-        return metrics.stats_vector(self.ce_sum, self.hits, self.counted, self.sim)
-
-
 def step_denominator(label_totals: torch.Tensor, block_size: int, gamma: float) -> torch.Tensor:
     """W = sum_k exp(-(k-1)/gamma) * N_k, float32 on label_totals' device."""
     weights = position_weights(block_size, gamma, label_totals.device)
@@ -101,7 +82,7 @@ def dflash_forward(model: DFlashDraft, embed_weight: torch.Tensor,
                    seq_lens: torch.Tensor | Sequence[int], anchors: torch.Tensor, *,
                    gamma: float, block_size: int | None = None,
                    label_totals: torch.Tensor | None = None,
-                   chunk_tokens: int = 2048) -> DFlashResult:
+                   chunk_tokens: int = 2048) -> DraftStepResult:
     """DFlash loss and statistics of one packed micro-step.
 
     embed_weight [V, H], lm_head_weight [V, H]: the target's, frozen (never get gradient);
@@ -140,5 +121,5 @@ def dflash_forward(model: DFlashDraft, embed_weight: torch.Tensor,
         ce_sum = (ce_R.view(num_blocks, -1) * counted_BK).sum(0)
         lead_B = hits_BK.long().cumprod(1).sum(1)  # drafts a verify would accept
         sim = torch.stack([(layout.valid * (1 + lead_B)).sum(), layout.valid.sum()])
-    return DFlashResult(loss=loss, ce_sum=ce_sum, hits=hits_BK.sum(0),
+    return DraftStepResult(loss=loss, ce_sum=ce_sum, hits=hits_BK.sum(0),
                         counted=counted_BK.sum(0), sim=sim)

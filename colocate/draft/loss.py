@@ -29,7 +29,7 @@ Soft cross-entropy  -sum_v target_p * log_softmax(logits)  per loss position, su
 = counted positions of step k over all micro-steps of the step on all trainers
 (`label_counts`, which the engine evaluates before the step's first backward; without
 them, this micro-step's own counts). Nothing here synchronises with the device: results
-are tensors, and `UnrollResult.stats` sums go to `colocate.metrics`.
+are tensors, and `DraftStepResult.stats` sums go to `colocate.metrics`.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from colocate.draft import kernels
 from colocate.draft.attention import seq_bounds_from_lens
 from colocate.draft.eagle3 import Eagle3Draft, KVCache
 from colocate.draft.kernels import upcast
+from colocate.draft.recipe import DraftStepResult
 from colocate.hostcopy import to_device
 
 
@@ -143,24 +144,6 @@ def soft_cross_entropy(logits_TV: torch.Tensor, target: TargetDistribution, src_
                                    kernel_mode)
 
 
-@dataclass
-class UnrollResult:
-    loss: torch.Tensor
-    """Scalar with grad: sum_k decay^k * ce_sum[k] / N_k."""
-    ce_sum: torch.Tensor
-    """[K] with grad: soft cross-entropy summed over the loss positions of each step."""
-    hits: torch.Tensor
-    """[K] int64 positions where the draft's argmax is the target's (in the draft vocabulary)."""
-    counted: torch.Tensor
-    """[K] int64 positions each step is scored on (`label_counts` of this micro-step)."""
-    sim: torch.Tensor
-    """[2] int64 (reply tokens, verify cycles) of `metrics.sim_accept_sums`."""
-
-    def stats(self) -> torch.Tensor:
-        """The micro-step's stats vector (`colocate.metrics` layout), detached."""
-        return metrics.stats_vector(self.ce_sum, self.hits, self.counted, self.sim)
-
-
 def _seq_end_per_token(seq_bounds: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
     """[T] exclusive end index of each token's sequence, built on the host."""
     ends = torch.tensor([end for _, end in seq_bounds], dtype=torch.long)
@@ -192,7 +175,7 @@ def eagle3_unroll(draft: Eagle3Draft, embed_weight: torch.Tensor, aux_hidden: to
                   loss_mask: torch.Tensor, positions: torch.Tensor,
                   seq_lens: torch.Tensor | list[int], unroll_steps: int, position_decay: float,
                   label_totals: torch.Tensor | None = None,
-                  chunk_tokens: int = 4096) -> UnrollResult:
+                  chunk_tokens: int = 4096) -> DraftStepResult:
     """Eagle3 TTT unroll over one packed micro-step (see the module docstring).
 
     embed_weight [V, H] frozen target embedding (never receives gradient); aux_hidden
@@ -234,5 +217,5 @@ def eagle3_unroll(draft: Eagle3Draft, embed_weight: torch.Tensor, aux_hidden: to
     loss = sum(position_decay ** k * ce_sum[k] / denom[k] for k in range(unroll_steps))
     with torch.no_grad():
         sim = metrics.sim_accept_sums(torch.stack(hit_rows), loss_mask, seq_end_T)
-    return UnrollResult(loss=loss, ce_sum=ce_sum, hits=torch.stack(hits), counted=counted,
+    return DraftStepResult(loss=loss, ce_sum=ce_sum, hits=torch.stack(hits), counted=counted,
                         sim=sim)

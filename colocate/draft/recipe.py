@@ -26,7 +26,28 @@ from typing import Any, ClassVar
 
 import torch
 
+from colocate import metrics
 from colocate.transport.layout import Need
+
+
+@dataclass
+class DraftStepResult:
+    """What every recipe's `forward` returns for one micro-step (K = `num_positions`)."""
+
+    loss: torch.Tensor
+    """Scalar with grad: this micro-step's share of the step's per-token loss."""
+    ce_sum: torch.Tensor
+    """[K] cross-entropy summed over each position's scored labels."""
+    hits: torch.Tensor
+    """[K] int64 scored labels where the draft's argmax is the label."""
+    counted: torch.Tensor
+    """[K] int64 labels each position is scored on (the recipe's label counts)."""
+    sim: torch.Tensor
+    """[2] int64 (reply tokens, verify cycles) of the serving simulation."""
+
+    def stats(self) -> torch.Tensor:
+        """The micro-step's float64 stats vector (`colocate.metrics` layout), detached."""
+        return metrics.stats_vector(self.ce_sum, self.hits, self.counted, self.sim)
 
 
 @dataclass(frozen=True)
@@ -55,9 +76,8 @@ class StepKey:
         return torch.Generator().manual_seed(mixed)
 
 
-def base_feature_needs(dtype: torch.dtype) -> dict[str, Need]:
+def base_feature_needs() -> dict[str, Need]:
     """Tensors every recipe needs: the packed batch itself ("T" tokens, "S" sequences)."""
-    del dtype  # the index tensors have fixed dtypes
     return {
         "input_ids": Need(torch.int64, ("T",)),
         "positions": Need(torch.int64, ("T",)),
@@ -100,7 +120,7 @@ class DraftRecipe(ABC):
 
     def feature_needs(self, hidden_size: int, num_layers: int,
                       dtype: torch.dtype) -> dict[str, Need]:
-        needs = base_feature_needs(dtype)
+        needs = base_feature_needs()
         needs["aux_hidden"] = Need(dtype, ("T", num_layers * hidden_size))
         if self.needs_last_hidden:
             needs["last_hidden"] = Need(dtype, ("T", hidden_size))
@@ -119,8 +139,7 @@ class DraftRecipe(ABC):
     def forward(self, model: torch.nn.Module, frozen: FrozenTarget,
                 feats: dict[str, torch.Tensor], meta: dict, *,
                 label_totals: torch.Tensor | None = None, timer=None):
-        """One micro-step's forward, no backward: an object with `.loss` (grad) and
-        `.stats()`. `feats`: the ring tensors; `meta`: the message's meta (seq_lens and what
+        """One micro-step's forward, no backward: a `DraftStepResult`. `feats`: the ring tensors; `meta`: the message's meta (seq_lens and what
         `plan_batch` added); `label_totals`: the step's [K] counts (None: this micro-step's
         own); `timer`: a PhaseTimer to mark sub-phases on (e.g. "teacher")."""
 
