@@ -10,9 +10,12 @@ import argparse
 import logging
 import os
 import sys
+import time
 
 from colocate import __version__
 
+# How long a rank that fails exactly like rank 0 waits before exiting (see _fail).
+FOLLOWER_LINGER_S = 3
 # Raised identically on every rank before roles diverge (bad config, missing files), or on
 # every trainer at the same step (divergence): said once, by rank 0.
 _SAME_ON_EVERY_RANK = ("ConfigError", "TopologyError", "FileNotFoundError", "Diverged")
@@ -130,4 +133,9 @@ def _fail(command: str, module, e: BaseException) -> int:
     summary = summary_of(how) if summary_of else None
     if summary:
         print(summary, file=sys.stderr, flush=True)
+    if quiet and code != codes.PEER_FAILED:
+        # Rank 0 is failing with this same error right now. torchrun stops every worker
+        # once the first one exits, so a follower leaving first would get rank 0 killed
+        # (exit -15) before it returns its own status; linger so rank 0's exit lands first.
+        time.sleep(FOLLOWER_LINGER_S)
     return code
