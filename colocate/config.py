@@ -157,9 +157,15 @@ class DataSection:
     """Shuffle conversation order per epoch (deterministic in run.seed and the epoch)."""
     cache_dir: str = ""
     """Where tokenized data and draft vocabularies are cached. Empty: RUN_DIR/../.cache."""
+    source: str = "dataset"
+    """dataset: train on data.path's replies as written. generate: online decode, the engine
+    ranks answer data.path's prompts with the target while training runs (generate.*
+    settings) and train on those answers (colocate/generate/online.py)."""
 
     def __post_init__(self):
         _require(bool(self.path), "data.path", "set the JSONL file to train on")
+        _require(self.source in ("dataset", "generate"), "data.source",
+                 f"got {self.source!r}; use dataset or generate")
         _require(self.max_length >= 2, "data.max_length", f"got {self.max_length}; must be >= 2")
         _require(isinstance(self.chat_template_kwargs, dict), "data.chat_template_kwargs",
                  f"expected a mapping, e.g. {{enable_thinking: false}}, got "
@@ -338,8 +344,14 @@ class GenerateSection:
     tp_size: int = 1
     """sglang: GPUs per engine replica; the visible GPUs / tp_size replicas run data
     parallel (sglang dp_size)."""
-    mem_fraction: float = 0.85
-    """sglang mem_fraction_static: the share of GPU memory for weights and KV cache."""
+    mem_fraction: float = 0.0
+    """sglang mem_fraction_static: the share of GPU memory for weights and KV cache. 0: auto
+    (0.85 for `colocate generate`; online decode: half of mps.engine_mem_fraction, the
+    prefill engine keeping the other half)."""
+    ahead_chunks: int = 2
+    """Online decode (data.source=generate): answered chunks of generate.chunk_records
+    records that may wait for the packer (bounds memory; 2 keeps one decoding while one
+    is packed)."""
     cuda_graph: bool = False
     """sglang: capture CUDA graphs for decode (faster; the offline bundle's verified
     configuration runs without them)."""
@@ -360,9 +372,11 @@ class GenerateSection:
                  f"got {self.batch_size}; use 0 (auto) or a number of prompts")
         _require(self.chunk_records >= 1, "generate.chunk_records",
                  f"got {self.chunk_records}; must be >= 1")
+        _require(0 <= self.mem_fraction < 1, "generate.mem_fraction",
+                 f"got {self.mem_fraction}; use 0 (auto) or a fraction in (0, 1)")
+        _require(self.ahead_chunks >= 1, "generate.ahead_chunks",
+                 f"got {self.ahead_chunks}; must be >= 1")
         _require(self.tp_size >= 1, "generate.tp_size", f"got {self.tp_size}; must be >= 1")
-        _require(0 < self.mem_fraction < 1, "generate.mem_fraction",
-                 f"got {self.mem_fraction}; use a fraction in (0, 1)")
 
 
 @dataclass(kw_only=True)

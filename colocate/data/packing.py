@@ -81,12 +81,20 @@ def pack_once(dataset: TokenizedDataset, indices: list[int],
 
 def _micro_batch(dataset: TokenizedDataset, picked: list[int], start_state: dict,
                  end_state: dict) -> MicroBatch:
-    lengths = dataset.lengths()
-    ids, masks = zip(*(dataset.sequence(i) for i in picked))
-    seq_lens = torch.tensor([int(lengths[i]) for i in picked], dtype=torch.int32)
-    return MicroBatch(input_ids=torch.cat(ids).to(torch.int64),
-                      positions=positions_from_lens(seq_lens), loss_mask=torch.cat(masks),
-                      seq_lens=seq_lens, indices=torch.tensor(picked, dtype=torch.int64),
+    return micro_batch_from([dataset.sequence(i) for i in picked], picked, start_state,
+                            end_state)
+
+
+def micro_batch_from(sequences: list[tuple], indices: list[int], start_state: dict,
+                     end_state: dict) -> MicroBatch:
+    """A micro-batch of `sequences` ((ids, loss mask) pairs, tensors or lists), back to back;
+    `indices`: where each came from (dataset or prompt index)."""
+    ids = [torch.as_tensor(i, dtype=torch.int64) for i, _ in sequences]
+    masks = [torch.as_tensor(m, dtype=torch.bool) for _, m in sequences]
+    seq_lens = torch.tensor([t.numel() for t in ids], dtype=torch.int32)
+    return MicroBatch(input_ids=torch.cat(ids), positions=positions_from_lens(seq_lens),
+                      loss_mask=torch.cat(masks), seq_lens=seq_lens,
+                      indices=torch.tensor(indices, dtype=torch.int64),
                       epoch=start_state.get("epoch", 0), start_state=start_state,
                       end_state=end_state)
 

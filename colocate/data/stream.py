@@ -26,6 +26,13 @@ class DataStream:
     def next_micro_batch(self) -> MicroBatch:
         return pack_micro_batch(self.tokenized, self.sampler, self.tokens_per_micro_step)
 
+    def decode_meta(self) -> dict:
+        """Nothing is decoded here (online decode's stream reports its answering)."""
+        return {}
+
+    def close(self) -> None:
+        pass
+
     def _identity(self) -> dict:
         s = self.sampler
         return {"dataset_key": self.tokenized.key, "seed": s.seed, "shuffle": s.shuffle,

@@ -22,7 +22,7 @@ import torch
 from colocate.config import DataSection, describe_path
 from colocate.data.cache import (atomic_torch_save, load_cached, update_with_file,
                                  update_with_tokenizer_files)
-from colocate.data.conversations import read_conversations
+from colocate.data.conversations import Conversation, read_conversations
 from colocate.data.errors import MAX_LOGGED_SKIPS, DataError
 from colocate.data.stats import DataStats
 from colocate.data.encode import encode_conversation
@@ -67,6 +67,42 @@ class TokenizedDataset:
         return self.offsets[1:] - self.offsets[:-1]
 
 
+def count_unmaskable(stats: DataStats, error: DataError) -> None:
+    stats.skipped_unmaskable += 1
+    if stats.skipped_unmaskable <= MAX_LOGGED_SKIPS:
+        log.warning("skipping: %s", error)
+
+
+def encode_sample(conversation: Conversation, renderer: Renderer, *, max_length: int,
+                  last_assistant_turn_only: bool, stats: DataStats
+                  ) -> tuple[list[int], list[bool]] | None:
+    """One conversation as training sees it: ids and loss mask, cut at `max_length`; None
+    when nothing in it is trainable. Counts into `stats` (kept, truncated, tokens, skips);
+    a conversation whose replies cannot be masked is counted, logged (the first few) and
+    re-raised as the DataError saying why. The one place a sample is encoded: the tokenized
+    dataset and online decode (colocate/generate/online.py) both call it."""
+    last_only = conversation.last_assistant_turn_only
+    if last_only is None:
+        last_only = last_assistant_turn_only
+    try:
+        encoded = encode_conversation(conversation, renderer, last_assistant_turn_only=last_only)
+    except DataError as e:
+        count_unmaskable(stats, e)
+        raise
+    stats.replies_own_ids += encoded.ids_used
+    stats.replies_ids_unusable += encoded.ids_unusable
+    seq_ids, seq_mask = encoded.ids[:max_length], encoded.mask[:max_length]
+    num_trainable = sum(seq_mask)
+    if num_trainable == 0:
+        stats.skipped_no_trainable += 1
+        return None
+    stats.conversations += 1
+    stats.truncated += int(len(encoded.ids) > max_length)
+    stats.tokens += len(seq_ids)
+    stats.trainable_tokens += num_trainable
+    return seq_ids, seq_mask
+
+
 def tokenize_file(path: str, renderer: Renderer, *, max_length: int,
                   last_assistant_turn_only: bool, skip_invalid: bool,
                   keep_line: Callable[[int], bool] | None = None,
@@ -85,36 +121,22 @@ def tokenize_file(path: str, renderer: Renderer, *, max_length: int,
     checked, first_skip = False, ""
     for conversation in read_conversations(path, skip_invalid=skip_invalid, stats=stats,
                                            keep_line=keep_line):
-        last_only = conversation.last_assistant_turn_only
-        if last_only is None:
-            last_only = last_assistant_turn_only
         try:
             if not checked:
                 check_generation_prompt(conversation, renderer)
                 checked = True
-            encoded = encode_conversation(conversation, renderer,
-                                          last_assistant_turn_only=last_only)
+            sample = encode_sample(conversation, renderer, max_length=max_length,
+                                   last_assistant_turn_only=last_assistant_turn_only,
+                                   stats=stats)
         except DataError as e:
-            stats.skipped_unmaskable += 1
+            if not checked:  # the template could not render it: as unmaskable
+                count_unmaskable(stats, e)
             first_skip = first_skip or str(e)
-            if stats.skipped_unmaskable <= MAX_LOGGED_SKIPS:
-                log.warning("skipping: %s", e)
             continue
-        stats.replies_own_ids += encoded.ids_used
-        stats.replies_ids_unusable += encoded.ids_unusable
-        cut = len(encoded.ids) > max_length
-        seq_ids, seq_mask = encoded.ids[:max_length], encoded.mask[:max_length]
-        num_trainable = sum(seq_mask)
-        if num_trainable == 0:
-            stats.skipped_no_trainable += 1
-            continue
-        stats.conversations += 1
-        stats.truncated += int(cut)
-        stats.tokens += len(seq_ids)
-        stats.trainable_tokens += num_trainable
-        ids.extend(seq_ids)
-        mask.extend(seq_mask)
-        offsets.append(len(ids))
+        if sample is not None:
+            ids.extend(sample[0])
+            mask.extend(sample[1])
+            offsets.append(len(ids))
     if stats.conversations == 0:
         why = f"; the first skip: {first_skip}" if first_skip else ""
         raise DataError(f"{path}: no usable conversation ({stats.format()}); check the file "

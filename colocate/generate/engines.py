@@ -63,9 +63,12 @@ class Generator(Protocol):
     the resume fingerprint."""
 
     def generate(self, prompts: list[list[int]], seeds: list[int],
-                 on_batch: Callable[[int, int], None] | None = None) -> list[Generation]:
+                 on_batch: Callable[[int, int], None] | None = None,
+                 max_new_tokens: list[int] | None = None) -> list[Generation]:
         """One reply per prompt, in order. `seeds` seed sampling per prompt where the backend
-        can; `on_batch(num_replies, num_tokens)` is called as batches finish (progress)."""
+        can; `on_batch(num_replies, num_tokens)` is called as batches finish (progress);
+        `max_new_tokens`: a per-prompt cap below the sampling's (online decode fits replies
+        to the training length)."""
 
     def close(self) -> None: ...
 
@@ -110,20 +113,32 @@ def resolve_backend(cfg: "Config") -> Backend:
                    resolve_target_dtype(cfg.target.dtype, device))
 
 
-def build_generator(cfg: "Config", sampling: Sampling, pad_id: int) -> Generator:
-    """The backend generate.engine names, with the target of cfg.target loaded."""
+def build_generator(cfg: "Config", sampling: Sampling, pad_id: int,
+                    device: torch.device | None = None) -> Generator:
+    """The backend generate.engine names, with the target of cfg.target loaded. `device`:
+    online decode on an engine rank, which answers on its own GPU only (sglang: one replica
+    there, in half of the engine's memory share unless generate.mem_fraction says)."""
     backend = resolve_backend(cfg)
     gen = cfg.generate
     log.info("generate: %s engine on %s, %s", backend.engine, backend.device.type,
              str(backend.dtype).removeprefix("torch."))
     if backend.engine == "hf":
-        return HFGenerator(cfg.target.path, sampling=sampling, device=backend.device,
+        return HFGenerator(cfg.target.path, sampling=sampling, device=device or backend.device,
                            dtype=backend.dtype, batch_size=gen.batch_size, pad_id=pad_id,
                            load_format=cfg.target.load_format, seed=cfg.run.seed)
-    return SGLangGenerator(cfg.target.path, sampling=sampling, dtype=backend.dtype,
-                           tp_size=gen.tp_size, mem_fraction=gen.mem_fraction,
+    if device is None:
+        return SGLangGenerator(cfg.target.path, sampling=sampling, dtype=backend.dtype,
+                               tp_size=gen.tp_size, mem_fraction=gen.mem_fraction or 0.85,
+                               seed=cfg.run.seed, batch_size=gen.batch_size,
+                               load_format=cfg.target.load_format, cuda_graph=gen.cuda_graph)
+    if gen.tp_size != 1:
+        raise ValueError("generate.tp_size: online decode answers on each engine's own GPU; "
+                         "use generate.tp_size=1 with data.source=generate")
+    return SGLangGenerator(cfg.target.path, sampling=sampling, dtype=backend.dtype, tp_size=1,
+                           mem_fraction=gen.mem_fraction or cfg.mps.engine_mem_fraction / 2,
                            seed=cfg.run.seed, batch_size=gen.batch_size,
-                           load_format=cfg.target.load_format, cuda_graph=gen.cuda_graph)
+                           load_format=cfg.target.load_format, cuda_graph=gen.cuda_graph,
+                           gpu=device.index)
 
 
 class HFGenerator:
@@ -154,19 +169,24 @@ class HFGenerator:
         self.pad_id = pad_id
 
     def generate(self, prompts: list[list[int]], seeds: list[int],
-                 on_batch: Callable[[int, int], None] | None = None) -> list[Generation]:
+                 on_batch: Callable[[int, int], None] | None = None,
+                 max_new_tokens: list[int] | None = None) -> list[Generation]:
         out: list[Generation | None] = [None] * len(prompts)
+        limits = max_new_tokens or [self.sampling.max_new_tokens] * len(prompts)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding
         for start in range(0, len(order), self.batch_size):
             rows = order[start:start + self.batch_size]
             for i, generation in zip(rows, self._batch([prompts[i] for i in rows],
-                                                       seeds[rows[0]])):
+                                                       seeds[rows[0]], [limits[i] for i in rows])):
                 out[i] = generation
             if on_batch is not None:
                 on_batch(len(rows), sum(len(out[i].ids) for i in rows))
         return out
 
-    def _batch(self, prompts: list[list[int]], seed: int) -> list[Generation]:
+    def _batch(self, prompts: list[list[int]], seed: int, limits: list[int]
+               ) -> list[Generation]:
+        """One generate call; row i is cut at limits[i] new tokens (greedy: what generating
+        with that limit gives; the call runs to the largest)."""
         width = max(len(p) for p in prompts)
         ids_BL = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask_BL = torch.zeros_like(ids_BL)
@@ -177,8 +197,10 @@ class HFGenerator:
             torch.manual_seed(seed)  # one stream per batch: deterministic for the same batches
         with torch.no_grad():
             out_BT = self.model.generate(input_ids=ids_BL.to(self.device),
-                                         attention_mask=mask_BL.to(self.device))
-        return [split_stop(row, self.sampling.stop_ids) for row in out_BT[:, width:].tolist()]
+                                         attention_mask=mask_BL.to(self.device),
+                                         max_new_tokens=max(limits))
+        return [split_stop(row[:limit], self.sampling.stop_ids)
+                for row, limit in zip(out_BT[:, width:].tolist(), limits)]
 
     def close(self) -> None:
         del self.model
@@ -191,10 +213,11 @@ class SGLangGenerator:
 
     def __init__(self, path: str, *, sampling: Sampling, dtype: torch.dtype, tp_size: int,
                  mem_fraction: float, seed: int, batch_size: int, load_format: str = "auto",
-                 cuda_graph: bool = False):
+                 cuda_graph: bool = False, gpu: int | None = None):
+        """`gpu`: one replica on that GPU only (online decode); else every visible GPU."""
         from colocate.engine.sglang_env import offline_engine_env, offline_engine_kwargs
 
-        num_gpus = torch.cuda.device_count()
+        num_gpus = torch.cuda.device_count() if gpu is None else 1
         if num_gpus % tp_size:
             raise ValueError(f"generate.tp_size: {tp_size} does not divide the {num_gpus} "
                              "visible GPUs; use a divisor, or set CUDA_VISIBLE_DEVICES")
@@ -205,6 +228,8 @@ class SGLangGenerator:
         # SamplingBatchInfo.from_schedule_batch); greedy needs no seed, and the mode costs
         # speed (batch-invariant kernels), so it is on for sampling only.
         extra = {"enable_deterministic_inference": True} if sampling.temperature > 0 else {}
+        if gpu is not None:
+            extra["base_gpu_id"] = gpu
         self.engine = sglang.Engine(**offline_engine_kwargs(
             path, dtype=dtype, mem_fraction=mem_fraction, seed=seed, cuda_graph=cuda_graph,
             load_format=load_format, tp_size=tp_size, dp_size=num_gpus // tp_size, **extra))
@@ -213,9 +238,9 @@ class SGLangGenerator:
         log.info("sglang engine: %d GPU(s), tp_size %d x dp_size %d", num_gpus, tp_size,
                  num_gpus // tp_size)
 
-    def _params(self, seed: int) -> dict:
+    def _params(self, seed: int, max_new_tokens: int) -> dict:
         s = self.sampling
-        params = dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+        params = dict(max_new_tokens=max_new_tokens, temperature=s.temperature,
                       top_p=s.top_p, top_k=-1, min_p=0.0, repetition_penalty=1.0,
                       stop_token_ids=list(s.stop_ids))
         if s.temperature > 0:
@@ -223,13 +248,16 @@ class SGLangGenerator:
         return params
 
     def generate(self, prompts: list[list[int]], seeds: list[int],
-                 on_batch: Callable[[int, int], None] | None = None) -> list[Generation]:
+                 on_batch: Callable[[int, int], None] | None = None,
+                 max_new_tokens: list[int] | None = None) -> list[Generation]:
         out: list[Generation] = []
+        limits = max_new_tokens or [self.sampling.max_new_tokens] * len(prompts)
         step = self.batch_size or len(prompts)
         for start in range(0, len(prompts), step):
+            window = slice(start, start + step)
             batch = self.engine.generate(
-                input_ids=prompts[start:start + step],
-                sampling_params=[self._params(s) for s in seeds[start:start + step]])
+                input_ids=prompts[window],
+                sampling_params=[self._params(s, n) for s, n in zip(seeds[window], limits[window])])
             for result in batch:
                 reason = result["meta_info"]["finish_reason"]
                 reason = reason.get("type") if isinstance(reason, dict) else reason

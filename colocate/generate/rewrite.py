@@ -98,6 +98,10 @@ class ChunkResult:
     counts: GenerateCounts
     skips: list[str]
     """FILE:LINE and reason of the first MAX_LISTED_SKIPS skipped records."""
+    written: list[int] = field(default_factory=list)
+    """The input line of each of `lines`."""
+    truncated_at_context: int = 0
+    """Records cut to fit `context_limit` (online decode only)."""
 
 
 @dataclass
@@ -107,6 +111,8 @@ class _Record:
     replies: list[Generation] = field(default_factory=list)
     skipped: bool = False
     """Counted as skipped (template error, prompt too long): not written."""
+    full: bool = False
+    """Filled `context_limit`: its later turns are not regenerated (online decode)."""
 
 
 def reply_seed(seed: int, line_no: int, turn: int) -> int:
@@ -124,14 +130,25 @@ def round_trips(tokenizer, ids: list[int], stop_ids: tuple[int, ...]) -> bool:
 
 
 class ChunkRewriter:
-    """Regenerates chunks with one generator, renderer and set of limits (lives for a run)."""
+    """Regenerates chunks with one generator, renderer and set of limits (lives for a run).
+
+    `context_limit` (online decode, where the answers are trained on right away): instead of
+    skipping a record whose prompt leaves no room for max_new_tokens, each reply is cut so
+    prompt + reply fit the limit (the training length), and a record whose next prompt
+    already fills it keeps its later turns as they are (training truncates them away); such
+    records are counted in ChunkResult.truncated_at_context. Training on the result sees
+    the same tokens as training on the uncut answers truncated at the limit."""
 
     def __init__(self, generator: Generator, renderer: Renderer, *, max_prompt_tokens: int,
                  stop_ids: tuple[int, ...], seed: int,
-                 on_batch: Callable[[int, int], None] | None = None):
+                 on_batch: Callable[[int, int], None] | None = None,
+                 context_limit: int | None = None, max_new_tokens: int = 0):
         self.generator = generator
         self.renderer = renderer
         self.max_prompt_tokens = max_prompt_tokens
+        self.context_limit = context_limit
+        self.max_new_tokens = max_new_tokens
+        assert context_limit is None or max_new_tokens > 0, "context_limit needs max_new_tokens"
         self.stop_ids = stop_ids
         self.seed = seed
         self.on_batch = on_batch
@@ -148,23 +165,26 @@ class ChunkRewriter:
                 self._note_skip(skips, str(item).split(". Fix")[0], logged=True)
             else:
                 records.append(_Record(line_no, item))
+        self._truncated: set[int] = set()
         for r in range(max((len(rec.conversation.assistant_turns) for rec in records),
                            default=0)):
             self._round(r, records, counts, skips)
-        lines = []
+        lines, written = [], []
         for rec in records:
             if rec.skipped:
                 continue
             lines.append(json.dumps(self._output(rec, counts), ensure_ascii=False))
+            written.append(rec.line_no)
         counts.records_written = len(lines)
-        return ChunkResult(items[0][0], items[-1][0], lines, counts, skips)
+        return ChunkResult(items[0][0], items[-1][0], lines, counts, skips, written,
+                           len(self._truncated))
 
     def _round(self, r: int, records: list[_Record], counts: GenerateCounts,
                skips: list[str]) -> None:
         todo, prompts = [], []
         for rec in records:
             turns = rec.conversation.assistant_turns
-            if rec.skipped or len(turns) <= r:
+            if rec.skipped or rec.full or len(turns) <= r:
                 continue
             prompt = self._prompt(rec, turns[r], counts, skips)
             if prompt is not None:
@@ -173,7 +193,12 @@ class ChunkRewriter:
         if not todo:
             return
         seeds = [reply_seed(self.seed, rec.line_no, r) for rec in todo]
-        replies = self.generator.generate(prompts, seeds, self.on_batch)
+        limits = None
+        if self.context_limit is not None:
+            limits = [min(self.max_new_tokens, self.context_limit - len(p)) for p in prompts]
+            self._truncated.update(rec.line_no for rec, n in zip(todo, limits)
+                                   if n < self.max_new_tokens)
+        replies = self.generator.generate(prompts, seeds, self.on_batch, limits)
         # The Generator contract: one reply per prompt, in order (zip would drop records).
         assert len(replies) == len(prompts), \
             f"{self.generator.name} returned {len(replies)} replies for {len(prompts)} prompts"
@@ -197,15 +222,24 @@ class ChunkRewriter:
             counts.skipped_template_error += 1
             self._note_skip(skips, str(e))
             return None
-        if len(prompt) > self.max_prompt_tokens:
-            rec.skipped = True
-            counts.skipped_prompt_too_long += 1
-            self._note_skip(skips, f"{where}: the prompt of assistant turn {turn} has "
-                                   f"{len(prompt):,} tokens; at most {self.max_prompt_tokens:,} "
-                                   "fit the target's context (max_position_embeddings minus "
-                                   "generate.max_new_tokens)")
-            return None
-        return prompt
+        if self.context_limit is None:
+            if len(prompt) <= self.max_prompt_tokens:
+                return prompt
+            room = (f"at most {self.max_prompt_tokens:,} fit the target's context "
+                    "(max_position_embeddings minus generate.max_new_tokens)")
+        else:
+            if len(prompt) < self.context_limit:
+                return prompt
+            if rec.replies:  # its earlier replies are trained on; this turn lies past the limit
+                rec.full = True
+                self._truncated.add(rec.line_no)
+                return None
+            room = f"a reply needs the prompt under {self.context_limit:,} (the training length)"
+        rec.skipped = True
+        counts.skipped_prompt_too_long += 1
+        self._note_skip(skips, f"{where}: the prompt of assistant turn {turn} has "
+                               f"{len(prompt):,} tokens; {room}")
+        return None
 
     def _note_skip(self, skips: list[str], message: str, logged: bool = False) -> None:
         if len(skips) < MAX_LISTED_SKIPS:

@@ -4,7 +4,8 @@ Order (the trainer mirrors it in trainer.py):
   1. tokenize the data (the first engine builds the cache, the others then read it) and
      build the draft vocabulary from loss-masked token frequencies;
   2. load the target (before the trainer allocates its draft, so the engine sizes its
-     memory first);
+     memory first); with data.source=generate, also the answering engine (online decode,
+     colocate/generate/online.py), which answers the held-out prompts before anything else;
   3. send `plan` (vocabulary, data counts); receive `start` (step and data position);
   4. produce (last step - start step) * micro_steps packed micro-steps, then `end`. The
      micro-batches of an optimizer step are packed together before its first prefill
@@ -18,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import zlib
 
 import torch
 import torch.distributed as dist
@@ -44,13 +46,16 @@ def default_cache_dir(cfg: Config) -> str:
 
 def prepare_data(cfg: Config, tokenizer, target_vocab_size: int):
     """Tokenized training data + draft vocabulary (both cached on disk), and the tokenized
-    held-out split (cached too) when data.holdout > 0, else None."""
+    held-out split (cached too) when data.holdout > 0, else None.
+
+    Online decode (data.source=generate) takes only the vocabulary from here: the target's
+    answers do not exist before training, so it is chosen from data.path's own replies."""
     cache_dir = default_cache_dir(cfg)
     tokenized = load_or_build_tokenized(cfg.data, tokenizer, cfg.target.path, cache_dir)
     vocab = load_or_build_vocab(tokenized, cfg.draft.draft_vocab_size, target_vocab_size,
                                 cache_dir)
     held_out = None
-    if cfg.data.holdout:
+    if cfg.data.holdout and cfg.data.source == "dataset":
         held_out = load_or_build_tokenized(cfg.data, tokenizer, cfg.target.path, cache_dir,
                                            split="holdout")
     return tokenized, vocab, held_out
@@ -64,17 +69,24 @@ def pack_step(stream: DataStream, num_micro_steps: int, recipe: DraftRecipe, *, 
     positions of each draft position over the whole step, before its first backward. Meta:
     seq_lens; data_state, the stream's position right after this micro-batch (a checkpoint
     taken after it resumes with the next one); label_counts, this micro-batch's counts;
-    step_label_counts, this pair's totals for the step (trainers sum them over pairs); and
-    whatever the draft recipe plans for the micro-batch (DFlash: its anchors, drawn from
-    (seed, step, micro-step, pair), so a resumed run draws the same).
+    step_label_counts, this pair's totals for the step (trainers sum them over pairs);
+    step_ids_crc32, a fingerprint of the step's tokens (the first pair's lands in
+    metrics.jsonl: two runs trained on the same tokens show the same column); online
+    decode's running totals; and whatever the draft recipe plans for the micro-batch
+    (DFlash: its anchors, drawn from (seed, step, micro-step, pair), so a resumed run draws
+    the same).
     """
     batches = [stream.next_micro_batch() for _ in range(num_micro_steps)]
     plans = [recipe.plan_batch(b, StepKey(seed=seed, step=step, micro=i, pair=pair))
              for i, b in enumerate(batches)]
     totals = torch.stack([counts for _, counts in plans]).sum(0).tolist()
+    crc = 0
+    for b in batches:
+        crc = zlib.crc32(b.input_ids.numpy().tobytes(), crc)
     stream_state = stream.state()  # identity and position after the last micro-batch
+    shared = dict(step_label_counts=totals, step_ids_crc32=crc, **stream.decode_meta())
     return [(b, dict(seq_lens=b.seq_lens.tolist(), data_state={**stream_state, **b.end_state},
-                     label_counts=counts.tolist(), step_label_counts=totals, **extra))
+                     label_counts=counts.tolist(), **shared, **extra))
             for b, (extra, counts) in zip(batches, plans)]
 
 
@@ -95,7 +107,6 @@ def validation_batches(held_out: TokenizedDataset, topo: Topology,
 
 
 def run_engine(cfg: Config, topo: Topology, channel: PairChannel, *, target_config) -> None:
-    startup = cfg.run.startup_timeout_s
     info = topo.info
 
     # 1. Data and vocabulary. The first engine tokenizes; the rest wait on the engine group
@@ -107,24 +118,45 @@ def run_engine(cfg: Config, topo: Topology, channel: PairChannel, *, target_conf
     dist.barrier(group=topo.role_cpu_group)
     if not topo.is_first:
         tokenized, vocab, held_out = prepare_data(cfg, tokenizer, target_config.vocab_size)
-    stream = DataStream(tokenized, seed=cfg.run.seed, shuffle=cfg.data.shuffle,
-                        shard_index=info.pair_index, num_shards=info.num_pairs,
-                        tokens_per_micro_step=cfg.data.tokens_per_micro_step)
-    val_batches = (validation_batches(held_out, topo, cfg.data.tokens_per_micro_step)
-                   if cfg.train.val_every_steps else [])
-
-    # 2. The target model, under the engine's memory cap.
+    # 2. The target model, under the engine's memory cap; online decode's answering
+    #    engine beside it (and the held-out answers, answered once now).
     if topo.device.type == "cuda" and cfg.mps.engine_mem_fraction > 0:
         torch.cuda.set_per_process_memory_fraction(cfg.mps.engine_mem_fraction, topo.device)
     engine = build_engine(cfg, topo.device)
     recipe = recipe_for(cfg)
+    stats_line = tokenized.stats.format()
+    if cfg.data.source == "generate":
+        from colocate.generate.online import build_online_stream
+
+        stream, held_out = build_online_stream(cfg, topo)
+        stats_line = (f"online decode of {len(stream.records):,} prompts per epoch (draft "
+                      f"vocabulary from data.path's own replies: {stats_line})")
+    else:
+        stream = DataStream(tokenized, seed=cfg.run.seed, shuffle=cfg.data.shuffle,
+                            shard_index=info.pair_index, num_shards=info.num_pairs,
+                            tokens_per_micro_step=cfg.data.tokens_per_micro_step)
+    try:
+        _stream_to_trainer(cfg, topo, channel, engine, recipe, stream, held_out, vocab,
+                           stats_line)
+    finally:
+        stream.close()
+
+
+def _stream_to_trainer(cfg: Config, topo: Topology, channel: PairChannel, engine, recipe,
+                       stream, held_out, vocab, stats_line: str) -> None:
+    startup = cfg.run.startup_timeout_s
+    info = topo.info
+    val_batches = (validation_batches(held_out, topo, cfg.data.tokens_per_micro_step)
+                   if cfg.train.val_every_steps else [])
 
     # 3. Tell the trainer what it trains against; learn where to start.
     channel.send("plan", d2t=vocab.d2t, t2d=vocab.t2d, draft_ids=vocab.draft_ids,
-                 stats_line=tokenized.stats.format())
+                 stats_line=stats_line)
     _, start = channel.recv("start", startup, "the trainer's start (step and data position)")
     if start["data_state"] is not None:
         stream.load_state(start["data_state"])
+    if cfg.data.source == "generate":
+        stream.start()  # decodes from the position training resumes at
 
     # 4. Stream micro-steps through the ring: each optimizer step's micro-steps, then, after
     #    the steps that validate, this pair's held-out micro-steps (forward only).

@@ -254,6 +254,9 @@ class DraftTrainer:
                                 handoff_s=self.ring.stats.handoff_s,
                                 engine_prefill_s=delivery_meta.get("engine_prefill_s", 0.0),
                                 engine_clock_s=delivery_meta.get("engine_clock_s", 0.0),
+                                step_ids_crc32=delivery_meta["step_ids_crc32"],
+                                **{k: v for k, v in delivery_meta.items()
+                                   if k.startswith("decode_")},
                                 phases=self.timer.take(),
                                 trainer_peak_gib=peak_gib(self.topo.device),
                                 engine_peak_gib=engine_peak)

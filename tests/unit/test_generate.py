@@ -70,7 +70,7 @@ class ScriptedGenerator:
         self.replies = list(replies)
         self.prompts: list[list[int]] = []
 
-    def generate(self, prompts, seeds, on_batch=None):
+    def generate(self, prompts, seeds, on_batch=None, max_new_tokens=None):
         self.prompts += prompts
         return [Generation(*self.replies.pop(0)) for _ in prompts]
 
@@ -250,7 +250,7 @@ def test_answers_of_another_engine_dtype_or_weights_are_not_resumed(tiny_assets,
 
 def test_a_generator_that_loses_replies_stops_the_run(tiny_assets, tmp_path):
     class Short(ScriptedGenerator):
-        def generate(self, prompts, seeds, on_batch=None):
+        def generate(self, prompts, seeds, on_batch=None, max_new_tokens=None):
             return super().generate(prompts[:-1], seeds[:-1], on_batch)
 
     data = head(tiny_assets, tmp_path, 2)
