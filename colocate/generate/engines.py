@@ -134,11 +134,19 @@ def build_generator(cfg: "Config", sampling: Sampling, pad_id: int,
     if gen.tp_size != 1:
         raise ValueError("generate.tp_size: online decode answers on each engine's own GPU; "
                          "use generate.tp_size=1 with data.source=generate")
-    return SGLangGenerator(cfg.target.path, sampling=sampling, dtype=backend.dtype, tp_size=1,
-                           mem_fraction=gen.mem_fraction or cfg.mps.engine_mem_fraction / 2,
-                           seed=cfg.run.seed, batch_size=gen.batch_size,
-                           load_format=cfg.target.load_format, cuda_graph=gen.cuda_graph,
-                           gpu=device.index)
+    from colocate.engine.sglang import static_mem_fraction
+    from colocate.generate.child import ChildGenerator
+
+    # Its share of the GPU, as sglang counts it (a fraction of the memory free right now:
+    # the prefill engine is loaded, the trainer not yet).
+    free, total = torch.cuda.mem_get_info(device)
+    share = gen.mem_fraction or cfg.mps.engine_mem_fraction / 2
+    return ChildGenerator(SGLangGenerator, dict(
+        path=cfg.target.path, sampling=sampling, dtype=backend.dtype, tp_size=1,
+        mem_fraction=static_mem_fraction(share, total, free), seed=cfg.run.seed,
+        batch_size=gen.batch_size, load_format=cfg.target.load_format,
+        cuda_graph=gen.cuda_graph, gpu=device.index),
+        timeout_s=cfg.run.startup_timeout_s, who=f"the engine on {device}")
 
 
 class HFGenerator:

@@ -173,3 +173,33 @@ def test_held_out_prompts_are_answered_once(tiny_assets, tiny_tokenizer, tmp_pat
     assert held_out.num_sequences == 4 and gen.calls == rounds
     assert len(stream.records) == 16
     assert held_out.loss_mask.any()
+
+
+def _broken_factory():
+    raise ValueError("no such model")
+
+
+def test_a_generator_in_a_child_process_answers_as_in_process(tiny_assets, tiny_tokenizer):
+    # Online decode's sglang Engine runs like this (colocate/generate/child.py); here the hf
+    # engine in a real spawned child against the same engine in this process.
+    from colocate.generate.child import ChildGenerator
+    from colocate.generate.engines import HFGenerator, Sampling
+
+    kwargs = dict(path=tiny_assets["target_llama"],
+                  sampling=Sampling(12, 0.0, 1.0, (tiny_tokenizer.eos_token_id,)),
+                  device=torch.device("cpu"), dtype=torch.float32, batch_size=4,
+                  pad_id=tiny_tokenizer.eos_token_id)
+    prompts = [tiny_tokenizer(t)["input_ids"] for t in ("hello there", "what is 7 plus 5",
+                                                        "tell me a story about a cat")]
+    limits = [12, 3, 8]
+    here = HFGenerator(**kwargs).generate(prompts, [0, 0, 0], None, limits)
+    child = ChildGenerator(HFGenerator, kwargs, timeout_s=120, who="test")
+    try:
+        assert child.name == "hf"
+        assert child.generate(prompts, [0, 0, 0], None, limits) == here
+        assert [len(g.ids) <= n for g, n in zip(here, limits)] == [True] * 3
+    finally:
+        child.close()
+    assert not child._proc.is_alive()
+    with pytest.raises(RuntimeError, match="(?s)failed during start.*no such model"):
+        ChildGenerator(_broken_factory, {}, timeout_s=120, who="test")
