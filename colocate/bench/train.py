@@ -9,6 +9,10 @@ prints one table:
   time-sliced K=2      the same two processes without MPS (the GPU time-slices them)
   engine alone (E)     the trainer releases every micro-step unread (bench.trainer=discard)
   trainer alone (T)    the engine replays captured micro-steps (bench.engine=replay)
+  pre-generated K=2    (--modes pregen,online) trained on `colocate generate`'s answers to
+                       data.path's prompts, generated first (not timed)
+  online decode K=2    data.source=generate: the engines answer the same prompts while
+                       training runs; its row adds the decode rate (first pair x pairs)
 
 From E and T come two disaggregated references per GPU: the 1:1 split min(E, T)/2 and the
 ideal split 1/(1/E + 1/T) (engine GPUs in exact proportion to their load, free transport).
@@ -57,7 +61,12 @@ MODES = (
     Mode("ts", "time-sliced K=2", ("transport.num_slots=2", "mps.mode=off")),
     Mode("engine", "engine alone (E)", ("bench.trainer=discard", "mps.mode=off"), work="engine"),
     Mode("trainer", "trainer alone (T)", ("bench.engine=replay", "mps.mode=off"), work="trainer"),
+    # Online decode against training on a file of the same answers, generated first.
+    Mode("pregen", "pre-generated K=2", ("transport.num_slots=2", "mps.mode=auto")),
+    Mode("online", "online decode K=2", ("transport.num_slots=2", "mps.mode=auto",
+                                         "data.source=generate")),
 )
+DEFAULT_MODES = ("k2", "k3", "k1", "ts", "engine", "trainer")
 
 
 # The trainer's phases as `PhaseTimer` marks them (trainer.py), in step order.
@@ -76,6 +85,7 @@ class Result:
     engine_gib: float = 0.0
     breakdown: dict | None = None  # share of wall time per role and phase
     tag: str = ""  # the --sweep value of this row ("" without a sweep)
+    decode_tokens_per_s: float = 0.0  # online decode: tokens the target generated
 
     @property
     def label(self) -> str:
@@ -106,6 +116,8 @@ def summarize(mode: Mode, rows: list[dict], warmup: int) -> Result:
         return timed[-1][key] - (before[key] if before else 0.0)
 
     tokens = sum(r["tokens"] for r in timed)
+    # Online decode: the first pair's engine counts its own answers; every pair decodes alike.
+    decode = delta("decode_tokens") / seconds if "decode_tokens" in timed[-1] else 0.0
     breakdown = {"engine prefill": delta("engine_prefill_s") / engine_seconds}
     for phase in PHASES:
         breakdown[f"trainer {phase}"] = sum(r.get(f"{phase}_s", 0.0) for r in timed) / seconds
@@ -114,7 +126,7 @@ def summarize(mode: Mode, rows: list[dict], warmup: int) -> Result:
                   trainer_wait=delta("trainer_wait_s") / seconds,
                   engine_wait=delta("engine_wait_s") / engine_seconds,
                   handoff=delta("handoff_s") / seconds, trainer_gib=timed[-1]["trainer_peak_gib"],
-                  engine_gib=timed[-1]["engine_peak_gib"])
+                  engine_gib=timed[-1]["engine_peak_gib"], decode_tokens_per_s=decode)
 
 
 def sweep_tag(sweep: str) -> str:
@@ -123,14 +135,15 @@ def sweep_tag(sweep: str) -> str:
 
 
 def run_mode(mode: Mode, args: argparse.Namespace, workdir: str, device: str,
-             sweep: str = "") -> Result:
-    """One mode as a real torchrun job; `sweep` is one extra key=value override."""
+             sweep: str = "", extra: tuple[str, ...] = ()) -> Result:
+    """One mode as a real torchrun job; `sweep` is one extra key=value override, `extra`
+    more (the pre-generated file's path)."""
     tag = sweep_tag(sweep)
     name = mode.key + (f"-{tag.replace('=', '-')}" if tag else "")
     run_dir = os.path.join(workdir, name)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            "-m", "colocate", "train", *(["--config", args.config] if args.config else []),
-           *args.overrides, *([sweep] if sweep else []), *mode.overrides, f"run.dir={run_dir}",
+           *args.overrides, *([sweep] if sweep else []), *mode.overrides, *extra, f"run.dir={run_dir}",
            f"train.max_steps={args.steps}", "checkpoint.every_steps=0",
            "checkpoint.resume=never", "train.log_every_s=30",
            # Timed steps train only: no validation passes, no served evaluations.
@@ -156,6 +169,23 @@ def run_mode(mode: Mode, args: argparse.Namespace, workdir: str, device: str,
         result = summarize(mode, [json.loads(line) for line in f], args.warmup)
     result.tag = tag
     return result
+
+
+def pregenerate(args: argparse.Namespace, workdir: str, cuda: bool) -> str:
+    """`colocate generate` over data.path with the run's generate.* settings: the file the
+    pregen mode trains on (online decode answers the same prompts alike)."""
+    out = os.path.join(workdir, "pregenerated.jsonl")
+    cmd = [sys.executable, "-m", "colocate", "generate", *(["--config", args.config]
+           if args.config else []), "--out", out, *args.overrides,
+           *([] if cuda else ["run.device=cpu"])]
+    print("bench train: generating the pre-generated answers ...", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    with open(os.path.join(workdir, "pregenerate.log"), "w") as f:
+        f.write(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench train: colocate generate failed (exit {proc.returncode}); "
+                         f"see {workdir}/pregenerate.log:\n{proc.stderr[-2000:]}")
+    return out
 
 
 def flops_per_token(cfg) -> dict[str, float]:
@@ -211,6 +241,17 @@ def format_table(results: list[Result], flops: dict[str, float], peak: float | N
             if key in refs:
                 name = f"{label} (ref){' ' + tag if tag else ''}"
                 lines.append(f"{name:<{width}} {refs[key]:>10,.0f}")
+    for tag in dict.fromkeys(r.tag for r in results):
+        by_key = {r.mode.key: r for r in results if not r.error and r.tag == tag}
+        online, pregen = by_key.get("online"), by_key.get("pregen")
+        if online:
+            lines.append(f"online decode{' ' + tag if tag else ''}: the target generated "
+                         f"{online.decode_tokens_per_s:,.0f} tok/s per engine while training")
+        if online and pregen:
+            lines.append(f"online / pre-generated{' ' + tag if tag else ''}: "
+                         f"{online.tokens_per_s / pregen.tokens_per_s:.2f}x tokens/s; trainer "
+                         f"wait {100 * online.trainer_wait:.1f}% (pre-generated "
+                         f"{100 * pregen.trainer_wait:.1f}%)")
     lines += ["", "step-time breakdown, share of wall time (trainer phases: time between marks, "
               "GPU-stream time on CUDA; 'receive' includes waiting for the engine's data)",
               f"{'mode':<{width}} {'E prefill':>9} " + " ".join(f"{'T ' + p:>11}" for p in PHASES)]
@@ -227,7 +268,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
     p.add_argument("--steps", type=int_arg, default=12, help="optimizer steps per mode")
     p.add_argument("--warmup", type=int_arg, default=4, help="steps left out of each mode's numbers")
-    p.add_argument("--modes", default=",".join(mode.key for mode in MODES),
+    p.add_argument("--modes", default=",".join(DEFAULT_MODES),
                    help="comma list of: " + ", ".join(mode.key for mode in MODES))
     p.add_argument("--timeout", type=float_arg, default=900.0, help="seconds per mode")
     p.add_argument("--workdir", default="", help="keep each mode's run dir and log here")
@@ -263,12 +304,15 @@ def main(args: argparse.Namespace) -> int:
     workdir = args.workdir or tempfile.mkdtemp(prefix="colocate-bench-")
     os.makedirs(workdir, exist_ok=True)
     results = []
+    extra = {"pregen": (f"data.path={pregenerate(args, workdir, cuda)}",)} \
+        if "pregen" in wanted else {}
     for sweep in sweeps:
         for mode in (mode for mode in MODES if mode.key in wanted):
             if mode.needs_mps and not cuda:
                 results.append(Result(mode, error="MPS needs a CUDA GPU", tag=sweep_tag(sweep)))
                 continue
-            results.append(run_mode(mode, args, workdir, "cuda" if cuda else "cpu", sweep))
+            results.append(run_mode(mode, args, workdir, "cuda" if cuda else "cpu", sweep,
+                                    extra.get(mode.key, ())))
     table = format_table(results, flops_per_token(cfg), m.peak_flops(device_name) if cuda
                          else None, device_name)
     print(table, flush=True)

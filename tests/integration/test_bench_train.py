@@ -69,3 +69,30 @@ def test_bench_train_sweep_runs_each_value(tiny_assets, tmp_path):
     bad = subprocess.run(cmd[:-1] + ["draft.no_such_key=1"], cwd=REPO, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode != 0 and "draft.no_such_key" in bad.stderr
+
+
+def test_bench_train_online_decode_against_pregenerated(tiny_assets, tmp_path):
+    """--modes pregen,online: the answers are generated first for the pregen row; the
+    online row decodes them while training and reports the decode rate and the ratio."""
+    prompts = tmp_path / "prompts.jsonl"
+    with open(tiny_assets["data"]) as f:
+        prompts.write_text("".join(next(f) for _ in range(40)))
+    cmd = [sys.executable, "-m", "colocate", "bench", "train", "--config",
+           "examples/tiny/config.yaml", f"target.path={tiny_assets['target_llama']}",
+           f"data.path={prompts}", f"data.cache_dir={tmp_path / 'cache'}", "data.holdout=0",
+           "generate.max_new_tokens=32", "generate.chunk_records=8", "--steps", "4",
+           "--warmup", "1", "--modes", "pregen,online", "--workdir", str(tmp_path / "bench")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = proc.stdout.strip().split("\n\n")[0].splitlines()
+    rows = {l[:20].strip(): l[20:].split() for l in table[2:]}
+    for mode in ("pre-generated K=2", "online decode K=2"):
+        assert float(rows[mode][0].replace(",", "")) > 0
+    decode = next(l for l in table if l.startswith("online decode: the target generated"))
+    assert float(decode.split()[5].replace(",", "")) > 0
+    assert any(l.startswith("online / pre-generated: ") and "x tokens/s" in l for l in table)
+    online = [json.loads(l) for l in open(tmp_path / "bench" / "online" / "metrics.jsonl")]
+    pregen = [json.loads(l) for l in open(tmp_path / "bench" / "pregen" / "metrics.jsonl")]
+    # The same answers either way: the same tokens trained, step by step.
+    assert [r["step_ids_crc32"] for r in online] == [r["step_ids_crc32"] for r in pregen]
