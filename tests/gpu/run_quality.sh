@@ -6,6 +6,8 @@
 #   after   regenerate the answers with the target (colocate generate), train on them, serve
 #   gate    one-sample overfit: a reply whose text round-trips through the tokenizer (tiny
 #           Llama target) and one whose text does not (the random tiny Qwen3 target)
+#   online  online decode (data.source=generate): the engines answer the same prompts as
+#           `after` while training, with its settings; served like `after` (compare the two)
 #   q8b     colocate generate tokens/s with sglang, Qwen3-8B-shaped target (dummy weights)
 # Every served number is measured twice: sglang's EAGLE3 decoder and the plain-torch
 # reference (eval --engine both). DRAFT: overrides for every training run, e.g. DFlash:
@@ -49,10 +51,10 @@ evaluate() {  # RUN_DIR OUT_JSON [eval args]: serve RUN_DIR/export on RUN_DIR's 
   cp "$1/metrics.jsonl" "$OUT/$(basename "$2" .json)-metrics.jsonl" 2>/dev/null
 }
 
-if has after; then
-  # PROMPTS > 0: the target answers that many fresh prompts made by the tiny data generator
-  # (another seed) instead of the 500 bundled ones; AFTER_TRAIN: overrides for training.
-  prompts=examples/tiny/data/conversations.jsonl
+# PROMPTS > 0: the target answers that many fresh prompts made by the tiny data generator
+# (another seed) instead of the 500 bundled ones; AFTER_TRAIN: overrides for training.
+prompts=examples/tiny/data/conversations.jsonl
+if has after || has online; then
   if [ "${PROMPTS:-0}" -gt 0 ]; then
     prompts=runs/q-prompts.jsonl
     python - "$PROMPTS" "$prompts" <<'PY'
@@ -64,11 +66,19 @@ with open(sys.argv[2], "w") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
 PY
   fi
+fi
+if has after; then
   rm -rf runs/q-gen.jsonl runs/q-gen.jsonl.* runs/q-after
   generate --data "$prompts" --out runs/q-gen.jsonl
   cp runs/q-gen.jsonl.summary.json "$OUT/generate-tiny-summary.json" 2>/dev/null
   train run.dir=runs/q-after data.path=runs/q-gen.jsonl ${AFTER_TRAIN:-}
   evaluate runs/q-after "$OUT/eval-after.json"
+fi
+if has online; then
+  rm -rf runs/q-online
+  train run.dir=runs/q-online data.path="$prompts" data.source=generate generate.engine=$ENGINE \
+    generate.chunk_records=${ONLINE_CHUNK:-128} "${TARGET_ARG[@]}" ${AFTER_TRAIN:-}
+  evaluate runs/q-online "$OUT/eval-online.json"
 fi
 if has before; then  # the speed-up without the draft is measured in `after`
   rm -rf runs/q-before
