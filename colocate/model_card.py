@@ -93,7 +93,8 @@ def model_card(export_dir: str, draft_config: dict, run_dir: str | None) -> str:
                     else "n/a")
         lines += [
             f"| run | `{run_dir}` |",
-            f"| data | `{data.get('path')}` ({data.get('holdout', 0)} conversations held out) |",
+            f"| data | `{data.get('path')}` ({data.get('holdout', 0)} conversations held out)"
+            f"{_online(cfg, rows)} |",
             f"| steps | {steps if steps is not None else 'n/a'} optimizer steps, {tokens:,} "
             f"tokens (lr {train.get('lr')}, {train.get('micro_steps')} micro-steps per step) |",
             f"| simulated accept length | {held_out} held out; {_fmt(sim_train)} on training "
@@ -128,3 +129,16 @@ def write_model_card(card_dir: str, export_dir: str) -> str:
     with open(path, "w") as f:
         f.write(model_card(export_dir, draft_config, find_run_dir(export_dir)))
     return path
+
+
+def _online(cfg: dict, rows: list[dict]) -> str:
+    """What online decode did (data.source=generate), from the first pair's running totals."""
+    if cfg.get("data", {}).get("source") != "generate":
+        return ""
+    last = rows[-1] if rows else {}
+    gen = cfg.get("generate", {})
+    return (f"; answers decoded online by the target during training ({gen.get('engine')}, "
+            f"temperature {gen.get('temperature')}, at most {gen.get('max_new_tokens')} "
+            f"tokens): {last.get('decode_records', 0):,} records, "
+            f"{last.get('decode_tokens', 0):,} tokens, {last.get('decode_truncated', 0):,} cut "
+            "at the training length (first engine)")

@@ -58,3 +58,17 @@ def test_card_without_a_served_eval_or_a_run(tmp_path):
     card = open(write_model_card(str(alone), str(alone))).read()
     assert "| steps |" not in card and "--speculative-algorithm EAGLE3" in card
     assert os.path.basename(write_model_card(str(alone), str(alone))) == "README.md"
+
+
+def test_card_says_the_answers_were_decoded_online(tmp_path):
+    run = make_run(tmp_path)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["data"]["source"] = "generate"
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    rows = [{"step": 1, "tokens": 1000, "sim_accept_length": 1.5, "decode_records": 1234,
+             "decode_tokens": 56789, "decode_truncated": 7}]
+    (run / "metrics.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    card = open(write_model_card(str(run / "export"), str(run / "export"))).read()
+    assert ("(48 conversations held out); answers decoded online by the target during "
+            "training (auto, temperature 0.0, at most 256 tokens): 1,234 records, 56,789 "
+            "tokens, 7 cut at the training length (first engine) |") in card
