@@ -296,6 +296,19 @@ def _context(plan: MpsPlan, last: ProbeResult | None = None) -> str:
     return f"(pipe dir {plan.pipe_dir}, log dir {plan.log_dir}{probe})\n{_log_tail(plan)}"
 
 
+def make_private_dir(path: str) -> None:
+    """Create `path` (mode 0700), or accept an existing one only when this user owns it and
+    nobody else may enter it. The MPS pipe dir lives under the world-writable tmp dir: a
+    directory another user made there first would let them reach the job's daemon."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.stat(path)
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise MpsError(f"{path} is not private to this user (owner uid {st.st_uid}, mode "
+                       f"{st.st_mode & 0o777:o}): another user could reach the job's MPS "
+                       "daemon through it. Remove it (it may belong to someone else), or set "
+                       "mps.pipe_dir to a directory only you can open")
+
+
 def _read_pid(pipe_dir: str) -> int | None:
     # The control daemon writes its pid here (documented MPS behaviour).
     try:
@@ -388,8 +401,8 @@ def _start_or_raise(plan: MpsPlan, timeout_s: float, probe_argv: Sequence[str] |
         raise MpsError(f"{control_bin} is not on PATH: MPS is not installed on this node (it "
                        "ships with the NVIDIA driver's compute utilities)")
     fresh_root = not os.path.exists(plan.private_root)
-    os.makedirs(plan.pipe_dir, mode=0o700, exist_ok=True)
-    os.makedirs(plan.log_dir, mode=0o700, exist_ok=True)
+    for path in (plan.pipe_dir, plan.log_dir):
+        make_private_dir(path)
     handle = DaemonHandle(plan, False, binary)  # owned once `-d` succeeded
     try:
         _launch(handle, timeout_s, remaining)
