@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, get_args, get_origin, get_type_hints
 
@@ -254,7 +256,8 @@ class TrainSection:
     last one (teacher-forced forward only: val_loss, val_acc_k, val_sim_accept_length in
     metrics.jsonl). 0: never."""
     tensorboard: bool = False
-    """Also log to RUN_DIR/tb when tensorboard is installed."""
+    """Deprecated: use metrics.report_to: [jsonl, tensorboard]. true still works (with a
+    warning): it adds tensorboard to metrics.report_to."""
     max_nonfinite_steps: int = 10
     """A step whose loss or gradient norm is NaN/inf is skipped (no optimizer step;
     metrics.jsonl `skipped: 1`); this many skipped in a row stop the run with an error."""
@@ -276,6 +279,39 @@ class TrainSection:
         self.betas = tuple(float(b) for b in self.betas)
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas",
                  f"got {self.betas}; give two numbers in [0, 1)")
+
+
+TRACKERS = {"jsonl": None, "tensorboard": "tensorboard", "wandb": "wandb"}
+"""metrics.report_to names -> the package each needs (installed by the extra of that name)."""
+
+
+@dataclass(kw_only=True)
+class MetricsSection:
+    """Where the per-step metrics rows go (colocate/trackers.py; the first trainer writes)."""
+
+    report_to: list[str] = field(default_factory=lambda: ["jsonl"])
+    """Trackers: jsonl (RUN_DIR/metrics.jsonl; required: resume, the model card and the
+    demo read it), tensorboard (RUN_DIR/tb; pip install 'colocate[tensorboard]'), wandb
+    (Weights & Biases, files in RUN_DIR/wandb; pip install 'colocate[wandb]')."""
+    wandb_project: str = "colocate"
+    """W&B project."""
+    wandb_run_name: str = ""
+    """W&B run name. Empty: the name of run.dir."""
+    wandb_mode: str = ""
+    """W&B mode: empty (wandb's own choice: the WANDB_MODE environment variable, else
+    online), online, offline (no network; `wandb sync` uploads later) or disabled."""
+
+    def __post_init__(self):
+        unknown = [name for name in self.report_to if name not in TRACKERS]
+        _require(not unknown, "metrics.report_to",
+                 f"unknown tracker(s) {unknown}; use any of {', '.join(TRACKERS)}")
+        _require(len(set(self.report_to)) == len(self.report_to), "metrics.report_to",
+                 f"{self.report_to} names a tracker twice")
+        _require("jsonl" in self.report_to, "metrics.report_to",
+                 f"{self.report_to} lacks jsonl, which resume, the model card and the demo read; "
+                 f"use e.g. [jsonl, {', '.join(self.report_to) or 'wandb'}]")
+        _require(self.wandb_mode in ("", "online", "offline", "disabled"), "metrics.wandb_mode",
+                 f"got {self.wandb_mode!r}; use online, offline, disabled or leave it empty")
 
 
 @dataclass(kw_only=True)
@@ -426,12 +462,20 @@ class Config:
     data: DataSection = field(default_factory=DataSection)
     draft: DraftSection = field(default_factory=DraftSection)
     train: TrainSection = field(default_factory=TrainSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     bench: BenchSection = field(default_factory=BenchSection)
     generate: GenerateSection = field(default_factory=GenerateSection)
     eval: EvalSection = field(default_factory=EvalSection)
 
     def __post_init__(self):
+        if self.train.tensorboard:  # the old switch, migrated (the saved config has the new one)
+            warnings.warn("train.tensorboard is deprecated: use metrics.report_to: "
+                          "[jsonl, tensorboard] (train.tensorboard=true adds it for now)",
+                          FutureWarning, stacklevel=2)
+            if "tensorboard" not in self.metrics.report_to:
+                self.metrics.report_to.append("tensorboard")
+            self.train.tensorboard = False
         _require(self.engine.backend != "sglang" or self.run.device != "cpu", "engine.backend",
                  "sglang needs CUDA; use engine.backend=hf with run.device=cpu")
         _require(self.engine.tp_size == 1 or self.engine.backend == "sglang", "engine.tp_size",
@@ -447,6 +491,13 @@ class Config:
         _require(self.train.val_every_steps == 0 or self.data.holdout > 0,
                  "train.val_every_steps", "validation needs held-out conversations; set "
                  "data.holdout (e.g. 48) or train.val_every_steps=0")
+        for name in self.metrics.report_to:
+            # find_spec looks for the package without importing it (wandb takes a second).
+            package = TRACKERS[name]
+            _require(package is None or importlib.util.find_spec(package) is not None,
+                     "metrics.report_to", f"{name} needs the {package} package, which is not "
+                     f"installed: pip install 'colocate[{name}]' (or drop {name} from "
+                     "metrics.report_to)")
 
     @property
     def last_step(self) -> int:

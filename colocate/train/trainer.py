@@ -25,6 +25,7 @@ from colocate.hostcopy import to_device
 from colocate.metrics import MetricsLog, stats_length
 from colocate.progress import PhaseTimer, Progress, peak_gib
 from colocate.topology import Topology
+from colocate.trackers import open_trackers
 from colocate.train import checkpoint as ckpt
 from colocate.train import faults, signals
 from colocate.train.health import NonFiniteGuard
@@ -182,12 +183,11 @@ class DraftTrainer:
 
         self.progress = Progress(enabled=topo.is_first, max_steps=cfg.last_step,
                                  micro_steps=t.micro_steps, every_s=t.log_every_s)
-        self.metrics = MetricsLog(
-            os.path.join(cfg.run.dir, "metrics.jsonl") if topo.is_first else None,
-            group=topo.role_group, device=device, num_pairs=topo.info.num_pairs,
-            summarize=recipe.summary, flush_every_s=t.log_every_s,
-            tensorboard_dir=os.path.join(cfg.run.dir, "tb") if t.tensorboard else None,
-            resumed_at=self.start_step)
+        # 7. Trackers (metrics.report_to): the first trainer writes every row.
+        trackers = open_trackers(cfg, resumed_at=self.start_step) if topo.is_first else None
+        self.metrics = MetricsLog(trackers, group=topo.role_group, device=device,
+                                  num_pairs=topo.info.num_pairs, summarize=recipe.summary,
+                                  flush_every_s=t.log_every_s)
 
     # ------------------------------------------------------------------ the loop
     def step_label_totals(self, meta: dict) -> torch.Tensor:
@@ -354,3 +354,4 @@ class DraftTrainer:
             raise PeerError(f"{self.channel.me}: the engine sent more micro-steps than "
                             "train.max_steps needs")
         self.ring.close()
+        self.metrics.close()

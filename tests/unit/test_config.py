@@ -19,9 +19,9 @@ def test_defaults_and_overrides():
 
 def test_off_stays_a_string_and_only_true_false_are_booleans(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("mps:\n  mode: off\ntrain:\n  tensorboard: true\n")
+    path.write_text("mps:\n  mode: off\ndata:\n  shuffle: true\n")
     cfg = load_config(str(path), ["engine.backend=hf"])
-    assert cfg.mps.mode == "off" and cfg.train.tensorboard is True
+    assert cfg.mps.mode == "off" and cfg.data.shuffle is True
     with pytest.raises(ConfigError, match="data.shuffle: expected true or false, got 'no'"):
         load_config(None, ["data.shuffle=no"])
 
