@@ -206,6 +206,12 @@ class DraftSection:
     mask_token_id: int = -1
     """dflash: token id whose frozen embedding fills a block's unknown positions. -1: the
     tokenizer's mask token, else its pad token, else the last id of the target vocabulary."""
+    init_from: str = ""
+    """Warm start: an exported Eagle3 draft (config.json + model.safetensors in sglang's
+    LlamaForCausalLMEagle3 layout: ours, RUN_DIR/export, or another tool's) whose weights
+    the run starts from; its shape, target layers and vocabulary maps must be this run's
+    (checked before training). Weights only: optimizer, step and data start fresh, and a
+    run resuming its own checkpoint ignores it. eagle3 only for now. Empty: random init."""
 
     def __post_init__(self):
         _require(self.method in ("eagle3", "dflash"), "draft.method",
@@ -230,11 +236,17 @@ class DraftSection:
 
 @dataclass(kw_only=True)
 class TrainSection:
-    max_steps: int = 100
-    """Optimizer steps of the whole run (sets the learning-rate schedule)."""
+    max_steps: int = 0
+    """Optimizer steps of the whole run (sets the learning-rate schedule). Set this or
+    train.epochs (exactly one)."""
+    epochs: int = 0
+    """Passes over the training data instead of train.max_steps: the engines count the
+    packed micro-batches of that many epochs at start-up and the run trains
+    ceil(the busiest pair's count / train.micro_steps) steps (printed at start; the schedule
+    spans them). See docs/training.md."""
     stop_at_step: int = 0
     """Stop after this many steps with a checkpoint (time-limited allocations); a later
-    run resumes and goes on to max_steps. 0: run to max_steps."""
+    run resumes and goes on to the end. 0: run to the end."""
     micro_steps: int = 2
     """Micro-steps (ring messages) accumulated per optimizer step."""
     lr: float = 3e-4
@@ -263,9 +275,16 @@ class TrainSection:
     metrics.jsonl `skipped: 1`); this many skipped in a row stop the run with an error."""
 
     def __post_init__(self):
-        _require(self.max_steps >= 1, "train.max_steps", f"got {self.max_steps}; must be >= 1")
-        _require(0 <= self.stop_at_step <= self.max_steps, "train.stop_at_step",
+        _require(self.max_steps >= 0, "train.max_steps", f"got {self.max_steps}; must be >= 1")
+        _require(self.epochs >= 0, "train.epochs", f"got {self.epochs}; must be >= 1")
+        _require(not (self.max_steps and self.epochs), "train.max_steps",
+                 f"{self.max_steps} and train.epochs {self.epochs} are both set; set one of "
+                 "them (the other to 0)")
+        _require(self.stop_at_step >= 0, "train.stop_at_step",
+                 f"got {self.stop_at_step}; use 0 (run to the end) or a step")
+        _require(not self.max_steps or self.stop_at_step <= self.max_steps, "train.stop_at_step",
                  f"got {self.stop_at_step}; use 0 (run to the end) or 1..train.max_steps")
+        self._epoch_steps = 0  # train.epochs resolved (resolve_epochs); not a config key
         _require(self.micro_steps >= 1, "train.micro_steps", f"got {self.micro_steps}; must be >= 1")
         _require(self.val_every_steps >= 0, "train.val_every_steps",
                  f"got {self.val_every_steps}; use 0 (never) or a step interval")
@@ -279,6 +298,22 @@ class TrainSection:
         self.betas = tuple(float(b) for b in self.betas)
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas",
                  f"got {self.betas}; give two numbers in [0, 1)")
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run: train.max_steps, or the count train.epochs
+        resolved to at start-up (`resolve_epochs`)."""
+        assert self.max_steps or self._epoch_steps, "train.epochs is not resolved yet"
+        return self.max_steps or self._epoch_steps
+
+    def resolve_epochs(self, total_steps: int) -> None:
+        """Fix the step count of train.epochs (what the engines counted in the packed data,
+        colocate/train/epochs.py) for this process. The saved config keeps train.epochs."""
+        self._epoch_steps = total_steps
+        _require(self.stop_at_step <= total_steps, "train.stop_at_step",
+                 f"{self.stop_at_step} is past the end: train.epochs={self.epochs} is "
+                 f"{total_steps} steps on this data; use 0 (run to the end) or "
+                 f"1..{total_steps}")
 
 
 TRACKERS = {"jsonl": None, "tensorboard": "tensorboard", "wandb": "wandb"}
@@ -488,6 +523,9 @@ class Config:
     def check_training(self) -> None:
         """What only `colocate train` needs (eval and generate read the same file and may
         turn the held-out split off)."""
+        _require(bool(self.train.max_steps or self.train.epochs), "train.max_steps",
+                 "neither it nor train.epochs is set; set one of them, e.g. "
+                 "train.max_steps=1000 or train.epochs=2")
         _require(self.train.val_every_steps == 0 or self.data.holdout > 0,
                  "train.val_every_steps", "validation needs held-out conversations; set "
                  "data.holdout (e.g. 48) or train.val_every_steps=0")
@@ -501,8 +539,8 @@ class Config:
 
     @property
     def last_step(self) -> int:
-        """Optimizer steps this invocation runs up to (stop_at_step or max_steps)."""
-        return self.train.stop_at_step or self.train.max_steps
+        """Optimizer steps this invocation runs up to (stop_at_step, or the run's total)."""
+        return self.train.stop_at_step or self.train.total_steps
 
     def to_dict(self) -> dict[str, Any]:
         # Through JSON so tuples become lists and the result is plain YAML.

@@ -31,6 +31,7 @@ from colocate.train import faults, signals
 from colocate.train.health import NonFiniteGuard
 from colocate.train.schedule import lr_at, validates_after
 from colocate.train.target_tensors import dummy_embed_and_head, load_embed_and_head
+from colocate.train.warm_start import apply_init_weights, load_init_weights
 from colocate.transport import PairChannel, PeerError, RingConsumer
 
 log = logging.getLogger(__name__)
@@ -94,10 +95,15 @@ def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grou
 
 
 def build_sharded_draft(recipe: DraftRecipe, target_config, draft_vocab_size: int,
-                        layer_ids: list[int], mesh, dtype: torch.dtype, device: torch.device):
+                        layer_ids: list[int], mesh, dtype: torch.dtype, device: torch.device,
+                        init: tuple[dict, str] | None = None):
     """(arch, the draft initialised identically on every trainer and sharded over `mesh`:
-    FSDP2, float32 master weights, `dtype` compute)."""
+    FSDP2, float32 master weights, `dtype` compute). init: (tensors, path) of a warm start,
+    loaded before sharding, so every trainer keeps its shard of the same full weights with
+    no collective."""
     arch, model = recipe.build_model(target_config, draft_vocab_size, layer_ids)
+    if init is not None:
+        apply_init_weights(model, *init)
     model.to(device)
     recipe.shard(model, mesh, MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32))
     return arch, model
@@ -127,8 +133,13 @@ class DraftTrainer:
         self.vocab = {"d2t": plan["d2t"], "t2d": plan["t2d"]}
         self.vocab_sha = vocab_sha(plan["d2t"])
         draft_ids = plan["draft_ids"].to(device)
+        if cfg.train.epochs:  # the engines counted the steps of train.epochs in the data
+            cfg.train.resolve_epochs(plan["total_steps"])
+            signals.RUN.last_step = cfg.last_step
         if topo.is_first:
             log.info("data: %s", plan["stats_line"])
+            if plan["epochs_line"]:
+                log.info("%s", plan["epochs_line"])
 
         # 2. Frozen target tensors: input embedding for the draft, lm_head for the teacher.
         if cfg.target.load_format == "dummy":
@@ -143,10 +154,16 @@ class DraftTrainer:
         self.frozen = FrozenTarget(embed=embed, lm_head=lm_head, draft_ids=draft_ids)
 
         # 3. The draft, sharded over trainers. The plan's vocabulary is already clamped to
-        # the target's (and warned about once).
+        # the target's (and warned about once). draft.init_from: its weights, unless this
+        # run resumes its own checkpoint (which replaces them below).
+        init = None
+        if cfg.draft.init_from and not ckpt.find_resume(cfg.run.dir, cfg.checkpoint.resume):
+            init = (load_init_weights(cfg, self.vocab), cfg.draft.init_from)
+            if topo.is_first:
+                log.info("draft.init_from: starting from the weights of %s", cfg.draft.init_from)
         self.arch, self.model = build_sharded_draft(
             recipe, target_config, len(draft_ids), aux_layer_ids, topo.trainer_mesh(), dtype,
-            device)
+            device, init=init)
         model = self.model
         self.num_trainers = dist.get_world_size(topo.role_group)  # FSDP2 averages over these
 
@@ -209,7 +226,7 @@ class DraftTrainer:
         guard = NonFiniteGuard(t.max_nonfinite_steps, self.topo.device)
         signals.RUN.step = self.start_step
         for step in range(self.start_step, self.cfg.last_step):
-            lr = lr_at(step, lr=t.lr, warmup_steps=t.warmup_steps, max_steps=t.max_steps,
+            lr = lr_at(step, lr=t.lr, warmup_steps=t.warmup_steps, max_steps=t.total_steps,
                        min_lr_ratio=t.min_lr_ratio)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -220,7 +237,7 @@ class DraftTrainer:
                 self.timer.mark("receive")  # GPU time: includes the wait for the slot's data
                 if delivery is None:
                     raise PeerError(f"{self.channel.me}: the engine ended the stream at step "
-                                    f"{step} micro-step {micro}, before train.max_steps")
+                                    f"{step} micro-step {micro}, before the last step")
                 with delivery:
                     if discard:  # bench.trainer=discard: measure the engine alone
                         stats = torch.zeros(stats_length(self.recipe.num_positions),
@@ -346,12 +363,13 @@ class DraftTrainer:
         ckpt.save_checkpoint(self.cfg.run.dir, step, self.model, self.optimizer,
                              data_state=self.data_state, vocab=self.vocab,
                              vocab_sha=self.vocab_sha, group=self.topo.role_cpu_group,
-                             is_first=self.topo.is_first, keep_last=self.cfg.checkpoint.keep_last)
+                             is_first=self.topo.is_first, keep_last=self.cfg.checkpoint.keep_last,
+                             total_steps=self.cfg.train.total_steps, epochs=self.cfg.train.epochs)
 
     def close(self) -> None:
         # The engine sends `end` after its last micro-step; release our side of the ring.
         if self.ring.receive() is not None:
             raise PeerError(f"{self.channel.me}: the engine sent more micro-steps than "
-                            "train.max_steps needs")
+                            f"{self.cfg.last_step} steps need")
         self.ring.close()
         self.metrics.close()

@@ -58,3 +58,18 @@ def test_card_without_a_served_eval_or_a_run(tmp_path):
     card = open(write_model_card(str(alone), str(alone))).read()
     assert "| steps |" not in card and "--speculative-algorithm EAGLE3" in card
     assert os.path.basename(write_model_card(str(alone), str(alone))) == "README.md"
+
+
+def test_card_names_epochs_and_warm_start(tmp_path):
+    run = make_run(tmp_path)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["train"].update(epochs=2, max_steps=0)
+    cfg["draft"]["init_from"] = "/drafts/earlier/export"
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    card = open(write_model_card(str(run / "export"), str(run / "export"))).read()
+    assert "| steps | 4 optimizer steps (2 epochs of the data), 4,000 tokens" in card
+    assert ("| warm start | from the weights of `/drafts/earlier/export` (optimizer and schedule "
+            "started fresh) |") in card
+    plain = open(write_model_card(str(make_run(tmp_path / "b") / "export"),
+                                  str(tmp_path / "b" / "run" / "export"))).read()
+    assert "epochs of the data" not in plain and "warm start" not in plain
