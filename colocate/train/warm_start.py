@@ -43,7 +43,7 @@ def read_init_config(cfg: Config) -> dict:
         raise ConfigError(f"draft.init_from {path}/{CONFIG_NAME}: not valid JSON ({e})") from None
 
 
-def expected_config(cfg: Config, target_config, layer_ids: list[int]) -> dict:
+def expected_config(cfg: Config, target_config, layer_ids: list[int] | None) -> dict:
     """What this run's draft is, in the export's config.json keys (colocate/export.py)."""
     text = target_config.get_text_config() if hasattr(target_config, "get_text_config") \
         else target_config
@@ -57,7 +57,8 @@ def expected_config(cfg: Config, target_config, layer_ids: list[int]) -> dict:
         "num_hidden_layers": 1,
         "vocab_size": text.vocab_size,
         "draft_vocab_size": min(cfg.draft.draft_vocab_size, text.vocab_size),
-        "eagle_config.eagle_aux_hidden_state_layer_ids": list(layer_ids),
+        "eagle_config.eagle_aux_hidden_state_layer_ids": (None if layer_ids is None
+                                                          else list(layer_ids)),
     }
 
 
@@ -69,9 +70,10 @@ def _run_key(key: str) -> str:
                 key, "target.path")
 
 
-def check_init_config(cfg: Config, target_config, layer_ids: list[int]) -> None:
+def check_init_config(cfg: Config, target_config, layer_ids: list[int] | None) -> None:
     """Refuse an export that is not an Eagle3 draft of this run's shape (see the module
-    docstring); no-op without draft.init_from."""
+    docstring); no-op without draft.init_from. layer_ids None: not checked (the pre-flight
+    without torch cannot resolve a recipe's default layers)."""
     if not cfg.draft.init_from:
         return
     if cfg.draft.method != "eagle3":
@@ -89,6 +91,8 @@ def check_init_config(cfg: Config, target_config, layer_ids: list[int]) -> None:
     if got.get("head_dim") is None and init.get("num_attention_heads"):
         got["head_dim"] = init["hidden_size"] // init["num_attention_heads"]
     for key, want in expected_config(cfg, target_config, layer_ids).items():
+        if want is None:
+            continue
         value = got.get(key)
         if isinstance(value, list):
             value = [int(i) for i in value]
