@@ -207,11 +207,12 @@ class DraftSection:
     """dflash: token id whose frozen embedding fills a block's unknown positions. -1: the
     tokenizer's mask token, else its pad token, else the last id of the target vocabulary."""
     init_from: str = ""
-    """Warm start: an exported Eagle3 draft (config.json + model.safetensors in sglang's
-    LlamaForCausalLMEagle3 layout: ours, RUN_DIR/export, or another tool's) whose weights
-    the run starts from; its shape, target layers and vocabulary maps must be this run's
-    (checked before training). Weights only: optimizer, step and data start fresh, and a
-    run resuming its own checkpoint ignores it. eagle3 only for now. Empty: random init."""
+    """Warm start: an exported draft of draft.method (config.json + model.safetensors in
+    the layout sglang serves: ours, RUN_DIR/export, or another tool's EAGLE3 export) whose
+    weights the run starts from; its shape, target layers and (Eagle3) vocabulary maps must
+    be this run's, checked before training (docs/training.md). Weights only: optimizer,
+    step and data start fresh; a run resuming its own checkpoint ignores it. Empty: a
+    random init."""
 
     def __post_init__(self):
         _require(self.method in ("eagle3", "dflash"), "draft.method",

@@ -4,23 +4,19 @@
 
 In about a second (no torch, no model, no data read): the config and the overrides as
 `colocate train` reads them, the paths it will open (target.path, data.path,
-checkpoint.resume, draft.init_from and that export's shape against the target's
-config.json) and the launch geometry (an even --nproc of at least 2; 2 ranks per visible GPU
+checkpoint.resume, draft.init_from's files and architecture) and the launch geometry (an even --nproc of at least 2; 2 ranks per visible GPU
 on GPUs). launch/train.sh and examples/tiny/run.sh call it first, so a typo costs a second,
 not a torchrun start-up of every rank. Errors are the ones `colocate train` raises, one line
 each, exit status 2; on success it prints one line and exits 0.
 
-What it cannot know without torch or the data (vocabulary maps, the default target layers
-of a draft.init_from check, the step count of train.epochs) `colocate train` checks at
-start-up, before the first step.
+What needs torch or the data (draft.init_from's shape and vocabulary maps, the step count
+of train.epochs) `colocate train` checks at start-up, before the first step.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-from types import SimpleNamespace
 
 from colocate.config import ConfigError, describe_path, int_arg, load_config
 
@@ -66,15 +62,10 @@ def check_paths(cfg) -> None:
     if resume not in ("auto", "never"):
         _need_file(os.path.join(resume, "meta.json"), "checkpoint.resume",
                    "use auto, never or a complete step_* directory")
-    if cfg.draft.init_from:
-        from colocate.train.warm_start import check_init_config
+    if cfg.draft.init_from:  # its files and architecture; its shape needs the recipe (torch)
+        from colocate.train.warm_start import read_init_config
 
-        with open(os.path.join(cfg.target.path, "config.json")) as f:
-            target = json.load(f)
-        text = SimpleNamespace(**target.get("text_config", target))
-        # The default target layers need the recipe (torch): only explicit ones are checked
-        # here; colocate train checks the rest before any process group.
-        check_init_config(cfg, text, cfg.target.aux_layer_ids)
+        read_init_config(cfg)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -46,8 +46,9 @@ def main(args: argparse.Namespace) -> int:
                                 "point it at a local model directory (for the demo: python "
                                 "examples/tiny/build.py)")
     target_config = AutoConfig.from_pretrained(cfg.target.path, local_files_only=True)
-    aux = recipe_for(cfg).layer_ids(target_config.num_hidden_layers)
-    check_init_config(cfg, target_config, aux)  # draft.init_from: before any process group
+    recipe = recipe_for(cfg)
+    aux = recipe.layer_ids(target_config.num_hidden_layers)
+    check_init_config(cfg, recipe, target_config, aux)  # draft.init_from, before any group
 
     topo = init_topology(device=cfg.run.device, timeout_s=cfg.run.startup_timeout_s, mps=cfg.mps)
     info = topo.info

@@ -158,7 +158,7 @@ class DraftTrainer:
         # run resumes its own checkpoint (which replaces them below).
         init = None
         if cfg.draft.init_from and not ckpt.find_resume(cfg.run.dir, cfg.checkpoint.resume):
-            init = (load_init_weights(cfg, self.vocab), cfg.draft.init_from)
+            init = (load_init_weights(cfg, recipe, self.vocab), cfg.draft.init_from)
             if topo.is_first:
                 log.info("draft.init_from: starting from the weights of %s", cfg.draft.init_from)
         self.arch, self.model = build_sharded_draft(

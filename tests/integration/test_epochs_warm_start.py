@@ -124,6 +124,6 @@ def test_epochs_resume_trackers_and_warm_start(tiny_assets, tmp_path):
     lines = [l for l in refused.stderr.splitlines() if l.startswith("colocate train: error:")]
     assert lines == [f"colocate train: error: [rank 0] draft.init_from {export}/config.json: "
                      "eagle_config.eagle_aux_hidden_state_layer_ids is [1, 2, 3], this run's "
-                     "draft has [0, 2, 4]; warm start needs the same shape (check "
+                     "draft has [0, 2, 4]; warm start needs the same (check "
                      "target.aux_layer_ids, or start without draft.init_from)"]
     assert not os.path.exists(str(tmp_path / "refused"))

@@ -39,8 +39,7 @@ def test_the_launcher_refuses_before_torchrun(tiny_assets, tmp_path, extra, npro
 def test_a_good_config_passes_without_torch(tiny_assets, tmp_path):
     export = tmp_path / "export"
     export.mkdir()
-    (export / "config.json").write_text('{"architectures": ["LlamaForCausalLMEagle3"], '
-                                        '"hidden_size": 64}')
+    (export / "config.json").write_text('{"architectures": ["Qwen3ForCausalLM"]}')
     (export / "model.safetensors").write_bytes(b"")
     code = ("import sys; from colocate.cli import main; rc = main(sys.argv[1:]); "
             "assert 'torch' not in sys.modules, 'check imported torch'; sys.exit(rc)")
@@ -50,9 +49,10 @@ def test_a_good_config_passes_without_torch(tiny_assets, tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.strip() == (f"colocate check: ok (eagle3, 60 steps, run.dir "
                                  f"{tmp_path / 'run'}, 4 ranks)")
-    # draft.init_from: the export's shape against the target's config.json, still no torch.
+    # draft.init_from: the export's files and architecture, still without torch.
     bad = subprocess.run(base + [f"draft.init_from={export}"], cwd=REPO, capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2, bad.stderr
-    assert (f"colocate check: error: draft.init_from {export}/config.json: hidden_size is 64, "
-            "this run's draft has 128" in bad.stderr)
+    assert (f"colocate check: error: draft.init_from {export}/config.json: architectures "
+            "['Qwen3ForCausalLM'], not [LlamaForCausalLMEagle3]; draft.method=eagle3 "
+            "warm-starts from a LlamaForCausalLMEagle3 export" in bad.stderr)
