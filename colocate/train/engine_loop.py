@@ -112,7 +112,7 @@ def run_engine(cfg: Config, topo: Topology, channel: PairChannel, *, target_conf
                         tokens_per_micro_step=cfg.data.tokens_per_micro_step)
     val_batches = (validation_batches(held_out, topo, cfg.data.tokens_per_micro_step)
                    if cfg.train.val_every_steps else [])
-    epochs_line = ""
+    total_steps, epochs_line = cfg.train.max_steps, ""
     if cfg.train.epochs:  # the step count of train.epochs, agreed by every engine
         from colocate.train.epochs import plan_epochs
 
@@ -120,8 +120,7 @@ def run_engine(cfg: Config, topo: Topology, channel: PairChannel, *, target_conf
                              tokens_per_micro_step=cfg.data.tokens_per_micro_step,
                              epochs=cfg.train.epochs, micro_steps=cfg.train.micro_steps,
                              engine_group=topo.role_cpu_group)
-        cfg.train.resolve_epochs(epochs.total_steps)
-        epochs_line = epochs.describe()
+        total_steps, epochs_line = epochs.total_steps, epochs.describe()
 
     # 2. The target model, under the engine's memory cap.
     if topo.device.type == "cuda" and cfg.mps.engine_mem_fraction > 0:
@@ -131,8 +130,10 @@ def run_engine(cfg: Config, topo: Topology, channel: PairChannel, *, target_conf
 
     # 3. Tell the trainer what it trains against; learn where to start.
     channel.send("plan", d2t=vocab.d2t, t2d=vocab.t2d, draft_ids=vocab.draft_ids,
-                 stats_line=tokenized.stats.format(), total_steps=cfg.train.total_steps,
+                 stats_line=tokenized.stats.format(), total_steps=total_steps,
                  epochs_line=epochs_line)
+    if cfg.train.epochs:  # after the plan: a stop_at_step past the end is the trainer's to say
+        cfg.train.resolve_epochs(total_steps)
     _, start = channel.recv("start", startup, "the trainer's start (step and data position)")
     if start["data_state"] is not None:
         stream.load_state(start["data_state"])
