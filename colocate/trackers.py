@@ -116,7 +116,12 @@ class WandbTracker:
             self.run.log(_scalars(row), step=row["step"])
 
     def close(self) -> None:
+        import wandb
+
         self.run.finish()
+        # finish() returns before wandb's service process has written the run's files;
+        # teardown waits for it, so they are complete when the trainer exits.
+        wandb.teardown()
 
 
 class Trackers:
