@@ -156,11 +156,14 @@ class DraftTrainer:
         # 3. The draft, sharded over trainers. The plan's vocabulary is already clamped to
         # the target's (and warned about once). draft.init_from: its weights, unless this
         # run resumes its own checkpoint (which replaces them below).
-        init = None
-        if cfg.draft.init_from and not ckpt.find_resume(cfg.run.dir, cfg.checkpoint.resume):
+        init, resume_path = None, ckpt.find_resume(cfg.run.dir, cfg.checkpoint.resume)
+        if cfg.draft.init_from and not resume_path:
             init = (load_init_weights(cfg, recipe, self.vocab), cfg.draft.init_from)
             if topo.is_first:
                 log.info("draft.init_from: starting from the weights of %s", cfg.draft.init_from)
+        elif cfg.draft.init_from and topo.is_first:
+            log.warning("draft.init_from=%s ignored: resuming from %s, whose weights are newer",
+                        cfg.draft.init_from, resume_path)
         self.arch, self.model = build_sharded_draft(
             recipe, target_config, len(draft_ids), aux_layer_ids, topo.trainer_mesh(), dtype,
             device, init=init)
@@ -172,8 +175,7 @@ class DraftTrainer:
         self.optimizer = make_optimizer(model, cfg.train)
 
         # 5. Resume: model, optimizer and where the data stream stood.
-        self.start_step, data_state = 0, None
-        path = ckpt.find_resume(cfg.run.dir, cfg.checkpoint.resume)
+        self.start_step, data_state, path = 0, None, resume_path
         if path:
             meta = ckpt.load_checkpoint(path, model, self.optimizer, group=topo.role_cpu_group,
                                         role_rank=topo.role_rank)

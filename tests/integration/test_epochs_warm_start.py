@@ -43,6 +43,7 @@ def hand_count(cfg, cache: str, num_pairs: int = 2):
 
 def test_epochs_resume_trackers_and_warm_start(tiny_assets, tmp_path):
     pytest.importorskip("wandb")
+    pytest.importorskip("tensorboard")
     data = tmp_path / "data.jsonl"
     data.write_text("".join(open(tiny_assets["data"]).readlines()[:80]))
     cache, run_dir = str(tmp_path / "cache"), str(tmp_path / "epochs")
