@@ -4,8 +4,8 @@
 
 In about a second (no torch, no model, no data read): the config and the overrides as
 `colocate train` reads them, the paths it will open (target.path, data.path,
-checkpoint.resume, draft.init_from's files and architecture) and the launch geometry (an even --nproc of at least 2; 2 ranks per visible GPU
-on GPUs). launch/train.sh and examples/tiny/run.sh call it first, so a typo costs a second,
+checkpoint.resume, draft.init_from's files and architecture) and the launch geometry
+(an even --nproc of at least 2; 2 ranks per visible GPU on GPUs). launch/train.sh and examples/tiny/run.sh call it first, so a typo costs a second,
 not a torchrun start-up of every rank. Errors are the ones `colocate train` raises, one line
 each, exit status 2; on success it prints one line and exits 0.
 

@@ -92,7 +92,8 @@ def load_init_weights(cfg: Config, recipe, vocab: dict) -> dict:
     for name in recipe.vocab_maps:
         if name not in tensors:
             raise ConfigError(f"draft.init_from {path}: no {name} tensor; an export of "
-                              f"draft.method={cfg.draft.method} holds {', '.join(recipe.vocab_maps)}")
+                              f"draft.method={cfg.draft.method} holds "
+                              f"{', '.join(recipe.vocab_maps)}")
         theirs, ours = tensors.pop(name), vocab[name].cpu()
         if theirs.shape != ours.shape or not torch.equal(theirs.to(ours.dtype), ours):
             differ = (f"shape {tuple(theirs.shape)}, this run's {tuple(ours.shape)}"

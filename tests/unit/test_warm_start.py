@@ -27,8 +27,9 @@ def eagle3_export(tmp_path, **changes):
     out = tmp_path / "export"
     out.mkdir(exist_ok=True)
     (out / "config.json").write_text(json.dumps({**config, **changes}))
-    save_file({"d2t": torch.zeros(512, dtype=torch.int64), "t2d": torch.ones(1024, dtype=torch.bool),
-               "norm.weight": torch.ones(128)}, str(out / "model.safetensors"))
+    save_file({"d2t": torch.zeros(512, dtype=torch.int64),
+               "t2d": torch.ones(1024, dtype=torch.bool), "norm.weight": torch.ones(128)},
+              str(out / "model.safetensors"))
     return str(out)
 
 
