@@ -25,6 +25,8 @@ def _commands() -> dict[str, tuple[str, str]]:
     """name -> (module, help). Modules are imported only when their command runs."""
     return {
         "train": ("colocate.train.command", "train a draft with the target on the same GPUs"),
+        "check": ("colocate.preflight", "check a train config, its paths and the launch in a "
+                  "second, before torchrun (the launchers run it first)"),
         "export": ("colocate.export", "write a run's draft as an sglang EAGLE3 checkpoint"),
         "generate": ("colocate.generate.command",
                      "regenerate a dataset's assistant turns with the target (resumable)"),
@@ -43,6 +45,7 @@ def _commands() -> dict[str, tuple[str, str]]:
 _CONFIG_KEYS = {
     "train": "run, target, engine, data, draft, train, checkpoint, mps, transport and "
              "eval.every_steps / eval.at_end",
+    "check": "those of train",
     "export": "none (it reads RUN_DIR/config.yaml)",
     "generate": "target, data (chat_template, chat_template_kwargs), generate, run.device",
     "eval": "target, data (holdout, chat_template), eval, run.device",

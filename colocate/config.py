@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, get_args, get_origin, get_type_hints
 
@@ -210,6 +212,13 @@ class DraftSection:
     mask_token_id: int = -1
     """dflash: token id whose frozen embedding fills a block's unknown positions. -1: the
     tokenizer's mask token, else its pad token, else the last id of the target vocabulary."""
+    init_from: str = ""
+    """Warm start: an exported draft of draft.method (config.json + model.safetensors in
+    the layout sglang serves: ours, RUN_DIR/export, or another tool's EAGLE3 export) whose
+    weights the run starts from; its shape, target layers and (Eagle3) vocabulary maps must
+    be this run's, checked before training (docs/training.md). Weights only: optimizer,
+    step and data start fresh; a run resuming its own checkpoint ignores it. Empty: a
+    random init."""
 
     def __post_init__(self):
         _require(self.method in ("eagle3", "dflash"), "draft.method",
@@ -234,11 +243,17 @@ class DraftSection:
 
 @dataclass(kw_only=True)
 class TrainSection:
-    max_steps: int = 100
-    """Optimizer steps of the whole run (sets the learning-rate schedule)."""
+    max_steps: int = 0
+    """Optimizer steps of the whole run (sets the learning-rate schedule). Set this or
+    train.epochs (exactly one)."""
+    epochs: int = 0
+    """Passes over the training data instead of train.max_steps: the engines count the
+    packed micro-batches of that many epochs at start-up and the run trains
+    ceil(the busiest pair's count / train.micro_steps) steps (printed at start; the schedule
+    spans them). See docs/training.md."""
     stop_at_step: int = 0
     """Stop after this many steps with a checkpoint (time-limited allocations); a later
-    run resumes and goes on to max_steps. 0: run to max_steps."""
+    run resumes and goes on to the end. 0: run to the end."""
     micro_steps: int = 2
     """Micro-steps (ring messages) accumulated per optimizer step."""
     lr: float = 3e-4
@@ -260,15 +275,23 @@ class TrainSection:
     last one (teacher-forced forward only: val_loss, val_acc_k, val_sim_accept_length in
     metrics.jsonl). 0: never."""
     tensorboard: bool = False
-    """Also log to RUN_DIR/tb when tensorboard is installed."""
+    """Deprecated: use metrics.report_to: [jsonl, tensorboard]. true still works (with a
+    warning): it adds tensorboard to metrics.report_to."""
     max_nonfinite_steps: int = 10
     """A step whose loss or gradient norm is NaN/inf is skipped (no optimizer step;
     metrics.jsonl `skipped: 1`); this many skipped in a row stop the run with an error."""
 
     def __post_init__(self):
-        _require(self.max_steps >= 1, "train.max_steps", f"got {self.max_steps}; must be >= 1")
-        _require(0 <= self.stop_at_step <= self.max_steps, "train.stop_at_step",
+        _require(self.max_steps >= 0, "train.max_steps", f"got {self.max_steps}; must be >= 1")
+        _require(self.epochs >= 0, "train.epochs", f"got {self.epochs}; must be >= 1")
+        _require(not (self.max_steps and self.epochs), "train.max_steps",
+                 f"{self.max_steps} and train.epochs {self.epochs} are both set; set one of "
+                 "them (the other to 0)")
+        _require(self.stop_at_step >= 0, "train.stop_at_step",
+                 f"got {self.stop_at_step}; use 0 (run to the end) or a step")
+        _require(not self.max_steps or self.stop_at_step <= self.max_steps, "train.stop_at_step",
                  f"got {self.stop_at_step}; use 0 (run to the end) or 1..train.max_steps")
+        self._epoch_steps = 0  # train.epochs resolved (resolve_epochs); not a config key
         _require(self.micro_steps >= 1, "train.micro_steps", f"got {self.micro_steps}; must be >= 1")
         _require(self.val_every_steps >= 0, "train.val_every_steps",
                  f"got {self.val_every_steps}; use 0 (never) or a step interval")
@@ -282,6 +305,55 @@ class TrainSection:
         self.betas = tuple(float(b) for b in self.betas)
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas",
                  f"got {self.betas}; give two numbers in [0, 1)")
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run: train.max_steps, or the count train.epochs
+        resolved to at start-up (`resolve_epochs`)."""
+        assert self.max_steps or self._epoch_steps, "train.epochs is not resolved yet"
+        return self.max_steps or self._epoch_steps
+
+    def resolve_epochs(self, total_steps: int) -> None:
+        """Fix the step count of train.epochs (what the engines counted in the packed data,
+        colocate/train/epochs.py) for this process. The saved config keeps train.epochs."""
+        self._epoch_steps = total_steps
+        _require(self.stop_at_step <= total_steps, "train.stop_at_step",
+                 f"{self.stop_at_step} is past the end: train.epochs={self.epochs} is "
+                 f"{total_steps} steps on this data; use 0 (run to the end) or "
+                 f"1..{total_steps}")
+
+
+TRACKERS = {"jsonl": None, "tensorboard": "tensorboard", "wandb": "wandb"}
+"""metrics.report_to names -> the package each needs (installed by the extra of that name)."""
+
+
+@dataclass(kw_only=True)
+class MetricsSection:
+    """Where the per-step metrics rows go (colocate/trackers.py; the first trainer writes)."""
+
+    report_to: list[str] = field(default_factory=lambda: ["jsonl"])
+    """Trackers: jsonl (RUN_DIR/metrics.jsonl; required: resume, the model card and the
+    demo read it), tensorboard (RUN_DIR/tb; pip install 'colocate[tensorboard]'), wandb
+    (Weights & Biases, files in RUN_DIR/wandb; pip install 'colocate[wandb]')."""
+    wandb_project: str = "colocate"
+    """W&B project."""
+    wandb_run_name: str = ""
+    """W&B run name. Empty: the name of run.dir."""
+    wandb_mode: str = ""
+    """W&B mode: empty (wandb's own choice: the WANDB_MODE environment variable, else
+    online), online, offline (no network; `wandb sync` uploads later) or disabled."""
+
+    def __post_init__(self):
+        unknown = [name for name in self.report_to if name not in TRACKERS]
+        _require(not unknown, "metrics.report_to",
+                 f"unknown tracker(s) {unknown}; use any of {', '.join(TRACKERS)}")
+        _require(len(set(self.report_to)) == len(self.report_to), "metrics.report_to",
+                 f"{self.report_to} names a tracker twice")
+        _require("jsonl" in self.report_to, "metrics.report_to",
+                 f"{self.report_to} lacks jsonl, which resume, the model card and the demo read; "
+                 f"use e.g. [jsonl, {', '.join(self.report_to) or 'wandb'}]")
+        _require(self.wandb_mode in ("", "online", "offline", "disabled"), "metrics.wandb_mode",
+                 f"got {self.wandb_mode!r}; use online, offline, disabled or leave it empty")
 
 
 @dataclass(kw_only=True)
@@ -440,17 +512,28 @@ class Config:
     data: DataSection = field(default_factory=DataSection)
     draft: DraftSection = field(default_factory=DraftSection)
     train: TrainSection = field(default_factory=TrainSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     bench: BenchSection = field(default_factory=BenchSection)
     generate: GenerateSection = field(default_factory=GenerateSection)
     eval: EvalSection = field(default_factory=EvalSection)
 
     def __post_init__(self):
+        if self.train.tensorboard:  # the old switch, migrated (the saved config has the new one)
+            warnings.warn("train.tensorboard is deprecated: use metrics.report_to: "
+                          "[jsonl, tensorboard] (train.tensorboard=true adds it for now)",
+                          FutureWarning, stacklevel=2)
+            if "tensorboard" not in self.metrics.report_to:
+                self.metrics.report_to.append("tensorboard")
+            self.train.tensorboard = False
         _require(self.engine.backend != "sglang" or self.run.device != "cpu", "engine.backend",
                  "sglang needs CUDA; use engine.backend=hf with run.device=cpu")
         _require(self.engine.tp_size == 1 or self.engine.backend == "sglang", "engine.tp_size",
                  f"{self.engine.tp_size} needs engine.backend=sglang (the hf engine runs the "
                  "whole target on each engine rank); use engine.tp_size=1")
+        _require(not (self.train.epochs and self.data.source == "generate"), "train.epochs",
+                 "online decode (data.source=generate) cannot count its micro-batches ahead: "
+                 "its answers do not exist yet; set train.max_steps instead")
         _require(self.eval.engine not in ("sglang", "both") or self.run.device != "cpu",
                  "eval.engine", f"{self.eval.engine} needs CUDA; use eval.engine=hf with "
                  "run.device=cpu")
@@ -458,14 +541,24 @@ class Config:
     def check_training(self) -> None:
         """What only `colocate train` needs (eval and generate read the same file and may
         turn the held-out split off)."""
+        _require(bool(self.train.max_steps or self.train.epochs), "train.max_steps",
+                 "neither it nor train.epochs is set; set one of them, e.g. "
+                 "train.max_steps=1000 or train.epochs=2")
         _require(self.train.val_every_steps == 0 or self.data.holdout > 0,
                  "train.val_every_steps", "validation needs held-out conversations; set "
                  "data.holdout (e.g. 48) or train.val_every_steps=0")
+        for name in self.metrics.report_to:
+            # find_spec looks for the package without importing it (wandb takes a second).
+            package = TRACKERS[name]
+            _require(package is None or importlib.util.find_spec(package) is not None,
+                     "metrics.report_to", f"{name} needs the {package} package, which is not "
+                     f"installed: pip install 'colocate[{name}]' (or drop {name} from "
+                     "metrics.report_to)")
 
     @property
     def last_step(self) -> int:
-        """Optimizer steps this invocation runs up to (stop_at_step or max_steps)."""
-        return self.train.stop_at_step or self.train.max_steps
+        """Optimizer steps this invocation runs up to (stop_at_step, or the run's total)."""
+        return self.train.stop_at_step or self.train.total_steps
 
     def to_dict(self) -> dict[str, Any]:
         # Through JSON so tuples become lists and the result is plain YAML.

@@ -1,4 +1,5 @@
-"""Every number colocate reports, and the sinks that write them: the one place these formulas live.
+"""Every number colocate reports: the one place these formulas live (the trackers that write
+the per-step rows, metrics.jsonl, TensorBoard and W&B, are colocate/trackers.py).
 
 Training statistics. One micro-step's statistics are *sums over token positions* in one
 float64 vector (K = the recipe's scored positions: Eagle3's draft.unroll_steps, DFlash's
@@ -28,11 +29,8 @@ MFU divides by the bf16 dense peak of the whole GPU: both processes share it.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -263,48 +261,12 @@ def disaggregated_references(engine_tps: float, trainer_tps: float) -> dict[str,
             "split_ideal": 1.0 / (1.0 / engine_tps + 1.0 / trainer_tps)}
 
 
-# ------------------------------------------------------------------ the sink
-
-
-def truncate_metrics(path: str, after_step: int) -> int:
-    """Keep the rows of metrics.jsonl up to `after_step` (a resumed run writes the later
-    steps again) and drop a torn last line; returns how many rows went. Atomic."""
-    if not os.path.exists(path):
-        return 0
-    from colocate.data.cache import atomic_write
-
-    keep, dropped = [], 0
-    with open(path) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a crash mid-write; the step is written again
-                dropped += 1
-                continue
-            if row.get("step", 0) <= after_step:
-                keep.append(line if line.endswith("\n") else line + "\n")
-            else:
-                dropped += 1
-    if dropped:
-        atomic_write(path, lambda f: f.writelines(keep), binary=False)
-    return dropped
-
-
-def _tensorboard_writer(log_dir: str, purge_step: int | None = None):
-    """A SummaryWriter, or None with a warning when tensorboard is not installed.
-    purge_step: events from that step on, left by an earlier run, are hidden."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:
-        warnings.warn(f"train.tensorboard=true ignored: tensorboard is not installed ({e}); "
-                      "pip install tensorboard, metrics.jsonl is written regardless")
-        return None
-    return SummaryWriter(log_dir=log_dir, purge_step=purge_step)
+# ------------------------------------------------------------------ the per-step log
 
 
 class MetricsLog:
     """Per-step metrics without extra synchronisation in the step loop: the first trainer
-    appends them to metrics.jsonl (and TensorBoard).
+    hands them to its trackers (`colocate.trackers`: metrics.jsonl, TensorBoard, W&B).
 
     Each step's stats vector (summed over the trainer's micro-steps), grad norm and token
     count are summed over the trainer group by an asynchronous all-reduce, and turned into
@@ -312,10 +274,10 @@ class MetricsLog:
     only host sync, and only on that rank.
     """
 
-    def __init__(self, path: str | None, *, group, device: torch.device, num_pairs: int,
-                 summarize: Callable[[list[float]], dict], flush_every_s: float = 10.0,
-                 tensorboard_dir: str | None = None, resumed_at: int = 0):
-        self.path = path
+    def __init__(self, trackers, *, group, device: torch.device, num_pairs: int,
+                 summarize: Callable[[list[float]], dict], flush_every_s: float = 10.0):
+        """trackers: the first trainer's `colocate.trackers.Trackers`; None on the others."""
+        self.trackers = trackers
         self.group = group
         self.device = device
         self.num_pairs = num_pairs
@@ -324,15 +286,6 @@ class MetricsLog:
         self.pending: list = []
         self.last: dict | None = None
         self._last_flush = time.monotonic()
-        self._tb = None
-        if path:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            # Rows past the checkpoint were written by the run that died after it: this
-            # run writes those steps again.
-            truncate_metrics(path, resumed_at)
-            if tensorboard_dir:
-                self._tb = _tensorboard_writer(tensorboard_dir,
-                                               purge_step=resumed_at + 1 if resumed_at else None)
 
     def _host_scalar(self, value: float) -> torch.Tensor:
         return to_device(torch.tensor([float(value)], dtype=torch.float64), self.device)
@@ -353,13 +306,13 @@ class MetricsLog:
         work = dist.all_reduce(vec, group=self.group, async_op=True)
         self.pending.append((step, vec, work, dict(lr=lr, seconds=seconds, **host), phases,
                              val_stats is not None))
-        if self.path is None:  # other trainers: nothing to write, just retire the handles
+        if self.trackers is None:  # other trainers: nothing to write, just retire the handles
             self._retire(write=False)
         elif time.monotonic() - self._last_flush >= self.flush_every_s:
             self.flush()
 
     def flush(self) -> None:
-        self._retire(write=self.path is not None)
+        self._retire(write=self.trackers is not None)
         self._last_flush = time.monotonic()
 
     def _row(self, step: int, values: list[float], host: dict, phases: list | None,
@@ -380,21 +333,18 @@ class MetricsLog:
         return row
 
     def _retire(self, write: bool) -> None:
-        lines = []
+        rows = []
         for step, vec, work, host, phases, has_val in self.pending:
             work.wait()
-            if not write:
-                continue
-            row = self._row(step, vec.tolist(), host, phases, has_val)  # host sync (1st trainer)
-            lines.append(json.dumps(row))
-            self.last = row
-            if self._tb is not None:
-                for key, value in row.items():
-                    if key != "step" and isinstance(value, (int, float)):
-                        self._tb.add_scalar(key, value, row["step"])
+            if write:  # host sync (first trainer)
+                rows.append(self._row(step, vec.tolist(), host, phases, has_val))
         self.pending.clear()
-        if lines:
-            with open(self.path, "a") as f:
-                f.write("\n".join(lines) + "\n")
-            if self._tb is not None:
-                self._tb.flush()
+        if rows:
+            self.last = rows[-1]
+            self.trackers.write(rows)
+
+    def close(self) -> None:
+        """Write what is pending and close the trackers (the end of a run)."""
+        self.flush()
+        if self.trackers is not None:
+            self.trackers.close()

@@ -47,6 +47,12 @@ def _fmt(value, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def epochs_note(train: dict) -> str:
+    """", 2 epochs" when the run was set by train.epochs (its steps resolved from the data)."""
+    epochs = train.get("epochs") or 0
+    return f" ({epochs} epoch{'s' if epochs != 1 else ''} of the data)" if epochs else ""
+
+
 def model_card(export_dir: str, draft_config: dict, run_dir: str | None) -> str:
     """The card's Markdown text for the export that lives (or will live) at `export_dir`."""
     cfg, rows, evals = {}, [], []
@@ -87,7 +93,7 @@ def model_card(export_dir: str, draft_config: dict, run_dir: str | None) -> str:
         f"{draft_config.get('vocab_size')}, target layers {method.layer_ids(draft_config)} |",
     ]
     if run_dir:
-        data, train = cfg.get("data", {}), cfg.get("train", {})
+        data, train, draft = cfg.get("data", {}), cfg.get("train", {}), cfg.get("draft", {})
         tokens = sum(r.get("tokens", 0) for r in rows)
         held_out = (f"{val['val_sim_accept_length']:.2f} (step {val['step']})" if val
                     else "n/a")
@@ -95,11 +101,15 @@ def model_card(export_dir: str, draft_config: dict, run_dir: str | None) -> str:
             f"| run | `{run_dir}` |",
             f"| data | `{data.get('path')}` ({data.get('holdout', 0)} conversations held out)"
             f"{_online(cfg, rows)} |",
-            f"| steps | {steps if steps is not None else 'n/a'} optimizer steps, {tokens:,} "
-            f"tokens (lr {train.get('lr')}, {train.get('micro_steps')} micro-steps per step) |",
+            f"| steps | {steps if steps is not None else 'n/a'} optimizer steps"
+            f"{epochs_note(train)}, {tokens:,} tokens (lr {train.get('lr')}, "
+            f"{train.get('micro_steps')} micro-steps per step) |",
             f"| simulated accept length | {held_out} held out; {_fmt(sim_train)} on training "
             "data (mean of the last 4 steps) |",
         ]
+        if draft.get("init_from"):
+            lines.append(f"| warm start | from the weights of `{draft['init_from']}` (optimizer "
+                         "and schedule started fresh) |")
         if served:
             lines.append(f"| served accept length | {_fmt(served['accept_length'])} "
                          f"({served['engine']}, {served['steps']} draft tokens, "

@@ -10,5 +10,7 @@
 set -euo pipefail
 gpus=$(python -c "import torch; print(torch.cuda.device_count())")
 [ "$gpus" -gt 0 ] || { echo "launch/train.sh: no GPU visible; on CPU use run.device=cpu with NPROC=4" >&2; }
-exec torchrun --standalone --nproc-per-node "${NPROC:-$((2 * (gpus > 0 ? gpus : 2)))}" \
-  -m colocate train "$@"
+nproc=${NPROC:-$((2 * (gpus > 0 ? gpus : 2)))}
+# Pre-flight (about a second, no torch): config, paths and launch geometry, before any rank.
+python -m colocate check --nproc "$nproc" --gpus "$gpus" "$@"
+exec torchrun --standalone --nproc-per-node "$nproc" -m colocate train "$@"

@@ -143,8 +143,9 @@ def run_mode(mode: Mode, args: argparse.Namespace, workdir: str, device: str,
     run_dir = os.path.join(workdir, name)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            "-m", "colocate", "train", *(["--config", args.config] if args.config else []),
-           *args.overrides, *([sweep] if sweep else []), *mode.overrides, *extra, f"run.dir={run_dir}",
-           f"train.max_steps={args.steps}", "checkpoint.every_steps=0",
+           *args.overrides, *([sweep] if sweep else []), *mode.overrides, *extra,
+           f"run.dir={run_dir}", f"train.max_steps={args.steps}", "train.epochs=0",
+           "checkpoint.every_steps=0",
            "checkpoint.resume=never", "train.log_every_s=30",
            # Timed steps train only: no validation passes, no served evaluations.
            "train.val_every_steps=0", "eval.every_steps=0", "eval.at_end=false"]

@@ -67,12 +67,22 @@ class DFlashRecipe(DraftRecipe):
         rows = [[a for a in row if a >= 0] for row in anchors.tolist()]
         return {"anchors": rows}, counts
 
+    init_keys = {"hidden_size": "target.path", "num_attention_heads": "target.path",
+                 "num_key_value_heads": "target.path", "head_dim": "target.path",
+                 "intermediate_size": "draft.intermediate_size", "vocab_size": "target.path",
+                 "num_hidden_layers": "draft.num_layers", "block_size": "draft.block_size",
+                 "dflash_config.target_layer_ids": "target.aux_layer_ids",
+                 "dflash_config.mask_token_id": "draft.mask_token_id"}
+
+    def arch(self, target_config, layer_ids: list[int]) -> DFlashArch:
+        mask_id = resolve_mask_token_id(self.cfg.draft.mask_token_id, self.cfg.target.path,
+                                        target_config.vocab_size)
+        return DFlashArch.from_target_config(target_config, self.cfg.draft, layer_ids, mask_id)
+
     def build_model(self, target_config, draft_vocab_size: int,
                     layer_ids: list[int]) -> tuple[DFlashArch, DFlashDraft]:
         del draft_vocab_size  # DFlash drafts over the target's whole vocabulary (its lm_head)
-        mask_id = resolve_mask_token_id(self.cfg.draft.mask_token_id, self.cfg.target.path,
-                                        target_config.vocab_size)
-        arch = DFlashArch.from_target_config(target_config, self.cfg.draft, layer_ids, mask_id)
+        arch = self.arch(target_config, layer_ids)
         model = DFlashDraft(arch, attention=self.cfg.draft.attention,
                             kernels=self.cfg.draft.kernels)
         model.init_weights(torch.Generator().manual_seed(self.cfg.run.seed))
@@ -113,3 +123,10 @@ class DFlashRecipe(DraftRecipe):
         from colocate.export_dflash import export_dflash
 
         return export_dflash(state_dict, arch, target_config=target_config, out_dir=out_dir)
+
+    def export_config(self, target_config, draft_vocab_size: int,
+                      layer_ids: list[int]) -> dict:
+        del draft_vocab_size
+        from colocate.export_dflash import dflash_config
+
+        return dflash_config(self.arch(target_config, layer_ids), target_config)

@@ -44,12 +44,23 @@ class Eagle3Recipe(DraftRecipe):
         del key  # nothing random: every position is scored
         return {}, label_counts(batch.seq_lens, batch.loss_mask, self.cfg.draft.unroll_steps)
 
-    def build_model(self, target_config, draft_vocab_size: int,
-                    layer_ids: list[int]) -> tuple[DraftArch, Eagle3Draft]:
+    init_keys = {"hidden_size": "target.path", "num_attention_heads": "target.path",
+                 "num_key_value_heads": "target.path", "head_dim": "target.path",
+                 "intermediate_size": "draft.intermediate_size", "vocab_size": "target.path",
+                 "num_hidden_layers": "draft.method (an Eagle3 draft has one layer)",
+                 "draft_vocab_size": "draft.draft_vocab_size",
+                 "eagle_config.eagle_aux_hidden_state_layer_ids": "target.aux_layer_ids"}
+    vocab_maps = ("d2t", "t2d")
+
+    def arch(self, target_config, draft_vocab_size: int, layer_ids: list[int]) -> DraftArch:
         import dataclasses
 
         section = dataclasses.replace(self.cfg.draft, draft_vocab_size=draft_vocab_size)
-        arch = DraftArch.from_target_config(target_config, section, len(layer_ids))
+        return DraftArch.from_target_config(target_config, section, len(layer_ids))
+
+    def build_model(self, target_config, draft_vocab_size: int,
+                    layer_ids: list[int]) -> tuple[DraftArch, Eagle3Draft]:
+        arch = self.arch(target_config, draft_vocab_size, layer_ids)
         model = Eagle3Draft(arch, attention=self.cfg.draft.attention,
                             kernels=self.cfg.draft.kernels)
         model.init_weights(torch.Generator().manual_seed(self.cfg.run.seed))
@@ -89,3 +100,10 @@ class Eagle3Recipe(DraftRecipe):
         return export_draft(state_dict, arch, d2t=vocab["d2t"], t2d=vocab["t2d"],
                             aux_layer_ids=layer_ids, target_config=target_config,
                             out_dir=out_dir)
+
+    def export_config(self, target_config, draft_vocab_size: int,
+                      layer_ids: list[int]) -> dict:
+        from colocate.export import draft_config
+
+        vocab = min(draft_vocab_size, target_config.vocab_size)  # clamped, as the data's is
+        return draft_config(self.arch(target_config, vocab, layer_ids), layer_ids, target_config)

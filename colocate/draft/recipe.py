@@ -13,6 +13,8 @@ run's recipe (`recipe_for(cfg)`):
                   summary(values)           loss and metrics from a reduced stats vector
     export        export(...)               the checkpoint layout sglang serves
                   served_algorithm          sglang's speculative_algorithm for it
+    warm start    export_config(...)        the config.json this run's export writes
+                  init_keys, vocab_maps     what a draft.init_from export must share with it
 
 Every method's stats vector has the layout colocate/metrics.py documents, with K =
 `num_positions` scored positions per draft (Eagle3: unroll steps; DFlash: block positions).
@@ -158,6 +160,19 @@ class DraftRecipe(ABC):
     def export(self, state_dict: dict[str, torch.Tensor], arch, *, vocab: dict,
                layer_ids: list[int], target_config, out_dir: str) -> str:
         """Write the sglang checkpoint into `out_dir`; returns it."""
+
+    @abstractmethod
+    def export_config(self, target_config, draft_vocab_size: int,
+                      layer_ids: list[int]) -> dict:
+        """The config.json `export` writes for this run's draft (no weights built)."""
+
+    # ------------------------------------------------------------------ warm start
+
+    init_keys: ClassVar[dict[str, str]]
+    """Dotted config.json keys a draft.init_from export must share with `export_config`,
+    each with the setting of this run that decides it (named in the refusal)."""
+    vocab_maps: ClassVar[tuple[str, ...]] = ()
+    """Tensors of an export that are the run's draft vocabulary: checked, not loaded."""
 
 
 def recipe_for(cfg) -> DraftRecipe:

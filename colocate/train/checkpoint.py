@@ -38,6 +38,8 @@ class CheckpointMeta:
     data_states: list[dict | None]  # per pair: the data position after its last micro-step
     rng_states: list[dict]          # per trainer: {"cpu": ..., "cuda": ...} RNG states, base64
     vocab_sha: str
+    total_steps: int = 0            # the run's step count when saved (train.epochs resolved)
+    epochs: int = 0                 # train.epochs of that run (0: it set train.max_steps)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -105,8 +107,10 @@ def replace_dir(tmp: str, final: str) -> None:
 def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, *, data_state: dict | None,
                     vocab: dict[str, torch.Tensor], vocab_sha: str, group: dist.ProcessGroup,
-                    is_first: bool, keep_last: int) -> str:
-    """Collective over the trainer group (`group` is its gloo twin)."""
+                    is_first: bool, keep_last: int, total_steps: int = 0,
+                    epochs: int = 0) -> str:
+    """Collective over the trainer group (`group` is its gloo twin). total_steps, epochs:
+    the run's, recorded so a rerun of a finished train.epochs run knows it is done."""
     final = os.path.join(checkpoint_root(run_dir), f"{PREFIX}{step:06d}")
     tmp = final + ".tmp"
     if is_first:
@@ -122,7 +126,8 @@ def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module,
         save_file({k: v.cpu().contiguous() for k, v in vocab.items()},
                   os.path.join(tmp, "vocab.safetensors"))
         meta = CheckpointMeta(step=step, data_states=[g[0] for g in gathered],
-                              rng_states=[g[1] for g in gathered], vocab_sha=vocab_sha)
+                              rng_states=[g[1] for g in gathered], vocab_sha=vocab_sha,
+                              total_steps=total_steps, epochs=epochs)
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta.to_json(), f)
         replace_dir(tmp, final)

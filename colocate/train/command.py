@@ -31,6 +31,7 @@ def main(args: argparse.Namespace) -> int:
     from colocate.draft.recipe import recipe_for
     from colocate.topology import close_topology, init_topology
     from colocate.train.run_dir import finished_message
+    from colocate.train.warm_start import check_init_config
     from colocate.transport import open_pair_channel
 
     cfg = load_config(args.config, args.overrides)  # fails before any process group exists
@@ -45,7 +46,9 @@ def main(args: argparse.Namespace) -> int:
                                 "point it at a local model directory (for the demo: python "
                                 "examples/tiny/build.py)")
     target_config = AutoConfig.from_pretrained(cfg.target.path, local_files_only=True)
-    aux = recipe_for(cfg).layer_ids(target_config.num_hidden_layers)
+    recipe = recipe_for(cfg)
+    aux = recipe.layer_ids(target_config.num_hidden_layers)
+    check_init_config(cfg, recipe, target_config, aux)  # draft.init_from, before any group
 
     topo = init_topology(device=cfg.run.device, timeout_s=cfg.run.startup_timeout_s, mps=cfg.mps)
     info = topo.info
@@ -54,7 +57,8 @@ def main(args: argparse.Namespace) -> int:
     from colocate.train.signals import RUN, STOP
 
     STOP.install()
-    RUN.run_dir, RUN.last_step = cfg.run.dir, cfg.last_step
+    # train.epochs: the last step is known once the engines counted the data (trainer.py).
+    RUN.run_dir, RUN.last_step = cfg.run.dir, cfg.train.stop_at_step or cfg.train.max_steps
     RUN.reports = topo.is_first and topo.is_trainer  # one summary line per job
     channel = open_pair_channel(engine=not topo.is_trainer, me=info.name,
                                 peer_rank=info.peer_rank, peer_pid=topo.peer_pid,

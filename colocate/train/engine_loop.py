@@ -118,6 +118,20 @@ def run_engine(cfg: Config, topo: Topology, channel: PairChannel, *, target_conf
     dist.barrier(group=topo.role_cpu_group)
     if not topo.is_first:
         tokenized, vocab, held_out = prepare_data(cfg, tokenizer, target_config.vocab_size)
+    stream, total_steps, epochs_line = None, cfg.train.max_steps, ""
+    if cfg.data.source == "dataset":
+        stream = DataStream(tokenized, seed=cfg.run.seed, shuffle=cfg.data.shuffle,
+                            shard_index=info.pair_index, num_shards=info.num_pairs,
+                            tokens_per_micro_step=cfg.data.tokens_per_micro_step)
+        if cfg.train.epochs:  # the step count of train.epochs, agreed by every engine
+            from colocate.train.epochs import plan_epochs
+
+            epochs = plan_epochs(tokenized.lengths().tolist(), stream.sampler,
+                                 tokens_per_micro_step=cfg.data.tokens_per_micro_step,
+                                 epochs=cfg.train.epochs, micro_steps=cfg.train.micro_steps,
+                                 engine_group=topo.role_cpu_group)
+            total_steps, epochs_line = epochs.total_steps, epochs.describe()
+
     # 2. The target model, under the engine's memory cap; online decode's answering
     #    engine beside it (and the held-out answers, answered once now).
     if topo.device.type == "cuda" and cfg.mps.engine_mem_fraction > 0:
@@ -131,19 +145,16 @@ def run_engine(cfg: Config, topo: Topology, channel: PairChannel, *, target_conf
         stream, held_out = build_online_stream(cfg, topo)
         stats_line = (f"online decode of {len(stream.records):,} prompts per epoch (draft "
                       f"vocabulary from data.path's own replies: {stats_line})")
-    else:
-        stream = DataStream(tokenized, seed=cfg.run.seed, shuffle=cfg.data.shuffle,
-                            shard_index=info.pair_index, num_shards=info.num_pairs,
-                            tokens_per_micro_step=cfg.data.tokens_per_micro_step)
     try:
         _stream_to_trainer(cfg, topo, channel, engine, recipe, stream, held_out, vocab,
-                           stats_line)
+                           dict(stats_line=stats_line, total_steps=total_steps,
+                                epochs_line=epochs_line))
     finally:
         stream.close()
 
 
 def _stream_to_trainer(cfg: Config, topo: Topology, channel: PairChannel, engine, recipe,
-                       stream, held_out, vocab, stats_line: str) -> None:
+                       stream, held_out, vocab, plan: dict) -> None:
     startup = cfg.run.startup_timeout_s
     info = topo.info
     val_batches = (validation_batches(held_out, topo, cfg.data.tokens_per_micro_step)
@@ -151,7 +162,9 @@ def _stream_to_trainer(cfg: Config, topo: Topology, channel: PairChannel, engine
 
     # 3. Tell the trainer what it trains against; learn where to start.
     channel.send("plan", d2t=vocab.d2t, t2d=vocab.t2d, draft_ids=vocab.draft_ids,
-                 stats_line=stats_line)
+                 **plan)
+    if cfg.train.epochs:  # after the plan: a stop_at_step past the end is the trainer's to say
+        cfg.train.resolve_epochs(plan["total_steps"])
     _, start = channel.recv("start", startup, "the trainer's start (step and data position)")
     if start["data_state"] is not None:
         stream.load_state(start["data_state"])

@@ -26,16 +26,24 @@ def finished_message(cfg: Config) -> str | None:
     if path is None:
         return None
     with open(os.path.join(path, "meta.json")) as f:
-        step = int(json.load(f)["step"])
-    if step < cfg.last_step:
+        meta = json.load(f)
+    step, t = int(meta["step"]), cfg.train
+    last = t.stop_at_step or t.max_steps
+    if not last and meta.get("epochs") == t.epochs:
+        # train.epochs: the step count is known once the data is packed; the checkpoint
+        # holds what the same setting resolved to (the same data, or the resume is refused).
+        last = int(meta.get("total_steps", 0))
+    if not last or step < last:
         return None
-    key = "train.stop_at_step" if cfg.train.stop_at_step else "train.max_steps"
+    key = ("train.stop_at_step" if t.stop_at_step else "train.epochs" if t.epochs
+           else "train.max_steps")
+    setting = f"{key}={t.epochs}, {last} steps" if key == "train.epochs" else f"{key}={last}"
     export = os.path.join(cfg.run.dir, "export")
     if os.path.isfile(os.path.join(export, "config.json")):
         where = f"the draft is in {export}"
     else:
         where = f"export it with: python -m colocate export {cfg.run.dir} {export}"
-    return (f"{cfg.run.dir}: already at step {step} ({key}={cfg.last_step}); nothing to train, "
+    return (f"{cfg.run.dir}: already at step {step} ({setting}); nothing to train, "
             f"{where}. To train further raise {key}; to start over use a new run.dir or "
             "checkpoint.resume=never")
 

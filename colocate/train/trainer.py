@@ -25,11 +25,13 @@ from colocate.hostcopy import to_device
 from colocate.metrics import MetricsLog, stats_length
 from colocate.progress import PhaseTimer, Progress, peak_gib
 from colocate.topology import Topology
+from colocate.trackers import open_trackers
 from colocate.train import checkpoint as ckpt
 from colocate.train import faults, signals
 from colocate.train.health import NonFiniteGuard
 from colocate.train.schedule import lr_at, validates_after
 from colocate.train.target_tensors import dummy_embed_and_head, load_embed_and_head
+from colocate.train.warm_start import apply_init_weights, load_init_weights
 from colocate.transport import PairChannel, PeerError, RingConsumer
 
 log = logging.getLogger(__name__)
@@ -93,10 +95,15 @@ def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grou
 
 
 def build_sharded_draft(recipe: DraftRecipe, target_config, draft_vocab_size: int,
-                        layer_ids: list[int], mesh, dtype: torch.dtype, device: torch.device):
+                        layer_ids: list[int], mesh, dtype: torch.dtype, device: torch.device,
+                        init: tuple[dict, str] | None = None):
     """(arch, the draft initialised identically on every trainer and sharded over `mesh`:
-    FSDP2, float32 master weights, `dtype` compute)."""
+    FSDP2, float32 master weights, `dtype` compute). init: (tensors, path) of a warm start,
+    loaded before sharding, so every trainer keeps its shard of the same full weights with
+    no collective."""
     arch, model = recipe.build_model(target_config, draft_vocab_size, layer_ids)
+    if init is not None:
+        apply_init_weights(model, *init)
     model.to(device)
     recipe.shard(model, mesh, MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32))
     return arch, model
@@ -126,8 +133,13 @@ class DraftTrainer:
         self.vocab = {"d2t": plan["d2t"], "t2d": plan["t2d"]}
         self.vocab_sha = vocab_sha(plan["d2t"])
         draft_ids = plan["draft_ids"].to(device)
+        if cfg.train.epochs:  # the engines counted the steps of train.epochs in the data
+            cfg.train.resolve_epochs(plan["total_steps"])
+            signals.RUN.last_step = cfg.last_step
         if topo.is_first:
             log.info("data: %s", plan["stats_line"])
+            if plan["epochs_line"]:
+                log.info("%s", plan["epochs_line"])
 
         # 2. Frozen target tensors: input embedding for the draft, lm_head for the teacher.
         if cfg.target.load_format == "dummy":
@@ -142,10 +154,19 @@ class DraftTrainer:
         self.frozen = FrozenTarget(embed=embed, lm_head=lm_head, draft_ids=draft_ids)
 
         # 3. The draft, sharded over trainers. The plan's vocabulary is already clamped to
-        # the target's (and warned about once).
+        # the target's (and warned about once). draft.init_from: its weights, unless this
+        # run resumes its own checkpoint (which replaces them below).
+        init, resume_path = None, ckpt.find_resume(cfg.run.dir, cfg.checkpoint.resume)
+        if cfg.draft.init_from and not resume_path:
+            init = (load_init_weights(cfg, recipe, self.vocab), cfg.draft.init_from)
+            if topo.is_first:
+                log.info("draft.init_from: starting from the weights of %s", cfg.draft.init_from)
+        elif cfg.draft.init_from and topo.is_first:
+            log.warning("draft.init_from=%s ignored: resuming from %s, whose weights are newer",
+                        cfg.draft.init_from, resume_path)
         self.arch, self.model = build_sharded_draft(
             recipe, target_config, len(draft_ids), aux_layer_ids, topo.trainer_mesh(), dtype,
-            device)
+            device, init=init)
         model = self.model
         self.num_trainers = dist.get_world_size(topo.role_group)  # FSDP2 averages over these
 
@@ -154,8 +175,7 @@ class DraftTrainer:
         self.optimizer = make_optimizer(model, cfg.train)
 
         # 5. Resume: model, optimizer and where the data stream stood.
-        self.start_step, data_state = 0, None
-        path = ckpt.find_resume(cfg.run.dir, cfg.checkpoint.resume)
+        self.start_step, data_state, path = 0, None, resume_path
         if path:
             meta = ckpt.load_checkpoint(path, model, self.optimizer, group=topo.role_cpu_group,
                                         role_rank=topo.role_rank)
@@ -182,12 +202,11 @@ class DraftTrainer:
 
         self.progress = Progress(enabled=topo.is_first, max_steps=cfg.last_step,
                                  micro_steps=t.micro_steps, every_s=t.log_every_s)
-        self.metrics = MetricsLog(
-            os.path.join(cfg.run.dir, "metrics.jsonl") if topo.is_first else None,
-            group=topo.role_group, device=device, num_pairs=topo.info.num_pairs,
-            summarize=recipe.summary, flush_every_s=t.log_every_s,
-            tensorboard_dir=os.path.join(cfg.run.dir, "tb") if t.tensorboard else None,
-            resumed_at=self.start_step)
+        # 7. Trackers (metrics.report_to): the first trainer writes every row.
+        trackers = open_trackers(cfg, resumed_at=self.start_step) if topo.is_first else None
+        self.metrics = MetricsLog(trackers, group=topo.role_group, device=device,
+                                  num_pairs=topo.info.num_pairs, summarize=recipe.summary,
+                                  flush_every_s=t.log_every_s)
 
     # ------------------------------------------------------------------ the loop
     def step_label_totals(self, meta: dict) -> torch.Tensor:
@@ -209,7 +228,7 @@ class DraftTrainer:
         guard = NonFiniteGuard(t.max_nonfinite_steps, self.topo.device)
         signals.RUN.step = self.start_step
         for step in range(self.start_step, self.cfg.last_step):
-            lr = lr_at(step, lr=t.lr, warmup_steps=t.warmup_steps, max_steps=t.max_steps,
+            lr = lr_at(step, lr=t.lr, warmup_steps=t.warmup_steps, max_steps=t.total_steps,
                        min_lr_ratio=t.min_lr_ratio)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -220,7 +239,7 @@ class DraftTrainer:
                 self.timer.mark("receive")  # GPU time: includes the wait for the slot's data
                 if delivery is None:
                     raise PeerError(f"{self.channel.me}: the engine ended the stream at step "
-                                    f"{step} micro-step {micro}, before train.max_steps")
+                                    f"{step} micro-step {micro}, before the last step")
                 with delivery:
                     if discard:  # bench.trainer=discard: measure the engine alone
                         stats = torch.zeros(stats_length(self.recipe.num_positions),
@@ -349,11 +368,13 @@ class DraftTrainer:
         ckpt.save_checkpoint(self.cfg.run.dir, step, self.model, self.optimizer,
                              data_state=self.data_state, vocab=self.vocab,
                              vocab_sha=self.vocab_sha, group=self.topo.role_cpu_group,
-                             is_first=self.topo.is_first, keep_last=self.cfg.checkpoint.keep_last)
+                             is_first=self.topo.is_first, keep_last=self.cfg.checkpoint.keep_last,
+                             total_steps=self.cfg.train.total_steps, epochs=self.cfg.train.epochs)
 
     def close(self) -> None:
         # The engine sends `end` after its last micro-step; release our side of the ring.
         if self.ring.receive() is not None:
             raise PeerError(f"{self.channel.me}: the engine sent more micro-steps than "
-                            "train.max_steps needs")
+                            f"{self.cfg.last_step} steps need")
         self.ring.close()
+        self.metrics.close()

@@ -31,6 +31,9 @@ demo=(target.path="$here/target-llama" data.path="$here/data/conversations.jsonl
 run_dir=runs/tiny  # config.yaml's run.dir, unless overridden
 for arg in "$@"; do case $arg in run.dir=*) run_dir=${arg#run.dir=} ;; esac; done
 generated=$run_dir/generated.jsonl
+# Pre-flight (about a second): the training config, overrides, paths and rank count.
+python -m colocate check --config "$config" --nproc "$nproc" --gpus "$gpus" "${demo[@]}" \
+  "${device[@]}" "$@"
 echo "== 1/3 generate: the target answers the bundled prompts -> $generated"
 python -m colocate generate --config "$config" --out "$generated" "${demo[@]}" "${device[@]}" \
   "$@"

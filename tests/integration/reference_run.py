@@ -34,8 +34,10 @@ class DictWriter:
         self.alloc(name, tuple(tensor.shape), tensor.dtype).copy_(tensor)
 
 
-def reference_losses(cfg: Config, num_pairs: int) -> tuple[list[float], list[float]]:
-    """(loss, grad norm before clipping) of every optimizer step."""
+def reference_losses(cfg: Config, num_pairs: int,
+                     init_state: dict | None = None) -> tuple[list[float], list[float]]:
+    """(loss, grad norm before clipping) of every optimizer step. init_state: draft weights
+    to start from instead of the seeded init (a warm start)."""
     device = torch.device("cpu")
     target_config = AutoConfig.from_pretrained(cfg.target.path, local_files_only=True)
     aux = resolve_aux_layer_ids(cfg.target.aux_layer_ids, target_config.num_hidden_layers)
@@ -50,6 +52,8 @@ def reference_losses(cfg: Config, num_pairs: int) -> tuple[list[float], list[flo
                                       dtype=torch.float32, device=device)
     model = Eagle3Draft(DraftArch.from_target_config(target_config, cfg.draft, len(aux)))
     model.init_weights(torch.Generator().manual_seed(cfg.run.seed))
+    if init_state is not None:
+        model.load_state_dict(init_state)
     t = cfg.train
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas,
                             weight_decay=t.weight_decay, foreach=False)

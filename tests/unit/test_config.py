@@ -19,9 +19,9 @@ def test_defaults_and_overrides():
 
 def test_off_stays_a_string_and_only_true_false_are_booleans(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("mps:\n  mode: off\ntrain:\n  tensorboard: true\n")
+    path.write_text("mps:\n  mode: off\ndata:\n  shuffle: true\n")
     cfg = load_config(str(path), ["engine.backend=hf"])
-    assert cfg.mps.mode == "off" and cfg.train.tensorboard is True
+    assert cfg.mps.mode == "off" and cfg.data.shuffle is True
     with pytest.raises(ConfigError, match="data.shuffle: expected true or false, got 'no'"):
         load_config(None, ["data.shuffle=no"])
 
@@ -34,7 +34,7 @@ def test_off_stays_a_string_and_only_true_false_are_booleans(tmp_path):
     ("mps.engine_mem_fraction=0.9", "mps.trainer_mem_fraction: trainer (0.45) + engine (0.9)"),
     ("data.max_length=4096", "data.tokens_per_micro_step: 2048 is below data.max_length"),
     ("transport.num_slots=0", "transport.num_slots: got 0"),
-    ("train.stop_at_step=500", "train.stop_at_step: got 500"),
+    ("train.stop_at_step=-1", "train.stop_at_step: got -1"),
     ("bench.engine=replay", None),
     ("target.load_format=safetensors", "target.load_format: got 'safetensors'"),
     ("train.max_steps", "expected key=value"),
@@ -108,11 +108,13 @@ def test_cross_section_check():
 
 
 def test_validation_without_a_holdout_fails_only_for_training():
-    cfg = load_config(None, ["train.val_every_steps=5", "data.holdout=0"])  # eval may read it
+    cfg = load_config(None, ["train.val_every_steps=5", "data.holdout=0",  # eval may read it
+                             "train.max_steps=10"])
     with pytest.raises(ConfigError, match="train.val_every_steps: validation needs held-out "
                                           "conversations; set data.holdout"):
         cfg.check_training()
-    load_config(None, ["train.val_every_steps=5", "data.holdout=8"]).check_training()
+    load_config(None, ["train.val_every_steps=5", "data.holdout=8",
+                       "train.max_steps=10"]).check_training()
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

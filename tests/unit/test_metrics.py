@@ -15,6 +15,7 @@ from colocate.metrics import (Geometry, MetricsLog, disaggregated_references, dr
                               draft_train_flops_per_token, leading_hits, mfu, peak_flops,
                               sim_accept_sums, stats_vector, step_summary,
                               target_prefill_flops_per_token)
+from colocate.trackers import JsonlTracker, Trackers
 
 
 def micro_stats(ce, hits, counted, sim=(0, 0)):
@@ -154,8 +155,8 @@ def group():
 
 def test_metrics_rows_are_written_on_flush(group, tmp_path):
     path = str(tmp_path / "metrics.jsonl")
-    log = MetricsLog(path, group=group, device=torch.device("cpu"), num_pairs=1,
-                     summarize=lambda v: step_summary(v, 0.5), flush_every_s=3600)
+    log = MetricsLog(Trackers([JsonlTracker(path)]), group=group, device=torch.device("cpu"),
+                     num_pairs=1, summarize=lambda v: step_summary(v, 0.5), flush_every_s=3600)
     for step in range(3):
         # A step's sums over two micro-steps: per token, 2 - step CE, hits 5 of 10 and 1 of 4.
         stats = micro_stats([(2.0 - step) * 10, 0.0], [5, 1], [10, 4], sim=(30, 12))
@@ -171,35 +172,6 @@ def test_metrics_rows_are_written_on_flush(group, tmp_path):
     assert rows[0]["grad_norm"] == 1.5 and rows[0]["tokens"] == 100
     assert rows[0]["tokens_per_s"] == 200 and rows[0]["engine_wait_s"] == 0.2
     assert log.last == rows[-1]
-
-
-def test_a_resumed_log_drops_the_rows_after_its_checkpoint(group, tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    rows = [json.dumps({"step": s, "loss": 10.0 - s}) + "\n" for s in range(1, 6)]
-    path.write_text("".join(rows) + '{"step": 6, "lo')  # the crash tore step 6's line
-    MetricsLog(str(path), group=group, device=torch.device("cpu"), num_pairs=1,
-               summarize=lambda v: step_summary(v, 0.5), resumed_at=3)
-    assert path.read_text() == "".join(rows[:3])
-    # A fresh run (no checkpoint) in the same directory starts the file over.
-    MetricsLog(str(path), group=group, device=torch.device("cpu"), num_pairs=1,
-               summarize=lambda v: step_summary(v, 0.5))
-    assert path.read_text() == ""
-
-
-def test_tensorboard_flag_warns_when_missing(group, tmp_path, monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_tensorboard(name, *a, **k):
-        if name.startswith("torch.utils.tensorboard"):
-            raise ImportError("No module named 'tensorboard'")
-        return real_import(name, *a, **k)
-
-    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
-    with pytest.warns(UserWarning, match="train.tensorboard=true ignored"):
-        MetricsLog(str(tmp_path / "m.jsonl"), group=group, device=torch.device("cpu"),
-                   num_pairs=1, summarize=lambda v: step_summary(v, 0.8), tensorboard_dir=str(tmp_path / "tb"))
 
 
 # ----------------------------------------------------------------- FLOPs and references

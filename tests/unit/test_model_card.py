@@ -72,3 +72,18 @@ def test_card_says_the_answers_were_decoded_online(tmp_path):
     assert ("(48 conversations held out); answers decoded online by the target during "
             "training (auto, temperature 0.0, at most 256 tokens): 1,234 records, 56,789 "
             "tokens, 7 cut at the training length (first engine) |") in card
+
+
+def test_card_names_epochs_and_warm_start(tmp_path):
+    run = make_run(tmp_path)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["train"].update(epochs=2, max_steps=0)
+    cfg["draft"]["init_from"] = "/drafts/earlier/export"
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    card = open(write_model_card(str(run / "export"), str(run / "export"))).read()
+    assert "| steps | 4 optimizer steps (2 epochs of the data), 4,000 tokens" in card
+    assert ("| warm start | from the weights of `/drafts/earlier/export` (optimizer and schedule "
+            "started fresh) |") in card
+    plain = open(write_model_card(str(make_run(tmp_path / "b") / "export"),
+                                  str(tmp_path / "b" / "run" / "export"))).read()
+    assert "epochs of the data" not in plain and "warm start" not in plain

@@ -203,3 +203,10 @@ def test_a_generator_in_a_child_process_answers_as_in_process(tiny_assets, tiny_
     assert not child._proc.is_alive()
     with pytest.raises(RuntimeError, match="(?s)failed during start.*no such model"):
         ChildGenerator(_broken_factory, {}, timeout_s=120, who="test")
+
+
+def test_epochs_are_refused_with_online_decode(tiny_assets, tmp_path):
+    from colocate.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.epochs: online decode .* set train.max_steps"):
+        config(tiny_assets, head(tiny_assets, tmp_path, 4), "train.epochs=2", "train.max_steps=0")
