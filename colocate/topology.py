@@ -193,6 +193,20 @@ class Topology:
         """The first rank of its role (logs, exports)."""
         return self.info.rank < 2
 
+    def bound_collectives(self, timeout_s: float) -> bool:
+        """Bound every later collective of this role's groups at `timeout_s` (NCCL's
+        watchdog aborts, gloo raises): start-up's generous bound is tightened to
+        run.timeout_s once training runs, and relaxed again around the announced long
+        pauses (checkpoint, export), so a lost peer ends the job in steady state without a
+        slow save failing a healthy one. Returns False where this torch cannot (then the
+        start-up bound stays)."""
+        setter = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+        if setter is None:
+            return False
+        for group in (self.role_group, self.role_cpu_group):
+            setter(datetime.timedelta(seconds=timeout_s), group)
+        return True
+
 
 def _gather(obj: object, world_size: int) -> list:
     out = [None] * world_size

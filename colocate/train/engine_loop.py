@@ -208,6 +208,7 @@ def _stream_to_trainer(cfg: Config, topo: Topology, channel: PairChannel, engine
         if num_sent == cfg.train.micro_steps + cfg.transport.num_slots + 1:
             # The trainer finished its first optimizer step: start-up is over.
             ring.timeout_s = cfg.run.timeout_s
+            topo.bound_collectives(cfg.run.timeout_s)
 
     for step in range(start["start_step"], cfg.last_step):
         if cfg.bench.engine == "replay" and len(replay) == cfg.bench.replay_micro_steps:

@@ -7,6 +7,7 @@ and data position from its checkpoint), so a resumed run continues exactly.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -123,6 +124,7 @@ class DraftTrainer:
         """evals: the first trainer's `ServedEvals` for eval.every_steps (None elsewhere)."""
         self.cfg, self.topo, self.channel = cfg, topo, channel
         self.target_config, self.aux_layer_ids, self.evals = target_config, aux_layer_ids, evals
+        self.steady = False  # collectives bounded at run.timeout_s (after the first step)
         self.recipe = recipe = recipe_for(cfg)
         device = topo.device
         startup = cfg.run.startup_timeout_s
@@ -285,6 +287,7 @@ class DraftTrainer:
             self.progress.step_done(step, self.metrics.last, tokens)
             if not first_step_done:  # start-up is over: tighten every wait
                 self.ring.timeout_s = self.cfg.run.timeout_s
+                self.steady = self.topo.bound_collectives(self.cfg.run.timeout_s)
                 first_step_done = True
             every = self.cfg.checkpoint.every_steps
             saved = bool(every and (step + 1) % every == 0 and step + 1 < self.cfg.last_step)
@@ -350,18 +353,35 @@ class DraftTrainer:
     def export(self, out_dir: str) -> str | None:
         """Write the draft in the layout sglang serves it from into `out_dir` (on the first
         trainer; returns it there, None elsewhere). Every trainer gathers the full weights."""
-        self.ring.pause(f"export to {out_dir}", self.cfg.run.startup_timeout_s)
-        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
-                                                                         cpu_offload=True))
+        with self.long_pause(f"export to {out_dir}"):
+            full = get_model_state_dict(self.model, options=StateDictOptions(
+                full_state_dict=True, cpu_offload=True))
         if not self.topo.is_first:
             return None
         return self.recipe.export(full, self.arch, vocab=self.vocab,
                                   layer_ids=self.aux_layer_ids, target_config=self.target_config,
                                   out_dir=out_dir)
 
+    @contextlib.contextmanager
+    def long_pause(self, what: str):
+        """Work that may outlast run.timeout_s (storage, gathering the whole draft): the
+        engine is told (its next wait lasts up to run.startup_timeout_s), and the trainers'
+        collectives get that bound too until it is over."""
+        bound = self.cfg.run.startup_timeout_s
+        self.ring.pause(what, bound)
+        if self.steady:
+            self.topo.bound_collectives(bound)
+        try:
+            yield
+        finally:
+            if self.steady:
+                self.topo.bound_collectives(self.cfg.run.timeout_s)
+
     def save(self, step: int) -> None:
-        # Storage may be slow: the engine waits for us under the start-up bound meanwhile.
-        self.ring.pause(f"checkpoint at step {step}", self.cfg.run.startup_timeout_s)
+        with self.long_pause(f"checkpoint at step {step}"):
+            self._save(step)
+
+    def _save(self, step: int) -> None:
         # Rows up to the checkpoint on disk first: a resume keeps those and writes the rest.
         self.metrics.flush()
         faults.slow_checkpoint(step)

@@ -128,3 +128,41 @@ def test_a_send_to_a_peer_that_left_raises_its_last_error_past_other_messages():
         for _ in range(100):  # the first sends may still fit the socket buffer
             trainer.send("ack", slot=0, step=7)
     trainer.close()
+
+
+def _collective_after_tightening(rank: int, init: str, out: str) -> None:
+    import datetime
+    import time
+
+    import torch.distributed as dist
+
+    from colocate.topology import Topology
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=120))
+    group = dist.new_group([0, 1], backend="gloo", timeout=datetime.timedelta(seconds=120))
+    topo = Topology(info=None, device=torch.device("cpu"), job_token="", pids=(),
+                    role_group=group, role_cpu_group=group)
+    assert topo.bound_collectives(1.0)
+    if rank == 1:
+        time.sleep(15)  # never joins: rank 0 must give up at the tightened bound, not 120 s
+        return
+    start = time.monotonic()
+    try:
+        dist.all_reduce(torch.ones(1), group=group)
+        result = "completed"
+    except RuntimeError as e:
+        result = f"raised after {time.monotonic() - start:.0f} s: {type(e).__name__}"
+    with open(out, "w") as f:
+        f.write(result)
+
+
+def test_collectives_are_bounded_by_the_tightened_timeout(tmp_path):
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "rank0.txt")
+    mp.start_processes(_collective_after_tightening, args=(f"file://{tmp_path / 'store'}", out),
+                       nprocs=2, start_method="spawn")
+    result = open(out).read()
+    # Raised at the 1 s bound (well before the groups' own 120 s, and before rank 1 woke).
+    assert result.startswith("raised after") and int(result.split()[2]) < 15, result
