@@ -121,7 +121,7 @@ def run_engine(cfg: Config, topo: Topology, channel: PairChannel, *, target_conf
 
     # 3. Tell the trainer what it trains against; learn where to start.
     channel.send("plan", d2t=vocab.d2t, t2d=vocab.t2d, draft_ids=vocab.draft_ids,
-                 stats_line=tokenized.stats.format())
+                 data_key=tokenized.key, stats_line=tokenized.stats.format())
     _, start = channel.recv("start", startup, "the trainer's start (step and data position)")
     if start["data_state"] is not None:
         stream.load_state(start["data_state"])
