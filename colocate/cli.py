@@ -18,7 +18,8 @@ from colocate import __version__
 FOLLOWER_LINGER_S = 3
 # Raised identically on every rank before roles diverge (bad config, missing files), or on
 # every trainer at the same step (divergence): said once, by rank 0.
-_SAME_ON_EVERY_RANK = ("ConfigError", "TopologyError", "FileNotFoundError", "Diverged")
+_SAME_ON_EVERY_RANK = ("ConfigError", "TopologyError", "FileNotFoundError", "Diverged",
+                       "StartupError")
 
 
 def _commands() -> dict[str, tuple[str, str]]:

@@ -155,11 +155,23 @@ def _strip(env: Mapping[str, str], *keys: str) -> dict[str, str]:
     return {k: v for k, v in env.items() if k not in keys}
 
 
+def _uuid_devices(env: Mapping[str, str]) -> bool:
+    """CUDA_VISIBLE_DEVICES names GPUs by UUID only (GPU-...), so it means the same devices
+    to a daemon and to its clients."""
+    entries = [e.strip() for e in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if e.strip()]
+    return bool(entries) and all(e.startswith("GPU-") for e in entries)
+
+
 def _daemon_env(plan: MpsPlan) -> dict[str, str]:
-    # CUDA_VISIBLE_DEVICES in the daemon's env remaps devices for every client (a client
-    # keeping "5,6" would then name devices that do not exist), so the daemon sees all GPUs.
+    # CUDA_VISIBLE_DEVICES by index in the daemon's env remaps devices for every client (a
+    # client keeping "5,6" would then name devices that do not exist), so such a daemon sees
+    # all GPUs. By UUID it remaps nothing (NVIDIA's MPS docs recommend UUIDs for this), and
+    # it is kept: then a daemon serves only its node's GPUs, e.g. two "nodes" of one host,
+    # each with its own pipe dir (tests/gpu/run_two_nodes.sh).
     # Role limits in its env would become server-wide defaults; they belong to each client.
-    env = _strip(os.environ, "CUDA_VISIBLE_DEVICES", SM_ENV, PINNED_ENV)
+    drop = (SM_ENV, PINNED_ENV) if _uuid_devices(os.environ) else \
+        ("CUDA_VISIBLE_DEVICES", SM_ENV, PINNED_ENV)
+    env = _strip(os.environ, *drop)
     return {**env, **plan.env}
 
 

@@ -3,6 +3,13 @@
     torchrun --nnodes M --nproc-per-node 2G -m colocate <command>
       local rank r -> GPU r // 2
       even global rank -> trainer, odd -> engine, peer = rank ^ 1 (same node, same GPU)
+      node = torchrun's GROUP_RANK (one agent per node); its local rank 0 owns the node's
+      MPS daemon
+
+Everything per node is keyed by LOCAL_RANK / LOCAL_WORLD_SIZE / GROUP_RANK, never by the
+global rank: GPU index, NUMA binding, the MPS owner and the status it shares. torchrun gives
+each agent a contiguous block of global ranks, so with an even --nproc-per-node ranks 2p and
+2p+1 always land on one node; `validate_pairs` checks it anyway.
 
 NCCL refuses two ranks of one communicator on one GPU, so the default group is gloo and
 NCCL lives only in role-pure groups: `trainer` (even ranks) and `engine` (odd ranks), each
@@ -49,6 +56,10 @@ class RankInfo:
     world_size: int
     local_rank: int
     local_world_size: int
+    node_rank: int = 0
+    """torchrun's GROUP_RANK: which agent (node) this rank belongs to."""
+    num_nodes: int = 1
+    """torchrun's GROUP_WORLD_SIZE: agents (nodes) in the job."""
 
     @property
     def role(self) -> Role:
@@ -94,8 +105,13 @@ def rank_info_from_env(env: dict[str, str] | None = None) -> RankInfo:
         raise TopologyError(
             f"{', '.join(missing)} not set: start colocate with torchrun, e.g. "
             "`torchrun --nproc-per-node 2 -m colocate selftest` (two ranks per GPU)")
-    info = RankInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]),
-                    int(env["LOCAL_WORLD_SIZE"]))
+    rank, local_rank = int(env["RANK"]), int(env["LOCAL_RANK"])
+    local_world = int(env["LOCAL_WORLD_SIZE"])
+    # GROUP_RANK is torchrun's; other launchers with equal ranks per node imply it.
+    world = int(env["WORLD_SIZE"])
+    node = int(env.get("GROUP_RANK", (rank - local_rank) // max(local_world, 1)))
+    num_nodes = int(env.get("GROUP_WORLD_SIZE", world // max(local_world, 1)))
+    info = RankInfo(rank, world, local_rank, local_world, node, num_nodes)
     validate_world(info)
     return info
 
@@ -112,14 +128,20 @@ def validate_world(info: RankInfo) -> None:
             "engine; use twice the number of GPUs per node")
 
 
-def validate_pairs(info: RankInfo, hosts: list[str], local_ranks: list[int]) -> None:
-    """Both members of every pair on one node and one GPU (from all ranks' host names)."""
+def node_label(host: str, node_rank: int) -> str:
+    """How messages name a node: torchrun's node rank and the host (several agents may share
+    a host, e.g. in tests)."""
+    return f"node {node_rank} ({host})"
+
+
+def validate_pairs(info: RankInfo, nodes: list[str], local_ranks: list[int]) -> None:
+    """Both members of every pair on one node and one GPU (from all ranks' node labels)."""
     for trainer in info.trainer_ranks:
         engine = trainer + 1
-        if hosts[trainer] != hosts[engine]:
+        if nodes[trainer] != nodes[engine]:
             raise TopologyError(
                 f"pair {trainer // 2} is split across nodes: trainer rank {trainer} on "
-                f"{hosts[trainer]}, engine rank {engine} on {hosts[engine]}; give every node "
+                f"{nodes[trainer]}, engine rank {engine} on {nodes[engine]}; give every node "
                 "the same even --nproc-per-node so ranks 2p and 2p+1 share a node")
         if local_ranks[trainer] // 2 != local_ranks[engine] // 2:
             raise TopologyError(
@@ -159,6 +181,7 @@ class Topology:
     device: torch.device
     job_token: str
     pids: tuple[int, ...]
+    nodes: tuple[str, ...]             # node_label of every rank, by global rank
     role_group: dist.ProcessGroup      # NCCL on GPU, gloo on CPU; this role's ranks only
     role_cpu_group: dist.ProcessGroup  # gloo twin for CPU metadata
     mps_status: object | None = None   # colocate.mps.MpsStatus; None on CPU
@@ -171,6 +194,10 @@ class Topology:
     @property
     def is_trainer(self) -> bool:
         return self.info.role is Role.TRAINER
+
+    @property
+    def num_nodes(self) -> int:
+        return len(set(self.nodes))
 
     @property
     def peer_pid(self) -> int:
@@ -214,21 +241,38 @@ def _gather(obj: object, world_size: int) -> list:
     return out
 
 
+def init_default_group(timeout_s: float) -> RankInfo:
+    """Join the job's default (gloo) group; idempotent. A command may call this before
+    `init_topology`, so that a failure found on one node only (a file it cannot see) can
+    still be agreed on over the group instead of leaving the other nodes waiting for it."""
+    info = rank_info_from_env()
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    return info
+
+
+def leave_default_group() -> None:
+    """For a command that ends before `init_topology` (nothing to do): no barrier needed,
+    every rank leaves at the same point."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def init_topology(*, device: str = "auto", timeout_s: float = 900.0, mps=None) -> Topology:
     """Validate the launch, set up MPS and the device, and create every process group.
 
     `mps`: a config.MpsSection (None: MPS off). Collectives here run on the default gloo
     group; they are the documented start-up barrier.
     """
-    info = rank_info_from_env()
+    info = init_default_group(timeout_s)
     device_type = resolve_device_type(device)
     timeout = datetime.timedelta(seconds=timeout_s)
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=timeout)
 
-    # Host names and pids: pair validation, and pids authenticate the pair channel.
-    gathered = _gather((socket.gethostname(), info.local_rank, os.getpid()), info.world_size)
-    validate_pairs(info, [g[0] for g in gathered], [g[1] for g in gathered])
+    # Nodes and pids: pair validation, and pids authenticate the pair channel.
+    gathered = _gather((node_label(socket.gethostname(), info.node_rank), info.local_rank,
+                        os.getpid()), info.world_size)
+    nodes = tuple(g[0] for g in gathered)
+    validate_pairs(info, list(nodes), [g[1] for g in gathered])
     pids = tuple(g[2] for g in gathered)
     token = [secrets.token_hex(6) if info.rank == 0 else None]
     dist.broadcast_object_list(token, src=0)
@@ -239,7 +283,11 @@ def init_topology(*, device: str = "auto", timeout_s: float = 900.0, mps=None) -
         # CPU affinity reaches only threads created after the call: bind before CUDA starts
         # its own threads.
         _bind_numa(info)
-        mps_status, mps_handle = _setup_mps(info, mps, job_token, timeout_s)
+        # The node's local rank 0 (not global rank 0) owns the daemon, and every rank takes
+        # the status of its own node's owner.
+        owner = next(r for r in range(info.world_size)
+                     if nodes[r] == nodes[info.rank] and gathered[r][1] == 0)
+        mps_status, mps_handle = _setup_mps(info, mps, job_token, timeout_s, owner)
         num_gpus = torch.cuda.device_count()  # first CUDA call, after MPS is set
         validate_gpu_count(info, num_gpus)
         torch.cuda.set_device(info.gpu_index)
@@ -255,13 +303,14 @@ def init_topology(*, device: str = "auto", timeout_s: float = 900.0, mps=None) -
                         dist.new_group(list(ranks), backend="gloo", timeout=timeout))
     role_group, role_cpu_group = groups[info.role]
     dist.barrier()  # start-up barrier: every rank has its groups before any role work
-    return Topology(info=info, device=torch_device, job_token=job_token, pids=pids,
+    return Topology(info=info, device=torch_device, job_token=job_token, pids=pids, nodes=nodes,
                     role_group=role_group, role_cpu_group=role_cpu_group,
                     mps_status=mps_status, mps_handle=mps_handle)
 
 
-def _setup_mps(info: RankInfo, mps_cfg, job_token: str, timeout_s: float):
-    """Node-local rank 0 starts (or reuses) the daemon; everyone activates it before CUDA."""
+def _setup_mps(info: RankInfo, mps_cfg, job_token: str, timeout_s: float, owner: int):
+    """Node-local rank 0 (global rank `owner`) starts (or reuses) the node's daemon; every
+    rank of the node activates it before CUDA."""
     from colocate import mps
     from colocate.config import MpsSection
 
@@ -273,7 +322,7 @@ def _setup_mps(info: RankInfo, mps_cfg, job_token: str, timeout_s: float):
         if handle is not None and handle.owned:
             _exit_cleanly_on_sigterm()
     statuses = _gather(status, info.world_size)  # start-up barrier: nobody touches CUDA before
-    status = statuses[info.rank - info.local_rank]
+    status = statuses[owner]
     mps.activate(status, info.role.value, device=info.gpu_index)
     return status, handle
 

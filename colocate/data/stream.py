@@ -26,6 +26,11 @@ class DataStream:
     def next_micro_batch(self) -> MicroBatch:
         return pack_micro_batch(self.tokenized, self.sampler, self.tokens_per_micro_step)
 
+    @property
+    def key(self) -> str:
+        """What the stream's samples are (the tokenized data's key): trainers compare it."""
+        return self.tokenized.key
+
     def decode_meta(self) -> dict:
         """Nothing is decoded here (online decode's stream reports its answering)."""
         return {}

@@ -13,7 +13,7 @@ import argparse
 import logging
 import os
 
-from colocate.config import describe_path, load_config
+from colocate.config import RunSection, describe_path, load_config
 from colocate.exit_codes import Interrupted
 
 log = logging.getLogger(__name__)
@@ -26,29 +26,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from transformers import AutoConfig
-
-    from colocate.draft.recipe import recipe_for
-    from colocate.topology import close_topology, init_topology
-    from colocate.train.run_dir import finished_message
-    from colocate.train.warm_start import check_init_config
+    from colocate.topology import (close_topology, init_default_group, init_topology,
+                                   leave_default_group)
+    from colocate.train import agreement
     from colocate.transport import open_pair_channel
 
-    cfg = load_config(args.config, args.overrides)  # fails before any process group exists
-    cfg.check_training()
-    done = finished_message(cfg)
+    # Every rank joins the default group before anything that reads a file can fail, and
+    # the ranks settle each such stage together (agreement.py): a file one node cannot see
+    # then fails every node in seconds, naming the rank, instead of leaving the other nodes
+    # waiting for it in a collective.
+    cfg, error = None, None
+    try:
+        cfg = load_config(args.config, args.overrides)
+        cfg.check_training()
+    except Exception as e:  # noqa: BLE001 - settled below, then raised on every rank
+        error = e
+    if error is not None and "WORLD_SIZE" not in os.environ:
+        raise error  # not under torchrun: nobody to tell
+    info = init_default_group(cfg.run.startup_timeout_s if cfg else RunSection().startup_timeout_s)
+    agreement.settle(error, "loading the config", info)
+    agreement.check_shared_paths(cfg, info)  # more than one node: run.dir and data.path
+    done = None
+    try:
+        done, target_config, aux = _read_run_dir_and_target(cfg)
+    except Exception as e:  # noqa: BLE001 - settled below
+        error = e
+    agreement.settle(error, "reading the run directory and the target's config", info)
     if done:  # every rank decides alike, before start-up; rank 0 says it
-        if os.environ.get("RANK", "0") == "0":
+        if info.rank == 0:
             print(done, flush=True)
+        leave_default_group()
         return 0
-    if not os.path.isfile(os.path.join(cfg.target.path, "config.json")):
-        raise FileNotFoundError(f"target.path {describe_path(cfg.target.path)}: no config.json; "
-                                "point it at a local model directory (for the demo: python "
-                                "examples/tiny/build.py)")
-    target_config = AutoConfig.from_pretrained(cfg.target.path, local_files_only=True)
-    recipe = recipe_for(cfg)
-    aux = recipe.layer_ids(target_config.num_hidden_layers)
-    check_init_config(cfg, recipe, target_config, aux)  # draft.init_from, before any group
 
     topo = init_topology(device=cfg.run.device, timeout_s=cfg.run.startup_timeout_s, mps=cfg.mps)
     info = topo.info
@@ -93,6 +101,27 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_run_dir_and_target(cfg):
+    """(the "already at step N" line or None, the target's config, the recipe's aux layer
+    ids): what a rank reads before start-up, which a node might fail to see."""
+    from transformers import AutoConfig
+
+    from colocate.draft.recipe import recipe_for
+    from colocate.train.run_dir import finished_message
+    from colocate.train.warm_start import check_init_config
+
+    done = finished_message(cfg)
+    if not os.path.isfile(os.path.join(cfg.target.path, "config.json")):
+        raise FileNotFoundError(f"target.path {describe_path(cfg.target.path)}: no config.json; "
+                                "point it at a local model directory (for the demo: python "
+                                "examples/tiny/build.py)")
+    target_config = AutoConfig.from_pretrained(cfg.target.path, local_files_only=True)
+    recipe = recipe_for(cfg)
+    aux = recipe.layer_ids(target_config.num_hidden_layers)
+    check_init_config(cfg, recipe, target_config, aux)  # draft.init_from, before any group
+    return done, target_config, aux
+
+
 def failure_summary(how: str) -> str | None:
     """The line the first trainer prints when the run ends early (cli.py); None elsewhere."""
     from colocate.train.signals import RUN
@@ -111,7 +140,7 @@ def _train(cfg, topo, channel, target_config, aux, evals) -> None:
     trainer = DraftTrainer(cfg, topo, channel, target_config=target_config, aux_layer_ids=aux,
                            evals=evals)
     if topo.is_first:  # accepted (resume checks passed): only now touch the run dir
-        record_config(cfg, topo.info.num_pairs, topo.device.type)
+        record_config(cfg, topo.info.num_pairs, topo.device.type, topo.num_nodes)
     trainer.train()
     out = trainer.export(os.path.join(cfg.run.dir, "export"))
     if out:

@@ -148,7 +148,7 @@ def run_engine(cfg: Config, topo: Topology, channel: PairChannel, *, target_conf
     try:
         _stream_to_trainer(cfg, topo, channel, engine, recipe, stream, held_out, vocab,
                            dict(stats_line=stats_line, total_steps=total_steps,
-                                epochs_line=epochs_line))
+                                epochs_line=epochs_line, data_key=stream.key))
     finally:
         stream.close()
 

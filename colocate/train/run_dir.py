@@ -48,9 +48,9 @@ def finished_message(cfg: Config) -> str | None:
             "checkpoint.resume=never")
 
 
-def record_config(cfg: Config, num_pairs: int, device_type: str) -> None:
+def record_config(cfg: Config, num_pairs: int, device_type: str, num_nodes: int = 1) -> None:
     """Write RUN_DIR/config.yaml (the first trainer, once the run is accepted)."""
     os.makedirs(cfg.run.dir, exist_ok=True)
     save_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
-    log.info("run %s: %d pair(s) on %s; resolved config in %s/config.yaml", cfg.run.dir,
-             num_pairs, device_type, cfg.run.dir)
+    log.info("run %s: %d pair(s) on %d node(s), %s; resolved config in %s/config.yaml",
+             cfg.run.dir, num_pairs, num_nodes, device_type, cfg.run.dir)

@@ -28,7 +28,7 @@ from colocate.progress import PhaseTimer, Progress, peak_gib
 from colocate.topology import Topology
 from colocate.trackers import open_trackers
 from colocate.train import checkpoint as ckpt
-from colocate.train import faults, signals
+from colocate.train import agreement, faults, signals
 from colocate.train.health import NonFiniteGuard
 from colocate.train.schedule import lr_at, validates_after
 from colocate.train.target_tensors import dummy_embed_and_head, load_embed_and_head
@@ -142,6 +142,11 @@ class DraftTrainer:
             log.info("data: %s", plan["stats_line"])
             if plan["epochs_line"]:
                 log.info("%s", plan["epochs_line"])
+        # Every trainer must train the same thing: same config, data and vocabulary (a node
+        # with another copy of the data would otherwise train silently on something else).
+        agreement.check_trainers_agree(cfg, group=topo.role_cpu_group, rank=topo.info.rank,
+                                       node=topo.nodes[topo.info.rank], data_key=plan["data_key"],
+                                       vocab_sha=self.vocab_sha)
 
         # 2. Frozen target tensors: input embedding for the draft, lm_head for the teacher.
         if cfg.target.load_format == "dummy":

@@ -186,6 +186,16 @@ def test_start_waits_for_pipe_retries_805_then_stop_cleans_up(fake, monkeypatch)
     assert mps.stop_daemon(None)
 
 
+def test_daemon_keeps_uuid_visible_devices(fake, monkeypatch):
+    # By UUID the daemon's CUDA_VISIBLE_DEVICES remaps nothing, so it is kept: one daemon per
+    # emulated node of a shared host serves only that node's GPU.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1234abcd")
+    handle = mps.start_daemon(fake.plan(), timeout_s=10, probe_argv=fake.probe_argv)
+    log_text = open(os.path.join(handle.plan.log_dir, "control.log")).read()
+    assert "CUDA_VISIBLE_DEVICES=GPU-1234abcd" in log_text
+    assert mps.stop_daemon(handle, timeout_s=5)
+
+
 def test_existing_daemon_is_reused_and_not_owned(fake):
     plan = fake.plan(mode="required")
     owner = mps.start_daemon(plan, timeout_s=10, probe_argv=fake.probe_argv)
