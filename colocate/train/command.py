@@ -85,11 +85,15 @@ def main(args: argparse.Namespace) -> int:
             from colocate.train.engine_loop import run_engine
 
             run_engine(cfg, topo, channel, target_config=target_config)
-    except Interrupted:
-        raise  # a clean stop: the trainer already ended the stream with `stop`
+    except Interrupted as e:  # a clean stop: the trainer already ended the stream with `stop`
+        if evals is not None:
+            evals.stop(str(e))
+        raise
     except BaseException as e:
         # Tell the peer why, so it fails with our reason instead of "peer died".
         channel.report_error(f"{info.name}: {type(e).__name__}: {e}")
+        if evals is not None:
+            evals.stop(f"the run failed: {type(e).__name__}")
         raise
     finally:
         channel.close()

@@ -86,6 +86,26 @@ class ServedEvals:
                           "stopped; see %s", item.step, self.cfg.eval.timeout_s, item.log_path)
             self._report(item)
 
+    def stop(self, why: str) -> None:
+        """The run is ending early (a stop signal, a failure): end every evaluation still
+        running (SIGTERM, then SIGKILL after 30 s) instead of leaving it on the GPU with
+        nobody to read its result, and say how to run it again."""
+        for item in list(self.pending):
+            if item.proc.poll() is None:
+                item.proc.terminate()
+                try:
+                    item.proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    item.proc.kill()
+                    item.proc.wait()
+                export = os.path.join(os.path.dirname(item.out), "export")
+                log.warning("served eval of step %d stopped (%s); run it again with: python -m "
+                            "colocate eval --config %s --draft %s --out %s", item.step, why,
+                            os.path.join(self.cfg.run.dir, "config.yaml"), export, item.out)
+                self.pending.remove(item)
+            else:
+                self._report(item)
+
     def _report(self, item: _Pending) -> None:
         self.pending.remove(item)
         if item.proc.returncode != 0 or not os.path.isfile(item.out):

@@ -166,3 +166,25 @@ def test_collectives_are_bounded_by_the_tightened_timeout(tmp_path):
     result = open(out).read()
     # Raised at the 1 s bound (well before the groups' own 120 s, and before rank 1 woke).
     assert result.startswith("raised after") and int(result.split()[2]) < 15, result
+
+
+def test_a_stopped_run_ends_its_served_evals(tmp_path, caplog):
+    # A real child standing in for `colocate eval` (which needs a model); stop() must end it
+    # and say how to run it again, as when SIGTERM stops training mid-evaluation.
+    import logging
+    import subprocess
+    import sys
+
+    from colocate.config import load_config
+    from colocate.train.served_eval import ServedEvals, _Pending
+
+    cfg = load_config(None, [f"run.dir={tmp_path / 'run'}"])
+    evals = ServedEvals(cfg)
+    out = str(tmp_path / "run" / "evals" / "step_00000004" / "eval.json")
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    evals.pending.append(_Pending(4, out, str(tmp_path / "eval.log"), proc, time.monotonic()))
+    with caplog.at_level(logging.WARNING):
+        evals.stop("stopped by SIGTERM")
+    assert proc.poll() == -signal.SIGTERM and not evals.pending
+    assert "served eval of step 4 stopped (stopped by SIGTERM); run it again with: python -m " \
+           "colocate eval --config" in caplog.text
