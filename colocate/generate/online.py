@@ -39,6 +39,7 @@ from colocate.data.conversations import Conversation, parse_record
 from colocate.data.errors import DataError
 from colocate.data.packing import MicroBatch, micro_batch_from
 from colocate.data.sampler import ShardedSampler
+from colocate.data.stream import SampledStream
 from colocate.data.stats import DataStats
 from colocate.data.template import Renderer
 from colocate.data.tokenized import TokenizedDataset, encode_sample
@@ -141,9 +142,13 @@ class AnswerEncoder:
             return None  # counted (and the first few logged) by encode_sample
 
 
-class OnlineStream:
+class OnlineStream(SampledStream):
     """The DataStream of online decode: `next_micro_batch`, `state`, `load_state`, plus
     `start` (after load_state) and `close`."""
+
+    what = "online decode"
+    resume_fix = ("Restore the original data, target, generate.* settings, seed and GPU "
+                  "count")
 
     def __init__(self, records: list[tuple[int, Conversation]], encoder: AnswerEncoder, *,
                  key: str, seed: int, shuffle: bool, shard_index: int, num_shards: int,
@@ -166,23 +171,9 @@ class OnlineStream:
 
     # ------------------------------------------------------------------ DataStream API
 
-    def _identity(self) -> dict:
-        s = self.sampler
-        return {"dataset_key": self.key, "seed": s.seed, "shuffle": s.shuffle,
-                "shard_index": s.shard_index, "num_shards": s.num_shards}
-
-    def state(self) -> dict:
-        return {**self.sampler.state(), **self._identity()}
-
     def load_state(self, state: dict) -> None:
         assert self._thread is None, "load_state before start: the decoder starts there"
-        mismatched = [f"{k}: saved {state.get(k)!r}, now {v!r}"
-                      for k, v in self._identity().items() if state.get(k) != v]
-        if mismatched:
-            raise DataError("cannot resume online decode: " + "; ".join(mismatched) +
-                            ". Restore the original data, target, generate.* settings, seed "
-                            "and GPU count, or start a fresh run (checkpoint.resume=never)")
-        self.sampler.load_state(state)
+        super().load_state(state)
 
     def next_micro_batch(self) -> MicroBatch:
         """Records in shard order until the next sample would pass the token budget (skipped
