@@ -141,7 +141,7 @@ def _collective_after_tightening(rank: int, init: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=120))
     group = dist.new_group([0, 1], backend="gloo", timeout=datetime.timedelta(seconds=120))
-    topo = Topology(info=None, device=torch.device("cpu"), job_token="", pids=(),
+    topo = Topology(info=None, device=torch.device("cpu"), job_token="", pids=(), nodes=(),
                     role_group=group, role_cpu_group=group)
     assert topo.bound_collectives(1.0)
     if rank == 1:
