@@ -7,7 +7,6 @@ mount (or with its own copy of a file) sees, through the same code path.
 """
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -50,6 +49,14 @@ def two_agents(overrides, cwds, timeout=240):
     return results
 
 
+def the_one_error(results) -> str:
+    """Both agents failed, and exactly one colocate error line was printed: that line."""
+    assert all(code != 0 for code, _, _ in results)
+    lines = error_lines(results)
+    assert len(lines) == 1, "\n".join(r[2][-3000:] for r in results)
+    return lines[0]
+
+
 def error_lines(results):
     return [line for _, _, err in results for line in err.splitlines()
             if line.startswith("colocate train: error:")]
@@ -82,9 +89,7 @@ def test_node_with_other_data_is_refused_naming_the_rank(tiny_assets, tmp_path):
     overrides = tiny_overrides(tiny_assets, str(tmp_path / "run"), "train.max_steps=2",
                                "data.path=conversations.jsonl")
     results = two_agents(overrides, [str(c) for c in cwds], timeout=180)
-    assert all(code != 0 for code, _, _ in results)
-    lines = error_lines(results)
-    assert len(lines) == 1, "\n".join(r[2][-3000:] for r in results)
+    lines = [the_one_error(results)]
     assert lines[0].startswith("colocate train: error: [rank 0] trainers disagree on what they "
                                "train: trainer rank 2 on node 1 (")
     assert "the data key" in lines[0] and "the draft vocabulary (sha" in lines[0]
@@ -99,9 +104,7 @@ def test_node_without_the_run_dir_fails_fast(tiny_assets, tmp_path):
         cwd.mkdir()
     overrides = tiny_overrides(tiny_assets, "runs/x", "train.max_steps=2")
     results = two_agents(overrides, [str(c) for c in cwds], timeout=120)
-    assert all(code != 0 for code, _, _ in results)
-    lines = error_lines(results)
-    assert len(lines) == 1, "\n".join(r[2][-3000:] for r in results)
+    lines = [the_one_error(results)]
     assert lines[0].startswith("colocate train: error: [rank 0] run.dir is not shared: ranks 2-3 "
                                "on node 1 (")
     assert "put run.dir on a shared filesystem" in lines[0]
