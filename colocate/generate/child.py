@@ -6,7 +6,10 @@ the trainer. sglang publishes process-wide runtime settings when either starts
 (`sglang.srt.runtime_context`), so the two must not share a process: the Engine is built
 and driven in a spawned child, and the engine rank talks to it over a pipe (token ids in,
 token ids out; a few kilobytes per chunk). The child inherits the rank's environment (the
-node's MPS pipe and thread share) like every process the job starts.
+node's MPS pipe and thread share) like every process the job starts, less torchrun's
+variables: sglang's scheduler initialises torch.distributed with a `tcp://` address of its
+own, and under TORCHELASTIC_USE_AGENT_STORE torch would instead wait, as a client, for a
+store that torchrun's agent never started there (a hang, seen on an H200).
 
 Every wait is bounded and names the child; the child exits when the pipe closes (its
 parent is gone) or on "close".
@@ -15,13 +18,27 @@ parent is gone) or on "close".
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import traceback
 from typing import Callable
 
 from colocate.generate.engines import Generation
 
 
+# What torchrun sets for its workers: the answering engine is no worker of the job.
+TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                 "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR",
+                 "MASTER_PORT")
+
+
+def _leave_the_job() -> None:
+    for name in list(os.environ):
+        if name in TORCHRUN_VARS or name.startswith("TORCHELASTIC_"):
+            del os.environ[name]
+
+
 def _serve(conn, factory: Callable, kwargs: dict) -> None:
+    _leave_the_job()  # before anything (sglang's processes) inherits the environment
     try:
         generator = factory(**kwargs)
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises it

@@ -25,7 +25,7 @@ ENGINE=${ENGINE:-sglang}
 # fits slowly: on CPU its gate sample reached 2.40 after 120 steps at lr 3e-3, 3.43 after
 # 300 at 5e-3 and 4.80 after 800 at 5e-3 (the reference decoder, 48 tokens).
 GATE_STEPS=${GATE_STEPS:-800}; GATE_LR=${GATE_LR:-5e-3}
-run() { echo "=== $*" | tee -a "$LOG"; "$@" 2>&1 | grep -v "^W11\|^\*\*\*\*\|^Loading weights" | tee -a "$LOG"; echo "=== exit ${PIPESTATUS[0]}" | tee -a "$LOG"; }
+run() { echo "=== $*" | tee -a "$LOG"; "$@" 2>&1 | grep --line-buffered -v "^W11\|^\*\*\*\*\|^Loading weights" | tee -a "$LOG"; echo "=== exit ${PIPESTATUS[0]}" | tee -a "$LOG"; }
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 
 if [ "$ENGINE" = sglang ]; then

@@ -4,6 +4,7 @@ cut at the training length and counted, decode failures and stalls reported, not
 
 from __future__ import annotations
 
+import os
 import time
 from types import SimpleNamespace
 
@@ -203,6 +204,33 @@ def test_a_generator_in_a_child_process_answers_as_in_process(tiny_assets, tiny_
     assert not child._proc.is_alive()
     with pytest.raises(RuntimeError, match="(?s)failed during start.*no such model"):
         ChildGenerator(_broken_factory, {}, timeout_s=120, who="test")
+
+
+class _EnvReport:
+    """A generator whose name is the torchrun variables its process sees."""
+
+    def __init__(self):
+        self.name = " ".join(sorted(k for k in os.environ
+                                    if k in ("RANK", "MASTER_PORT") or k.startswith("TORCHELASTIC_")))
+
+    def close(self):
+        pass
+
+
+def test_the_answering_child_is_no_torchrun_worker(monkeypatch):
+    # Under torchrun, sglang's scheduler (a grandchild) would wait for an agent store that
+    # does not exist (TORCHELASTIC_USE_AGENT_STORE): the child drops torchrun's variables.
+    from colocate.generate.child import ChildGenerator
+
+    for name, value in (("RANK", "1"), ("MASTER_PORT", "29500"),
+                        ("TORCHELASTIC_USE_AGENT_STORE", "True"), ("KEEP_ME", "1")):
+        monkeypatch.setenv(name, value)
+    child = ChildGenerator(_EnvReport, {}, timeout_s=120, who="test")
+    try:
+        assert child.name == ""
+    finally:
+        child.close()
+    assert os.environ["TORCHELASTIC_USE_AGENT_STORE"] == "True"  # this process keeps them
 
 
 def test_epochs_are_refused_with_online_decode(tiny_assets, tmp_path):
