@@ -13,7 +13,7 @@
 # reference (eval --engine both). DRAFT: overrides for every training run, e.g. DFlash:
 #   DRAFT="draft.method=dflash draft.num_layers=2 draft.block_size=8" (eval then serves it
 #   with sglang's DFLASH: the export's config.json says which decoder).
-# ENGINE=hf runs the same steps on the CPU (reference only),
+# EVAL_ENGINE=sglang serves with sglang only (default both). ENGINE=hf runs the same steps on the CPU (reference only),
 # a dry run of this script. Needs the offline wheel bundle in .whl_sgl/ (docs/sglang.md).
 set -uo pipefail
 SITE=${SITE:-/tmp/site}
@@ -30,7 +30,7 @@ has() { [[ " $STAGES " == *" $1 "* ]]; }
 
 if [ "$ENGINE" = sglang ]; then
   [ -d "$SITE/sglang" ] || python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl_sgl/*.whl
-  EVAL_ENGINE=both; NPROC=2; TRAIN_DEV=(mps.mode=required); GEN_DEV=()
+  EVAL_ENGINE=${EVAL_ENGINE:-both}; NPROC=2; TRAIN_DEV=(mps.mode=required); GEN_DEV=()
 else
   EVAL_ENGINE=hf; NPROC=4; TRAIN_DEV=(run.device=cpu); GEN_DEV=(run.device=cpu)
   export OMP_NUM_THREADS=1
