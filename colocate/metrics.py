@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -249,6 +250,21 @@ def dflash_train_flops_per_token(geom: Geometry, seq_len: int, *, num_layers: in
     return context + blocks + head
 
 
+def colocated_flops_per_token(cfg) -> dict[str, float]:
+    """FLOPs per trained token by our count: the engine's prefill, the trainer's step
+    (the recipe's formula) and both (what a colocated GPU does)."""
+    from transformers import AutoConfig
+
+    from colocate.draft.recipe import recipe_for
+
+    geom = Geometry.from_hf_config(AutoConfig.from_pretrained(cfg.target.path,
+                                                              local_files_only=True))
+    seq, recipe = cfg.data.max_length, recipe_for(cfg)
+    engine = target_prefill_flops_per_token(geom, seq)
+    trainer = recipe.train_flops_per_token(geom, seq, len(recipe.layer_ids(geom.num_layers)))
+    return {"engine": engine, "trainer": trainer, "both": engine + trainer}
+
+
 def mfu(flops_per_token: float, tokens_per_s: float, peak: float) -> float:
     return flops_per_token * tokens_per_s / peak
 
@@ -274,10 +290,20 @@ class MetricsLog:
     only host sync, and only on that rank.
     """
 
+    # The logged rate: one step's host time says little (the GPU runs behind the host, so
+    # per-step rates swing several-fold on a steady run); over a window of steps the lag
+    # cancels out, as in the bench, which divides tokens by the summed time of many steps.
+    WINDOW_STEPS = 20
+
     def __init__(self, trackers, *, group, device: torch.device, num_pairs: int,
-                 summarize: Callable[[list[float]], dict], flush_every_s: float = 10.0):
-        """trackers: the first trainer's `colocate.trackers.Trackers`; None on the others."""
+                 summarize: Callable[[list[float]], dict], flush_every_s: float = 10.0,
+                 flops_per_token: float | None = None, peak: float | None = None):
+        """trackers: the first trainer's `colocate.trackers.Trackers`; None on the others.
+        flops_per_token and peak (both known on a GPU whose datasheet peak we have): each
+        row's `mfu` over the window, by the bench's count."""
         self.trackers = trackers
+        self.flops_per_token, self.peak = flops_per_token, peak
+        self._window: deque = deque(maxlen=self.WINDOW_STEPS + 1)  # (host end time, tokens)
         self.group = group
         self.device = device
         self.num_pairs = num_pairs
@@ -305,7 +331,7 @@ class MetricsLog:
         vec = torch.cat(parts)
         work = dist.all_reduce(vec, group=self.group, async_op=True)
         self.pending.append((step, vec, work, dict(lr=lr, seconds=seconds, **host), phases,
-                             val_stats is not None))
+                             val_stats is not None, time.monotonic()))
         if self.trackers is None:  # other trainers: nothing to write, just retire the handles
             self._retire(write=False)
         elif time.monotonic() - self._last_flush >= self.flush_every_s:
@@ -315,8 +341,21 @@ class MetricsLog:
         self._retire(write=self.trackers is not None)
         self._last_flush = time.monotonic()
 
+    def _window_rates(self, end: float, tokens: float) -> dict:
+        """tokens/s per GPU (one pair per GPU) and MFU over the last WINDOW_STEPS steps,
+        from the end of the step before them to the end of this one."""
+        self._window.append((end, tokens))
+        if len(self._window) < 2:
+            return {}
+        seconds = end - self._window[0][0]
+        rate = sum(t for _, t in list(self._window)[1:]) / self.num_pairs / max(seconds, 1e-9)
+        rates = {"tokens_per_s_per_gpu": rate, "rate_window_steps": len(self._window) - 1}
+        if self.flops_per_token and self.peak:
+            rates["mfu"] = mfu(self.flops_per_token, rate, self.peak)
+        return rates
+
     def _row(self, step: int, values: list[float], host: dict, phases: list | None,
-             has_val: bool) -> dict:
+             has_val: bool, end: float) -> dict:
         val = []
         if has_val:
             num = len(values) // 2 - 1  # [stats, grad_norm, tokens, val_stats], equal stats
@@ -326,7 +365,8 @@ class MetricsLog:
         row = {"step": step + 1, **self.summarize(stats),
                "grad_norm": grad_norm, "skipped": int(not math.isfinite(grad_norm)),
                "tokens": int(tokens),
-               "tokens_per_s": tokens_per_s(tokens, seconds), "step_s": seconds, **host,
+               "tokens_per_s": tokens_per_s(tokens, seconds), "step_s": seconds,
+               **self._window_rates(end, tokens), **host,
                **{f"{name}_s": v for name, v in phase_seconds(phases or []).items()}}
         if val:
             row.update({f"val_{k}": v for k, v in self.summarize(val).items()})
@@ -334,10 +374,10 @@ class MetricsLog:
 
     def _retire(self, write: bool) -> None:
         rows = []
-        for step, vec, work, host, phases, has_val in self.pending:
+        for step, vec, work, host, phases, has_val, end in self.pending:
             work.wait()
             if write:  # host sync (first trainer)
-                rows.append(self._row(step, vec.tolist(), host, phases, has_val))
+                rows.append(self._row(step, vec.tolist(), host, phases, has_val, end))
         self.pending.clear()
         if rows:
             self.last = rows[-1]

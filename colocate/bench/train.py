@@ -189,20 +189,6 @@ def pregenerate(args: argparse.Namespace, workdir: str, cuda: bool) -> str:
     return out
 
 
-def flops_per_token(cfg) -> dict[str, float]:
-    from transformers import AutoConfig
-
-    geom = m.Geometry.from_hf_config(AutoConfig.from_pretrained(cfg.target.path,
-                                                                local_files_only=True))
-    from colocate.draft.recipe import recipe_for
-
-    seq = cfg.data.max_length
-    recipe = recipe_for(cfg)
-    engine = m.target_prefill_flops_per_token(geom, seq)
-    trainer = recipe.train_flops_per_token(geom, seq, len(recipe.layer_ids(geom.num_layers)))
-    return {"engine": engine, "trainer": trainer, "both": engine + trainer}
-
-
 def format_table(results: list[Result], flops: dict[str, float], peak: float | None,
                  device_name: str) -> str:
     width = max([20] + [len(r.label) for r in results])
@@ -314,8 +300,8 @@ def main(args: argparse.Namespace) -> int:
                 continue
             results.append(run_mode(mode, args, workdir, "cuda" if cuda else "cpu", sweep,
                                     extra.get(mode.key, ())))
-    table = format_table(results, flops_per_token(cfg), m.peak_flops(device_name) if cuda
-                         else None, device_name)
+    peak = m.peak_flops(device_name) if cuda else None
+    table = format_table(results, m.colocated_flops_per_token(cfg), peak, device_name)
     print(table, flush=True)
     with open(os.path.join(workdir, "table.txt"), "w") as f:
         f.write(table + "\n")

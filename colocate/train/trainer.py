@@ -23,7 +23,7 @@ from colocate.draft.recipe import DraftRecipe, FrozenTarget, recipe_for
 from colocate.engine import resolve_target_dtype
 from colocate.exit_codes import Interrupted
 from colocate.hostcopy import to_device
-from colocate.metrics import MetricsLog, stats_length
+from colocate.metrics import MetricsLog, colocated_flops_per_token, peak_flops, stats_length
 from colocate.progress import PhaseTimer, Progress, peak_gib
 from colocate.topology import Topology
 from colocate.trackers import open_trackers
@@ -211,9 +211,13 @@ class DraftTrainer:
                                  micro_steps=t.micro_steps, every_s=t.log_every_s)
         # 7. Trackers (metrics.report_to): the first trainer writes every row.
         trackers = open_trackers(cfg, resumed_at=self.start_step) if topo.is_first else None
+        peak = (peak_flops(torch.cuda.get_device_name(device))
+                if device.type == "cuda" else None)
         self.metrics = MetricsLog(trackers, group=topo.role_group, device=device,
                                   num_pairs=topo.info.num_pairs, summarize=recipe.summary,
-                                  flush_every_s=t.log_every_s)
+                                  flush_every_s=t.log_every_s, peak=peak,
+                                  flops_per_token=colocated_flops_per_token(cfg)["both"]
+                                  if peak else None)
 
     # ------------------------------------------------------------------ the loop
     def step_label_totals(self, meta: dict) -> torch.Tensor:

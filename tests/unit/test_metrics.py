@@ -174,6 +174,35 @@ def test_metrics_rows_are_written_on_flush(group, tmp_path):
     assert log.last == rows[-1]
 
 
+def test_the_logged_rate_is_per_gpu_over_a_window_of_steps(group, tmp_path, monkeypatch):
+    # Host end-of-step times 10, 11, 13, 16 s; a window of 2 steps; 2 pairs (GPUs).
+    import colocate.metrics as metrics_module
+
+    ends = iter([10.0, 11.0, 13.0, 16.0])
+    now = {"t": 0.0}
+
+    def clock():
+        return now["t"]
+
+    monkeypatch.setattr(metrics_module.time, "monotonic", clock)
+    monkeypatch.setattr(MetricsLog, "WINDOW_STEPS", 2)
+    path = str(tmp_path / "metrics.jsonl")
+    log = MetricsLog(Trackers([JsonlTracker(path)]), group=group, device=torch.device("cpu"),
+                     num_pairs=2, summarize=lambda v: step_summary(v, 0.5), flush_every_s=3600,
+                     flops_per_token=1e3, peak=1e6)
+    for step, tokens in enumerate([100, 200, 300, 400]):
+        now["t"] = next(ends)
+        stats = micro_stats([10.0, 0.0], [5, 1], [10, 4], sim=(30, 12))
+        log.record(step, stats, torch.tensor(1.0), lr=1e-3, tokens=tokens, seconds=0.01)
+    log.flush()
+    rows = [json.loads(line) for line in open(path)]
+    assert "tokens_per_s_per_gpu" not in rows[0] and "mfu" not in rows[0]
+    assert [r["tokens_per_s_per_gpu"] for r in rows[1:]] == pytest.approx([100, 500 / 6, 70])
+    assert [r["rate_window_steps"] for r in rows[1:]] == [1, 2, 2]
+    assert rows[3]["mfu"] == pytest.approx(0.07)
+    assert rows[3]["tokens_per_s"] == pytest.approx(400 / 0.01)  # the step's own, as before
+
+
 # ----------------------------------------------------------------- FLOPs and references
 
 # H=8, I=16, 2 layers, 2 heads of 4, 1 kv head, vocab 100.
