@@ -239,6 +239,21 @@ class DraftSection:
                  f"got {self.attention!r}; use auto, loop or flex")
         _require(self.kernels in ("auto", "eager", "compiled"), "draft.kernels",
                  f"got {self.kernels!r}; use auto, eager or compiled")
+        # A setting of the other method does nothing: say so rather than ignore it silently.
+        defaults = DraftSection.__dataclass_fields__
+        for key in METHOD_ONLY_DRAFT_KEYS[self.method]:
+            if getattr(self, key) != defaults[key].default:
+                other = "dflash" if self.method == "eagle3" else "eagle3"
+                warnings.warn(f"draft.{key}={getattr(self, key)} has no effect with "
+                              f"draft.method={self.method} (it belongs to draft.method={other})",
+                              UserWarning, stacklevel=2)
+
+
+# The keys of one method that the other ignores, by the method that ignores them.
+METHOD_ONLY_DRAFT_KEYS = {
+    "eagle3": ("num_layers", "block_size", "num_anchors", "block_decay", "mask_token_id"),
+    "dflash": ("draft_vocab_size", "unroll_steps", "position_decay"),
+}
 
 
 @dataclass(kw_only=True)

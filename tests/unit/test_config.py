@@ -131,3 +131,19 @@ def test_save_and_reload_roundtrip(tmp_path):
     save_config(cfg, str(tmp_path / "config.yaml"))
     assert load_config(str(tmp_path / "config.yaml")) == cfg
     assert isinstance(Config().to_dict()["train"]["betas"], list)
+
+
+def test_a_setting_of_the_other_draft_method_is_named_not_ignored():
+    import warnings
+
+    with pytest.warns(UserWarning) as caught:
+        load_config(None, ["draft.method=dflash", "draft.unroll_steps=3", "draft.block_size=8"])
+    assert [str(w.message) for w in caught] == [
+        "draft.unroll_steps=3 has no effect with draft.method=dflash "
+        "(it belongs to draft.method=eagle3)"]
+    with pytest.warns(UserWarning, match=r"draft.num_anchors=64 has no effect with "
+                                         r"draft.method=eagle3 \(it belongs to draft.method=dflash\)"):
+        load_config(None, ["draft.num_anchors=64"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config(None, ["draft.method=dflash", "draft.block_size=8", "draft.num_layers=2"])
