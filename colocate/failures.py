@@ -44,8 +44,13 @@ def write_error_file(message: str, *, root_cause: bool, traceback_text: str | No
 
 def resume_command() -> str:
     """The command line that started this worker, as the user would retype it: under
-    torchrun, `torchrun ... -m colocate <args>` with this job's geometry."""
+    torchrun, `torchrun ... -m colocate <args>` with this job's geometry; under
+    launch/slurm.sbatch (which names itself in COLOCATE_RESUME_WITH), the sbatch line that
+    submits the same training again."""
     args = shlex.join(sys.argv[1:])
+    submit = os.environ.get("COLOCATE_RESUME_WITH")
+    if submit and sys.argv[1:2] == ["train"]:  # the template runs `colocate train <its args>`
+        return f"{submit} {shlex.join(sys.argv[2:])}"
     if "LOCAL_WORLD_SIZE" not in os.environ:
         return f"python -m colocate {args}"
     nodes = int(os.environ.get("WORLD_SIZE", "1")) // int(os.environ["LOCAL_WORLD_SIZE"])

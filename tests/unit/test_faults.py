@@ -2,6 +2,7 @@
 
 import copy
 import os
+import sys
 import signal
 import time
 
@@ -188,3 +189,21 @@ def test_a_stopped_run_ends_its_served_evals(tmp_path, caplog):
     assert proc.poll() == -signal.SIGTERM and not evals.pending
     assert "served eval of step 4 stopped (stopped by SIGTERM); run it again with: python -m " \
            "colocate eval --config" in caplog.text
+
+
+def test_the_resume_line_is_the_command_that_started_the_run(monkeypatch):
+    from colocate.failures import resume_command
+
+    monkeypatch.setattr(sys, "argv", ["colocate", "train", "--config", "my run.yaml",
+                                      "train.max_steps=9"])
+    for name in ("LOCAL_WORLD_SIZE", "WORLD_SIZE", "COLOCATE_RESUME_WITH"):
+        monkeypatch.delenv(name, raising=False)
+    assert resume_command() == "python -m colocate train --config 'my run.yaml' train.max_steps=9"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert resume_command() == ("torchrun --nnodes 2 (same rendezvous) --nproc-per-node 4 -m "
+                                "colocate train --config 'my run.yaml' train.max_steps=9")
+    # launch/slurm.sbatch: submitting the job again resumes it.
+    monkeypatch.setenv("COLOCATE_RESUME_WITH", "sbatch --nodes 2 launch/slurm.sbatch")
+    assert resume_command() == ("sbatch --nodes 2 launch/slurm.sbatch --config 'my run.yaml' "
+                                "train.max_steps=9")
