@@ -2,8 +2,8 @@
 
 import copy
 import os
-import sys
 import signal
+import sys
 import time
 
 import pytest
