@@ -29,6 +29,7 @@ def main(args: argparse.Namespace) -> int:
     from colocate.topology import (close_topology, init_default_group, init_topology,
                                    leave_default_group)
     from colocate.train import agreement
+    from colocate.train.pair_session import PairSession
     from colocate.transport import open_pair_channel
 
     # Every rank joins the default group before anything that reads a file can fail, and
@@ -72,6 +73,8 @@ def main(args: argparse.Namespace) -> int:
                                 peer_rank=info.peer_rank, peer_pid=topo.peer_pid,
                                 job_token=topo.job_token, pair_index=info.pair_index,
                                 timeout_s=cfg.run.startup_timeout_s)
+    session = PairSession(channel, topo, startup_s=cfg.run.startup_timeout_s,
+                          steady_s=cfg.run.timeout_s)
     # Served evaluations (eval.every_steps / eval.at_end) belong to the first trainer.
     evals = None
     if topo.is_first and topo.is_trainer and (cfg.eval.every_steps or cfg.eval.at_end):
@@ -80,18 +83,18 @@ def main(args: argparse.Namespace) -> int:
         evals = ServedEvals(cfg)
     try:
         if topo.is_trainer:
-            _train(cfg, topo, channel, target_config, aux, evals)
+            _train(cfg, topo, session, target_config, aux, evals)
         else:
             from colocate.train.engine_loop import run_engine
 
-            run_engine(cfg, topo, channel, target_config=target_config)
+            run_engine(cfg, topo, session, target_config=target_config)
     except Interrupted as e:  # a clean stop: the trainer already ended the stream with `stop`
         if evals is not None:
             evals.stop(str(e))
         raise
     except BaseException as e:
         # Tell the peer why, so it fails with our reason instead of "peer died".
-        channel.report_error(f"{info.name}: {type(e).__name__}: {e}")
+        session.report_error(f"{info.name}: {type(e).__name__}: {e}")
         if evals is not None:
             evals.stop(f"the run failed: {type(e).__name__}")
         raise
@@ -133,7 +136,7 @@ def failure_summary(how: str) -> str | None:
     return RUN.summary_line(how)
 
 
-def _train(cfg, topo, channel, target_config, aux, evals) -> None:
+def _train(cfg, topo, session, target_config, aux, evals) -> None:
     import torch
 
     from colocate.train.run_dir import record_config
@@ -141,7 +144,7 @@ def _train(cfg, topo, channel, target_config, aux, evals) -> None:
 
     if topo.device.type == "cuda" and cfg.mps.trainer_mem_fraction > 0:
         torch.cuda.set_per_process_memory_fraction(cfg.mps.trainer_mem_fraction, topo.device)
-    trainer = DraftTrainer(cfg, topo, channel, target_config=target_config, aux_layer_ids=aux,
+    trainer = DraftTrainer(cfg, topo, session, target_config=target_config, aux_layer_ids=aux,
                            evals=evals)
     if topo.is_first:  # accepted (resume checks passed): only now touch the run dir
         record_config(cfg, topo.info.num_pairs, topo.device.type, topo.num_nodes)

@@ -33,8 +33,8 @@ from colocate.engine import build_engine
 from colocate.topology import Topology
 from colocate.progress import BusyClock, peak_gib
 from colocate.target import load_tokenizer
+from colocate.train.pair_session import PairSession
 from colocate.train.schedule import validates_after
-from colocate.transport import PairChannel, RingProducer
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def validation_batches(held_out: TokenizedDataset, topo: Topology,
     return pack_once(held_out, indices, tokens_per_micro_step)
 
 
-def run_engine(cfg: Config, topo: Topology, channel: PairChannel, *, target_config) -> None:
+def run_engine(cfg: Config, topo: Topology, session: PairSession, *, target_config) -> None:
     info = topo.info
 
     # 1. Data and vocabulary. The first engine tokenizes; the rest wait on the engine group
@@ -146,26 +146,24 @@ def run_engine(cfg: Config, topo: Topology, channel: PairChannel, *, target_conf
         stats_line = (f"online decode of {len(stream.records):,} prompts per epoch (draft "
                       f"vocabulary from data.path's own replies: {stats_line})")
     try:
-        _stream_to_trainer(cfg, topo, channel, engine, recipe, stream, held_out, vocab,
+        _stream_to_trainer(cfg, topo, session, engine, recipe, stream, held_out, vocab,
                            dict(stats_line=stats_line, total_steps=total_steps,
                                 epochs_line=epochs_line, data_key=stream.key))
     finally:
         stream.close()
 
 
-def _stream_to_trainer(cfg: Config, topo: Topology, channel: PairChannel, engine, recipe,
+def _stream_to_trainer(cfg: Config, topo: Topology, session: PairSession, engine, recipe,
                        stream, held_out, vocab, plan: dict) -> None:
-    startup = cfg.run.startup_timeout_s
     info = topo.info
     val_batches = (validation_batches(held_out, topo, cfg.data.tokens_per_micro_step)
                    if cfg.train.val_every_steps else [])
 
     # 3. Tell the trainer what it trains against; learn where to start.
-    channel.send("plan", d2t=vocab.d2t, t2d=vocab.t2d, draft_ids=vocab.draft_ids,
-                 **plan)
+    session.send_plan(d2t=vocab.d2t, t2d=vocab.t2d, draft_ids=vocab.draft_ids, **plan)
     if cfg.train.epochs:  # after the plan: a stop_at_step past the end is the trainer's to say
         cfg.train.resolve_epochs(plan["total_steps"])
-    _, start = channel.recv("start", startup, "the trainer's start (step and data position)")
+    start = session.receive_start()
     if start["data_state"] is not None:
         stream.load_state(start["data_state"])
     if cfg.data.source == "generate":
@@ -174,10 +172,9 @@ def _stream_to_trainer(cfg: Config, topo: Topology, channel: PairChannel, engine
     # 4. Stream micro-steps through the ring: each optimizer step's micro-steps, then, after
     #    the steps that validate, this pair's held-out micro-steps (forward only).
     budget = cfg.data.tokens_per_micro_step
-    ring = RingProducer.start(channel, num_slots=cfg.transport.num_slots,
-                              slot_bytes=engine.slot_bytes(budget, budget), device=topo.device,
-                              name=f"colocate-{topo.job_token}-pair{info.pair_index}",
-                              timeout_s=startup)
+    ring = session.open_producer(num_slots=cfg.transport.num_slots,
+                                 slot_bytes=engine.slot_bytes(budget, budget), device=topo.device,
+                                 name=f"colocate-{topo.job_token}-pair{info.pair_index}")
     replay: list[tuple[dict, dict]] = []  # bench.engine=replay: captured micro-steps
     busy = BusyClock(topo.device)  # prefill time, read without syncing the engine's stream
     clock_start = time.monotonic()  # the engine's own timeline, for its wait/prefill shares
@@ -207,8 +204,7 @@ def _stream_to_trainer(cfg: Config, topo: Topology, channel: PairChannel, engine
         num_sent += 1
         if num_sent == cfg.train.micro_steps + cfg.transport.num_slots + 1:
             # The trainer finished its first optimizer step: start-up is over.
-            ring.timeout_s = cfg.run.timeout_s
-            topo.bound_collectives(cfg.run.timeout_s)
+            session.enter_steady_state()
 
     for step in range(start["start_step"], cfg.last_step):
         if cfg.bench.engine == "replay" and len(replay) == cfg.bench.replay_micro_steps:

@@ -7,7 +7,6 @@ and data position from its checkpoint), so a resumed run continues exactly.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -30,10 +29,11 @@ from colocate.trackers import open_trackers
 from colocate.train import checkpoint as ckpt
 from colocate.train import agreement, faults, signals
 from colocate.train.health import NonFiniteGuard
+from colocate.train.pair_session import PairSession
 from colocate.train.schedule import lr_at, validates_after
 from colocate.train.target_tensors import dummy_embed_and_head, load_embed_and_head
 from colocate.train.warm_start import apply_init_weights, load_init_weights
-from colocate.transport import PairChannel, PeerError, RingConsumer
+from colocate.transport import PeerError
 
 log = logging.getLogger(__name__)
 
@@ -119,19 +119,17 @@ def make_optimizer(model: torch.nn.Module, t: TrainSection) -> torch.optim.Optim
 
 
 class DraftTrainer:
-    def __init__(self, cfg: Config, topo: Topology, channel: PairChannel, *, target_config,
+    def __init__(self, cfg: Config, topo: Topology, session: PairSession, *, target_config,
                  aux_layer_ids: list[int], evals=None):
         """evals: the first trainer's `ServedEvals` for eval.every_steps (None elsewhere)."""
-        self.cfg, self.topo, self.channel = cfg, topo, channel
+        self.cfg, self.topo, self.session = cfg, topo, session
         self.target_config, self.aux_layer_ids, self.evals = target_config, aux_layer_ids, evals
-        self.steady = False  # collectives bounded at run.timeout_s (after the first step)
         self.recipe = recipe = recipe_for(cfg)
         device = topo.device
-        startup = cfg.run.startup_timeout_s
         dtype = resolve_target_dtype(cfg.target.dtype, device)  # draft compute dtype
 
         # 1. The engine's plan: the draft vocabulary it built from the data.
-        _, plan = channel.recv("plan", startup, "the engine's plan (data and draft vocabulary)")
+        plan = session.receive_plan()
         self.vocab = {"d2t": plan["d2t"], "t2d": plan["t2d"]}
         self.vocab_sha = vocab_sha(plan["d2t"])
         draft_ids = plan["draft_ids"].to(device)
@@ -201,11 +199,11 @@ class DraftTrainer:
             if topo.is_first:
                 log.info("resumed from %s at step %d", path, meta.step)
         self.data_state = data_state
-        channel.send("start", start_step=self.start_step, data_state=data_state)
+        session.send_start(start_step=self.start_step, data_state=data_state)
 
         # 6. The ring: open the engine's slots; check every message against what we need.
         needs = recipe.feature_needs(target_config.hidden_size, len(aux_layer_ids), dtype)
-        self.ring = RingConsumer.start(channel, device=device, needs=needs, timeout_s=startup)
+        self.ring = session.open_consumer(device=device, needs=needs)
 
         self.progress = Progress(enabled=topo.is_first, max_steps=cfg.last_step,
                                  micro_steps=t.micro_steps, every_s=t.log_every_s)
@@ -232,7 +230,6 @@ class DraftTrainer:
     def train(self) -> None:
         t = self.cfg.train
         discard = self.cfg.bench.trainer == "discard"
-        first_step_done = False
         # Step-time breakdown of the first trainer (the one that writes metrics.jsonl).
         self.timer = PhaseTimer(self.topo.device, enabled=self.topo.is_first)
         self.timer.mark("start")
@@ -249,7 +246,7 @@ class DraftTrainer:
                 delivery = self.ring.receive()
                 self.timer.mark("receive")  # GPU time: includes the wait for the slot's data
                 if delivery is None:
-                    raise PeerError(f"{self.channel.me}: the engine ended the stream at step "
+                    raise PeerError(f"{self.session.me}: the engine ended the stream at step "
                                     f"{step} micro-step {micro}, before the last step")
                 with delivery:
                     if discard:  # bench.trainer=discard: measure the engine alone
@@ -294,10 +291,7 @@ class DraftTrainer:
                 self.metrics.flush()  # a sync on the first trainer, on validation steps only
                 self.progress.validation(self.metrics.last)
             self.progress.step_done(step, self.metrics.last, tokens)
-            if not first_step_done:  # start-up is over: tighten every wait
-                self.ring.timeout_s = self.cfg.run.timeout_s
-                self.steady = self.topo.bound_collectives(self.cfg.run.timeout_s)
-                first_step_done = True
+            self.session.enter_steady_state()  # after the first step: tighten every wait
             every = self.cfg.checkpoint.every_steps
             saved = bool(every and (step + 1) % every == 0 and step + 1 < self.cfg.last_step)
             if saved:
@@ -336,7 +330,7 @@ class DraftTrainer:
             while True:
                 delivery = self.ring.receive()
                 if delivery is None or delivery.meta.get("split") != "val":
-                    raise PeerError(f"{self.channel.me}: expected the held-out micro-steps "
+                    raise PeerError(f"{self.session.me}: expected the held-out micro-steps "
                                     f"after step {step + 1}; the engine sent "
                                     f"{'the end' if delivery is None else 'a training one'}")
                 with delivery:
@@ -362,7 +356,7 @@ class DraftTrainer:
     def export(self, out_dir: str) -> str | None:
         """Write the draft in the layout sglang serves it from into `out_dir` (on the first
         trainer; returns it there, None elsewhere). Every trainer gathers the full weights."""
-        with self.long_pause(f"export to {out_dir}"):
+        with self.session.long_pause(f"export to {out_dir}"):
             full = get_model_state_dict(self.model, options=StateDictOptions(
                 full_state_dict=True, cpu_offload=True))
         if not self.topo.is_first:
@@ -371,23 +365,8 @@ class DraftTrainer:
                                   layer_ids=self.aux_layer_ids, target_config=self.target_config,
                                   out_dir=out_dir)
 
-    @contextlib.contextmanager
-    def long_pause(self, what: str):
-        """Work that may outlast run.timeout_s (storage, gathering the whole draft): the
-        engine is told (its next wait lasts up to run.startup_timeout_s), and the trainers'
-        collectives get that bound too until it is over."""
-        bound = self.cfg.run.startup_timeout_s
-        self.ring.pause(what, bound)
-        if self.steady:
-            self.topo.bound_collectives(bound)
-        try:
-            yield
-        finally:
-            if self.steady:
-                self.topo.bound_collectives(self.cfg.run.timeout_s)
-
     def save(self, step: int) -> None:
-        with self.long_pause(f"checkpoint at step {step}"):
+        with self.session.long_pause(f"checkpoint at step {step}"):
             self._save(step)
 
     def _save(self, step: int) -> None:
@@ -403,7 +382,7 @@ class DraftTrainer:
     def close(self) -> None:
         # The engine sends `end` after its last micro-step; release our side of the ring.
         if self.ring.receive() is not None:
-            raise PeerError(f"{self.channel.me}: the engine sent more micro-steps than "
+            raise PeerError(f"{self.session.me}: the engine sent more micro-steps than "
                             f"{self.cfg.last_step} steps need")
         self.ring.close()
         self.metrics.close()
