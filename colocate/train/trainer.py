@@ -70,8 +70,16 @@ def micro_step(recipe: DraftRecipe, model: torch.nn.Module, frozen: FrozenTarget
     result = recipe.forward(model, frozen, feats, meta, label_totals=label_totals, timer=timer)
     timer.mark("forward")
     (result.loss * num_trainers).backward()
+    if last:  # the step's weights change now: the next forward gathers the new ones
+        reshard(model)
     timer.mark("backward")
     return result.stats()
+
+
+def reshard(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, group,
@@ -107,6 +115,11 @@ def build_sharded_draft(recipe: DraftRecipe, target_config, draft_vocab_size: in
         apply_init_weights(model, *init)
     model.to(device)
     recipe.shard(model, mesh, MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32))
+    # The unroll calls the same layers several times per micro-step; resharding after each
+    # call's backward would all-gather them again for the next one back (unroll - 1 extra
+    # all-gathers per micro-step, on every micro-step). Gathered once per optimizer step
+    # instead: kept until `micro_step` reshards after the step's last backward.
+    model.set_reshard_after_backward(False)
     return arch, model
 
 
@@ -320,8 +333,8 @@ class DraftTrainer:
 
         The sharded draft is gathered first, explicitly, on every trainer at once: then the
         forwards below run no collective, so pairs may hold different numbers of held-out
-        micro-steps. The draft stays gathered until the next backward reshards it, as after
-        any training forward (reshard_after_forward=False)."""
+        micro-steps. The draft stays gathered until the next optimizer step's last backward
+        reshards it, as after any training forward (reshard_after_forward=False)."""
         for module in self.model.modules():
             if isinstance(module, FSDPModule):
                 module.unshard()

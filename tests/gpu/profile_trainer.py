@@ -34,6 +34,7 @@ from colocate.config import load_config
 from colocate.draft import label_counts
 from colocate.draft.recipe import FrozenTarget, recipe_for
 from colocate.progress import PhaseTimer, peak_gib, phase_seconds
+from colocate.train.health import NonFiniteGuard
 from colocate.train.target_tensors import dummy_embed_and_head
 from colocate.train.trainer import build_sharded_draft, clip_and_step, make_optimizer, micro_step
 from draft_shapes import DRAFT_VOCAB, NUM_AUX, QWEN3_8B, REL_TOL, mismatches
@@ -116,6 +117,8 @@ def run_mode(mode: str, args, shape, batches, device, mesh, embed, head, draft_i
     label_totals = sum(label_counts(b["seq_lens"], b["feats"]["loss_mask"], args.unroll)
                        for b in batches)
 
+    guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, device)
+
     def one_step(record_first: bool = False):
         timer.mark("start")
         for i, batch in enumerate(batches):
@@ -128,7 +131,7 @@ def run_mode(mode: str, args, shape, batches, device, mesh, embed, head, draft_i
         if record_first:  # the first step's gradients (weights still the shared initial ones)
             first["grads"] = {n: p.grad.full_tensor().float().cpu()
                               for n, p in model.named_parameters()}
-        clip_and_step(model, optimizer, None, cfg.train.grad_clip)
+        clip_and_step(model, optimizer, None, cfg.train.grad_clip, guard, 0, True)
         timer.mark("optimizer")
         return phase_seconds(timer.take())
 
