@@ -239,21 +239,29 @@ class DraftSection:
                  f"got {self.attention!r}; use auto, loop or flex")
         _require(self.kernels in ("auto", "eager", "compiled"), "draft.kernels",
                  f"got {self.kernels!r}; use auto, eager or compiled")
-        # A setting of the other method does nothing: say so rather than ignore it silently.
-        defaults = DraftSection.__dataclass_fields__
-        for key in METHOD_ONLY_DRAFT_KEYS[self.method]:
-            if getattr(self, key) != defaults[key].default:
-                other = "dflash" if self.method == "eagle3" else "eagle3"
-                warnings.warn(f"draft.{key}={getattr(self, key)} has no effect with "
-                              f"draft.method={self.method} (it belongs to draft.method={other})",
-                              UserWarning, stacklevel=2)
 
 
 # The keys of one method that the other ignores, by the method that ignores them.
+# (draft.draft_vocab_size is not one: DFlash drafts over the whole vocabulary, but the
+# vocabulary the engines build, cache and checkpoint still follows it.)
 METHOD_ONLY_DRAFT_KEYS = {
     "eagle3": ("num_layers", "block_size", "num_anchors", "block_decay", "mask_token_id"),
-    "dflash": ("draft_vocab_size", "unroll_steps", "position_decay"),
+    "dflash": ("unroll_steps", "position_decay"),
 }
+
+
+def _warn_other_method_keys(draft: DraftSection) -> None:
+    """A setting of the other method does nothing: say so rather than ignore it silently
+    (once per job: on rank 0, or outside torchrun)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    defaults = DraftSection.__dataclass_fields__
+    other = "dflash" if draft.method == "eagle3" else "eagle3"
+    for key in METHOD_ONLY_DRAFT_KEYS[draft.method]:
+        if getattr(draft, key) != defaults[key].default:
+            warnings.warn(f"draft.{key}={getattr(draft, key)} has no effect with "
+                          f"draft.method={draft.method} (it belongs to draft.method={other})",
+                          UserWarning, stacklevel=3)
 
 
 @dataclass(kw_only=True)
@@ -738,9 +746,11 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
             _require(isinstance(node, dict), ".".join(keys[: i + 1]), "is not a section")
         node[keys[-1]] = value
     try:
-        return _build(Config, values, "")
+        config = _build(Config, values, "")
     except TypeError as e:  # a missing section type or similar programming slip
         raise ConfigError(str(e)) from None
+    _warn_other_method_keys(config.draft)
+    return config
 
 
 def save_config(config: Config, path: str) -> None:

@@ -42,18 +42,21 @@ def write_error_file(message: str, *, root_cause: bool, traceback_text: str | No
     return True
 
 
-def resume_command() -> str:
-    """The command line that started this worker, as the user would retype it: under
-    torchrun, `torchrun ... -m colocate <args>` with this job's geometry; under
-    launch/slurm.sbatch (which names itself in COLOCATE_RESUME_WITH), the sbatch line that
-    submits the same training again."""
+def resume_hint() -> str:
+    """How to resume this run, as the user would do it: under torchrun the command line that
+    started it (`torchrun ... -m colocate <args>`, this job's geometry); under
+    launch/slurm.sbatch (which says how in COLOCATE_RESUME_WITH) nothing when the job
+    requeues itself, else submitting it again."""
     args = shlex.join(sys.argv[1:])
     submit = os.environ.get("COLOCATE_RESUME_WITH")
+    if submit == "requeue":
+        return "the SLURM job requeues itself and resumes (launch/slurm.sbatch, REQUEUE=1)"
     if submit and sys.argv[1:2] == ["train"]:  # the template runs `colocate train <its args>`
-        return f"{submit} {shlex.join(sys.argv[2:])}"
+        return (f"resume by submitting the job again with the same sbatch options: "
+                f"{submit} {shlex.join(sys.argv[2:])}")
     if "LOCAL_WORLD_SIZE" not in os.environ:
-        return f"python -m colocate {args}"
+        return f"resume with the same command: python -m colocate {args}"
     nodes = int(os.environ.get("WORLD_SIZE", "1")) // int(os.environ["LOCAL_WORLD_SIZE"])
     where = "--standalone" if nodes == 1 else f"--nnodes {nodes} (same rendezvous)"
-    return (f"torchrun {where} --nproc-per-node {os.environ['LOCAL_WORLD_SIZE']} "
-            f"-m colocate {args}")
+    return (f"resume with the same command: torchrun {where} --nproc-per-node "
+            f"{os.environ['LOCAL_WORLD_SIZE']} -m colocate {args}")

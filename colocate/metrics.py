@@ -250,15 +250,17 @@ def dflash_train_flops_per_token(geom: Geometry, seq_len: int, *, num_layers: in
     return context + blocks + head
 
 
-def colocated_flops_per_token(cfg) -> dict[str, float]:
+def colocated_flops_per_token(cfg, target_config=None) -> dict[str, float]:
     """FLOPs per trained token by our count: the engine's prefill, the trainer's step
-    (the recipe's formula) and both (what a colocated GPU does)."""
-    from transformers import AutoConfig
-
+    (the recipe's formula) and both (what a colocated GPU does). target_config: the
+    target's HF config when already loaded (else read from target.path)."""
     from colocate.draft.recipe import recipe_for
 
-    geom = Geometry.from_hf_config(AutoConfig.from_pretrained(cfg.target.path,
-                                                              local_files_only=True))
+    if target_config is None:
+        from transformers import AutoConfig
+
+        target_config = AutoConfig.from_pretrained(cfg.target.path, local_files_only=True)
+    geom = Geometry.from_hf_config(target_config)
     seq, recipe = cfg.data.max_length, recipe_for(cfg)
     engine = target_prefill_flops_per_token(geom, seq)
     trainer = recipe.train_flops_per_token(geom, seq, len(recipe.layer_ids(geom.num_layers)))

@@ -98,6 +98,18 @@ class RankInfo:
         return f"{self.role.value} rank {self.rank}"
 
 
+# What torchrun sets for its workers. A process a rank starts that is no worker of the job
+# (an answering engine, a served evaluation) must not inherit them: torch.distributed would
+# treat it as one (under TORCHELASTIC_USE_AGENT_STORE it waits for the agent's store).
+LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                 "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR",
+                 "MASTER_PORT")
+
+
+def is_launcher_var(name: str) -> bool:
+    return name in LAUNCHER_VARS or name.startswith("TORCHELASTIC_")
+
+
 def rank_info_from_env(env: dict[str, str] | None = None) -> RankInfo:
     env = os.environ if env is None else env
     missing = [k for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE") if k not in env]

@@ -20,6 +20,8 @@ Each mode's first --warmup steps (compilation, allocator warm-up) are left out.
 `--sweep key=v1,v2,...` runs the chosen modes once per value of one config key (an SM or
 memory split, the micro-step token budget) and prints one row per (value, mode); the
 ratio columns of a row use the reference rows of the same value.
+`--gpus 1,2` runs them once per GPU count (2 x N ranks, one pair per GPU; every rate is per
+GPU) and adds a scaling line per mode: its rate per GPU on N GPUs against one GPU's.
 Columns: tokens/s per GPU, MFU (metrics.py; both processes share the GPU's peak), ratios to
 time-sliced / ideal / 1:1, the share of wall time each side waited for the other, the
 trainer's host time in ring calls (handoff) as a share of the step, peak memory per role;
@@ -84,15 +86,16 @@ class Result:
     trainer_gib: float = 0.0
     engine_gib: float = 0.0
     breakdown: dict | None = None  # share of wall time per role and phase
-    tag: str = ""  # the --sweep value of this row ("" without a sweep)
+    tag: str = ""  # the --sweep value and GPU count of this row ("" without either)
     decode_tokens_per_s: float = 0.0  # online decode: tokens the target generated
+    gpus: int = 1  # one trainer/engine pair per GPU; every rate is per GPU
 
     @property
     def label(self) -> str:
         return f"{self.mode.label} {self.tag}" if self.tag else self.mode.label
 
 
-def summarize(mode: Mode, rows: list[dict], warmup: int) -> Result:
+def summarize(mode: Mode, rows: list[dict], warmup: int, gpus: int = 1) -> Result:
     """Steady-state numbers from metrics.jsonl rows (cumulative counters are differenced).
 
     Each side's shares are taken on its own timeline: the trainer's waits and phases over
@@ -104,7 +107,8 @@ def summarize(mode: Mode, rows: list[dict], warmup: int) -> Result:
     engine's clock.
     """
     if len(rows) <= warmup:
-        return Result(mode, error=f"only {len(rows)} steps, need more than --warmup {warmup}")
+        return Result(mode, error=f"only {len(rows)} steps, need more than --warmup {warmup}",
+                      gpus=gpus)
     before, timed = rows[warmup - 1] if warmup else None, rows[warmup:]
     seconds = sum(r["step_s"] for r in timed)
     engine_seconds = timed[-1].get("engine_clock_s", 0.0) - (
@@ -115,7 +119,7 @@ def summarize(mode: Mode, rows: list[dict], warmup: int) -> Result:
     def delta(key: str) -> float:
         return timed[-1][key] - (before[key] if before else 0.0)
 
-    tokens = sum(r["tokens"] for r in timed)
+    tokens = sum(r["tokens"] for r in timed) / gpus  # metrics count every trainer's tokens
     # Online decode: the first pair's engine counts its own answers; every pair decodes alike.
     decode = delta("decode_tokens") / seconds if "decode_tokens" in timed[-1] else 0.0
     breakdown = {"engine prefill": delta("engine_prefill_s") / engine_seconds}
@@ -126,22 +130,28 @@ def summarize(mode: Mode, rows: list[dict], warmup: int) -> Result:
                   trainer_wait=delta("trainer_wait_s") / seconds,
                   engine_wait=delta("engine_wait_s") / engine_seconds,
                   handoff=delta("handoff_s") / seconds, trainer_gib=timed[-1]["trainer_peak_gib"],
-                  engine_gib=timed[-1]["engine_peak_gib"], decode_tokens_per_s=decode)
+                  engine_gib=timed[-1]["engine_peak_gib"], decode_tokens_per_s=decode, gpus=gpus)
 
 
-def sweep_tag(sweep: str) -> str:
-    """Row label suffix of a --sweep override (mps.engine_sm_percent=70 -> engine_sm_percent=70)."""
-    return sweep.split(".")[-1]
+def row_tag(sweep: str, gpus: int, several_counts: bool) -> str:
+    """Row label suffix: the --sweep override's last key part and value
+    (mps.engine_sm_percent=70 -> engine_sm_percent=70), then `gpus=N` when --gpus lists
+    several counts or one above 1."""
+    parts = [sweep.split(".")[-1]] if sweep else []
+    if several_counts or gpus > 1:
+        parts.append(f"gpus={gpus}")
+    return " ".join(parts)
 
 
 def run_mode(mode: Mode, args: argparse.Namespace, workdir: str, device: str,
-             sweep: str = "", extra: tuple[str, ...] = ()) -> Result:
-    """One mode as a real torchrun job; `sweep` is one extra key=value override, `extra`
-    more (the pre-generated file's path)."""
-    tag = sweep_tag(sweep)
-    name = mode.key + (f"-{tag.replace('=', '-')}" if tag else "")
+             sweep: str = "", extra: tuple[str, ...] = (), gpus: int = 1,
+             tag: str = "") -> Result:
+    """One mode as a real torchrun job on `gpus` GPUs (two ranks each); `sweep` is one
+    extra key=value override, `extra` more (the pre-generated file's path)."""
+    name = mode.key + (f"-{tag.replace('=', '-').replace(' ', '-')}" if tag else "")
     run_dir = os.path.join(workdir, name)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={2 * gpus}",
            "-m", "colocate", "train", *(["--config", args.config] if args.config else []),
            *args.overrides, *([sweep] if sweep else []), *mode.overrides, *extra,
            f"run.dir={run_dir}", f"train.max_steps={args.steps}", "train.epochs=0",
@@ -157,7 +167,7 @@ def run_mode(mode: Mode, args: argparse.Namespace, workdir: str, device: str,
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
     except subprocess.TimeoutExpired:
-        return Result(mode, error=f"timed out after {args.timeout} s", tag=tag)
+        return Result(mode, error=f"timed out after {args.timeout} s", tag=tag, gpus=gpus)
     print(f"bench train: {mode.label} {tag} done in {time.monotonic() - started:.0f} s",
           file=sys.stderr, flush=True)
     with open(os.path.join(workdir, f"{name}.log"), "w") as f:
@@ -165,9 +175,9 @@ def run_mode(mode: Mode, args: argparse.Namespace, workdir: str, device: str,
     if proc.returncode != 0:
         lines = [l for l in proc.stderr.splitlines() if l.startswith("colocate train: error")]
         return Result(mode, error=(lines[-1] if lines else f"exit {proc.returncode}")[:160],
-                      tag=tag)
+                      tag=tag, gpus=gpus)
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        result = summarize(mode, [json.loads(line) for line in f], args.warmup)
+        result = summarize(mode, [json.loads(line) for line in f], args.warmup, gpus)
     result.tag = tag
     return result
 
@@ -234,11 +244,12 @@ def format_table(results: list[Result], flops: dict[str, float], peak: float | N
         if online:
             lines.append(f"online decode{' ' + tag if tag else ''}: the target generated "
                          f"{online.decode_tokens_per_s:,.0f} tok/s per engine while training")
-        if online and pregen:
+        if online and pregen and online.tokens_per_s and pregen.tokens_per_s:
             lines.append(f"online / pre-generated{' ' + tag if tag else ''}: "
                          f"{online.tokens_per_s / pregen.tokens_per_s:.2f}x tokens/s; trainer "
                          f"wait {100 * online.trainer_wait:.1f}% (pre-generated "
                          f"{100 * pregen.trainer_wait:.1f}%)")
+    lines += scaling_lines(results)
     lines += ["", "step-time breakdown, share of wall time (trainer phases: time between marks, "
               "GPU-stream time on CUDA; 'receive' includes waiting for the engine's data)",
               f"{'mode':<{width}} {'E prefill':>9} " + " ".join(f"{'T ' + p:>11}" for p in PHASES)]
@@ -248,6 +259,21 @@ def format_table(results: list[Result], flops: dict[str, float], peak: float | N
             lines.append(f"{r.label:<{width}} {100 * b['engine prefill']:>8.1f}% " + " ".join(
                 f"{100 * b['trainer ' + p]:>10.1f}%" for p in PHASES))
     return "\n".join(lines)
+
+
+def scaling_lines(results: list[Result]) -> list[str]:
+    """--gpus: each mode's rate per GPU on N GPUs as a share of its rate on one (same sweep
+    value); 100% is perfect scaling."""
+    one = {(r.mode.key, r.tag.replace("gpus=1", "").strip()): r for r in results
+           if r.gpus == 1 and not r.error}
+    lines = []
+    for r in results:
+        base = one.get((r.mode.key, r.tag.replace(f"gpus={r.gpus}", "").strip()))
+        if r.gpus > 1 and not r.error and base is not None and base.tokens_per_s:
+            lines.append(f"scaling, {r.label}: {r.tokens_per_s:,.0f} tok/s per GPU = "
+                         f"{100 * r.tokens_per_s / base.tokens_per_s:.1f}% of one GPU's "
+                         f"{base.tokens_per_s:,.0f}")
+    return lines
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -262,6 +288,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep", default="", metavar="KEY=V1,V2,...",
                    help="run the modes once per value of this config key, e.g. "
                         "mps.engine_sm_percent=100,60,40")
+    p.add_argument("--gpus", default="1", metavar="N1,N2,...",
+                   help="GPU counts to run the modes on (one pair per GPU), e.g. 1,2: rates "
+                        "stay per GPU and a scaling line compares each count with one GPU")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -275,6 +304,12 @@ def main(args: argparse.Namespace) -> int:
         sweeps = [f"{key}={v}" for v in values.split(",") if v]
         for sweep in sweeps:  # fail fast on a bad key or value, before any run
             load_config(args.config, [*args.overrides, sweep])
+    try:
+        gpu_counts = [int(n) for n in args.gpus.split(",") if n]
+    except ValueError:
+        gpu_counts = []
+    if not gpu_counts or min(gpu_counts) < 1:
+        raise SystemExit(f"bench train: --gpus {args.gpus!r}: use GPU counts, e.g. 1,2")
     wanted = [k for k in args.modes.split(",") if k]
     unknown = set(wanted) - {mode.key for mode in MODES}
     if unknown:
@@ -293,13 +328,20 @@ def main(args: argparse.Namespace) -> int:
     results = []
     extra = {"pregen": (f"data.path={pregenerate(args, workdir, cuda)}",)} \
         if "pregen" in wanted else {}
-    for sweep in sweeps:
-        for mode in (mode for mode in MODES if mode.key in wanted):
-            if mode.needs_mps and not cuda:
-                results.append(Result(mode, error="MPS needs a CUDA GPU", tag=sweep_tag(sweep)))
-                continue
-            results.append(run_mode(mode, args, workdir, "cuda" if cuda else "cpu", sweep,
-                                    extra.get(mode.key, ())))
+    available = torch.cuda.device_count() if cuda else None  # CPU: ranks, not devices
+    for gpus in gpu_counts:
+        for sweep in sweeps:
+            tag = row_tag(sweep, gpus, len(gpu_counts) > 1)
+            for mode in (mode for mode in MODES if mode.key in wanted):
+                if mode.needs_mps and not cuda:
+                    error = "MPS needs a CUDA GPU"
+                elif available is not None and gpus > available:
+                    error = f"needs {gpus} GPUs, this host has {available}"
+                else:
+                    results.append(run_mode(mode, args, workdir, "cuda" if cuda else "cpu",
+                                            sweep, extra.get(mode.key, ()), gpus, tag))
+                    continue
+                results.append(Result(mode, error=error, tag=tag, gpus=gpus))
     peak = m.peak_flops(device_name) if cuda else None
     table = format_table(results, m.colocated_flops_per_token(cfg), peak, device_name)
     print(table, flush=True)

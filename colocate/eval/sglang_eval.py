@@ -18,7 +18,6 @@ batch-1 run with the draft.
 
 from __future__ import annotations
 
-import os
 import queue
 import time
 import traceback

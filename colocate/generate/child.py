@@ -25,16 +25,12 @@ from typing import Callable
 from colocate.generate.engines import Generation
 
 
-# What torchrun sets for its workers: the answering engine is no worker of the job.
-TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-                 "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR",
-                 "MASTER_PORT")
-
-
 def _leave_the_job() -> None:
-    for name in list(os.environ):
-        if name in TORCHRUN_VARS or name.startswith("TORCHELASTIC_"):
-            del os.environ[name]
+    """The answering engine is no worker of the job."""
+    from colocate.topology import is_launcher_var
+
+    for name in [name for name in os.environ if is_launcher_var(name)]:
+        del os.environ[name]
 
 
 def _serve(conn, factory: Callable, kwargs: dict) -> None:

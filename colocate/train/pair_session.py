@@ -35,7 +35,7 @@ class PairSession:
         self.channel, self.topo = channel, topo
         self.startup_s, self.steady_s = startup_s, steady_s
         self.ring: RingProducer | RingConsumer | None = None
-        self.steady = False  # past the first optimizer step
+        self._in_steady_state = False  # past the first optimizer step
         self._collectives_bounded = False  # False where this torch cannot rebound them
 
     # ---------------------------------------------------------------- start-up: engine
@@ -71,9 +71,9 @@ class PairSession:
     def enter_steady_state(self) -> None:
         """The first optimizer step is done (each side sees it its own way): tighten every
         wait to run.timeout_s."""
-        if self.steady:
+        if self._in_steady_state:
             return
-        self.steady = True
+        self._in_steady_state = True
         self.ring.timeout_s = self.steady_s
         self._collectives_bounded = self.topo.bound_collectives(self.steady_s)
 
@@ -95,5 +95,6 @@ class PairSession:
         self.channel.report_error(text)
 
     @property
-    def me(self) -> str:
+    def rank_name(self) -> str:
+        """This side's name in messages, e.g. "trainer rank 0"."""
         return self.channel.me

@@ -28,15 +28,12 @@ from colocate.model_card import write_model_card
 
 log = logging.getLogger(__name__)
 
-_LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-                  "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME",
-                  "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
-
-
 def plain_env() -> dict[str, str]:
     """os.environ without the launcher's and MPS's variables."""
+    from colocate.topology import is_launcher_var
+
     return {k: v for k, v in os.environ.items()
-            if k not in _LAUNCHER_VARS and not k.startswith(("TORCHELASTIC_", "CUDA_MPS_"))}
+            if not is_launcher_var(k) and not k.startswith("CUDA_MPS_")}
 
 
 @dataclass

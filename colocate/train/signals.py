@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from colocate.failures import resume_command
+from colocate.failures import resume_hint
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class RunState:
         where = (f"last checkpoint {last}" if last else
                  "no checkpoint yet: a rerun starts from step 0")
         return (f"colocate train: {how} at step {self.step}/{self.last_step}; {where}; "
-                f"resume with the same command: {resume_command()}")
+                f"{resume_hint()}")
 
 
 RUN = RunState()

@@ -103,6 +103,14 @@ def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grou
     return norm
 
 
+def counts_both_flops(cfg: Config) -> bool:
+    """Whether each trained token costs the engine's prefill plus the trainer's step, the
+    count `mfu` in metrics.jsonl uses: not when a bench mode skips one side, nor with online
+    decode (the answers' decoding is work the count leaves out)."""
+    return (cfg.bench.engine == "run" and cfg.bench.trainer == "train"
+            and cfg.data.source != "generate")
+
+
 def build_sharded_draft(recipe: DraftRecipe, target_config, draft_vocab_size: int,
                         layer_ids: list[int], mesh, dtype: torch.dtype, device: torch.device,
                         init: tuple[dict, str] | None = None):
@@ -222,13 +230,13 @@ class DraftTrainer:
                                  micro_steps=t.micro_steps, every_s=t.log_every_s)
         # 7. Trackers (metrics.report_to): the first trainer writes every row.
         trackers = open_trackers(cfg, resumed_at=self.start_step) if topo.is_first else None
-        peak = (peak_flops(torch.cuda.get_device_name(device))
-                if device.type == "cuda" else None)
+        peak, flops = None, None
+        if topo.is_first and device.type == "cuda" and counts_both_flops(cfg):
+            peak = peak_flops(torch.cuda.get_device_name(device))
+            flops = colocated_flops_per_token(cfg, target_config)["both"] if peak else None
         self.metrics = MetricsLog(trackers, group=topo.role_group, device=device,
                                   num_pairs=topo.info.num_pairs, summarize=recipe.summary,
-                                  flush_every_s=t.log_every_s, peak=peak,
-                                  flops_per_token=colocated_flops_per_token(cfg)["both"]
-                                  if peak else None)
+                                  flush_every_s=t.log_every_s, peak=peak, flops_per_token=flops)
 
     # ------------------------------------------------------------------ the loop
     def step_label_totals(self, meta: dict) -> torch.Tensor:
@@ -259,7 +267,7 @@ class DraftTrainer:
                 delivery = self.ring.receive()
                 self.timer.mark("receive")  # GPU time: includes the wait for the slot's data
                 if delivery is None:
-                    raise PeerError(f"{self.session.me}: the engine ended the stream at step "
+                    raise PeerError(f"{self.session.rank_name}: the engine ended the stream at step "
                                     f"{step} micro-step {micro}, before the last step")
                 with delivery:
                     if discard:  # bench.trainer=discard: measure the engine alone
@@ -333,8 +341,9 @@ class DraftTrainer:
 
         The sharded draft is gathered first, explicitly, on every trainer at once: then the
         forwards below run no collective, so pairs may hold different numbers of held-out
-        micro-steps. The draft stays gathered until the next optimizer step's last backward
-        reshards it, as after any training forward (reshard_after_forward=False)."""
+        micro-steps. The draft stays gathered (as after any training forward) until it is
+        resharded: after the next optimizer step's last backward, or by a checkpoint or
+        export's state dict before that."""
         for module in self.model.modules():
             if isinstance(module, FSDPModule):
                 module.unshard()
@@ -343,7 +352,7 @@ class DraftTrainer:
             while True:
                 delivery = self.ring.receive()
                 if delivery is None or delivery.meta.get("split") != "val":
-                    raise PeerError(f"{self.session.me}: expected the held-out micro-steps "
+                    raise PeerError(f"{self.session.rank_name}: expected the held-out micro-steps "
                                     f"after step {step + 1}; the engine sent "
                                     f"{'the end' if delivery is None else 'a training one'}")
                 with delivery:
@@ -395,7 +404,7 @@ class DraftTrainer:
     def close(self) -> None:
         # The engine sends `end` after its last micro-step; release our side of the ring.
         if self.ring.receive() is not None:
-            raise PeerError(f"{self.session.me}: the engine sent more micro-steps than "
+            raise PeerError(f"{self.session.rank_name}: the engine sent more micro-steps than "
                             f"{self.cfg.last_step} steps need")
         self.ring.close()
         self.metrics.close()

@@ -96,3 +96,33 @@ def test_bench_train_online_decode_against_pregenerated(tiny_assets, tmp_path):
     pregen = [json.loads(l) for l in open(tmp_path / "bench" / "pregen" / "metrics.jsonl")]
     # The same answers either way: the same tokens trained, step by step.
     assert [r["step_ids_crc32"] for r in online] == [r["step_ids_crc32"] for r in pregen]
+
+
+def test_bench_train_on_two_gpus_reports_per_gpu_rates_and_scaling(tiny_assets, tmp_path):
+    """--gpus 1,2 (on CPU: 2 and 4 ranks): each row's rate is per pair, as the rows of
+    metrics.jsonl say, and a scaling line compares two with one."""
+    cmd = [sys.executable, "-m", "colocate", "bench", "train", "--config",
+           "examples/tiny/config.yaml", f"target.path={tiny_assets['target_llama']}",
+           f"data.path={tiny_assets['data']}", f"data.cache_dir={tmp_path / 'cache'}",
+           "--steps", "3", "--warmup", "1", "--modes", "ts", "--gpus", "1,2", "--workdir",
+           str(tmp_path / "bench")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = proc.stdout.strip().split("\n\n")[0]
+    lines = table.splitlines()
+    width = lines[1].index("tok/s/GPU") - 2
+    rates = {l[:width].strip(): float(l[width:].split()[0].replace(",", ""))
+             for l in lines[2:] if l.startswith("time-sliced")}
+    assert set(rates) == {"time-sliced K=2 gpus=1", "time-sliced K=2 gpus=2"}
+    for gpus in (1, 2):
+        rows = [json.loads(l) for l in open(tmp_path / "bench" / f"ts-gpus-{gpus}" /
+                                             "metrics.jsonl")]
+        timed = rows[1:]
+        want = sum(r["tokens"] for r in timed) / gpus / sum(r["step_s"] for r in timed)
+        assert abs(rates[f"time-sliced K=2 gpus={gpus}"] - want) <= 1.0  # printed rounded
+    scaling = [l for l in lines if l.startswith("scaling, ")]
+    share = 100 * rates["time-sliced K=2 gpus=2"] / rates["time-sliced K=2 gpus=1"]
+    assert scaling == [f"scaling, time-sliced K=2 gpus=2: {rates['time-sliced K=2 gpus=2']:,.0f}"
+                       f" tok/s per GPU = {share:.1f}% of one GPU's "
+                       f"{rates['time-sliced K=2 gpus=1']:,.0f}"]

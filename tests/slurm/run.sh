@@ -110,6 +110,8 @@ done
 logs=$(cat "$work"/logs/*.log)
 grep -qF "stopped by SIGTERM (checkpoint written) at step 2/6" <<<"$logs" || fail "no clean stop at step 2 in the node logs"
 grep -q "resumed from .*step_000002" <<<"$logs" || fail "the requeued job did not resume from step 2"
+grep -qE "at step 2/6; last checkpoint .*step_000002; the SLURM job requeues itself and resumes" \
+  <<<"$logs" || fail "the stop line did not say that the job requeues itself"
 grep -q "2 pair(s) on 2 node(s)" <<<"$logs" || fail "the run did not span 2 nodes"
 say "OK: job $job trained on 2 nodes, stopped cleanly on SIGTERM at step 2, was requeued," \
     "resumed and exported ($run_dir/export)"

@@ -46,3 +46,16 @@ def test_rows_without_an_engine_clock_fall_back_to_step_time():
 
 def test_too_few_steps_is_an_error_row():
     assert "need more than --warmup" in summarize(MODE["k3"], rows(2.0), warmup=4).error
+
+
+def test_rates_are_per_gpu_and_scaling_compares_with_one_gpu():
+    from colocate.bench.train import Result, scaling_lines
+
+    # 2 GPUs: 4 pairs' tokens over the same step time count half per GPU.
+    r = summarize(MODE["k3"], rows(engine_clock_per_step=2.0, tokens=2000), warmup=1, gpus=2)
+    assert r.tokens_per_s == pytest.approx(3000 / 6.0) and r.gpus == 2
+    one = Result(MODE["k3"], tokens_per_s=20_000.0, tag="gpus=1", gpus=1)
+    two = Result(MODE["k3"], tokens_per_s=19_400.0, tag="gpus=2", gpus=2)
+    other = Result(MODE["ts"], tokens_per_s=9_000.0, tag="gpus=2", gpus=2)  # no 1-GPU row
+    assert scaling_lines([one, two, other]) == [
+        "scaling, colocated MPS K=3 gpus=2: 19,400 tok/s per GPU = 97.0% of one GPU's 20,000"]

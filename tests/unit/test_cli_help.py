@@ -31,3 +31,27 @@ def test_command_help_names_its_config_keys_without_torch():
     assert "colocate/config.py" in out and "torch" not in modules
     out, _ = colocate_importing("eval", "--help")
     assert "config keys: target, data (holdout, chat_template), eval" in out
+
+
+def test_a_torchrun_worker_exits_with_its_status_after_the_exit_handlers():
+    """Under torchrun (TORCHELASTIC_RUN_ID set) colocate skips interpreter teardown (gloo can
+    abort there): argparse's statuses still come through, atexit handlers still run, and an
+    idle thread pool left open does not hang the exit."""
+    env = dict(os.environ, TORCHELASTIC_RUN_ID="test",
+               PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+    def run(*args):
+        return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
+                              timeout=60)
+
+    version = run("-m", "colocate", "--version")
+    assert version.returncode == 0 and version.stdout.startswith("colocate ")
+    assert run("-m", "colocate", "no-such-command").returncode == 2
+    script = ("import atexit, concurrent.futures\n"
+              "pool = concurrent.futures.ThreadPoolExecutor(1)\n"
+              "pool.submit(print, 'pool ran', flush=True).result()\n"
+              "atexit.register(print, 'atexit ran')\n"
+              "from colocate.__main__ import _leave_without_finalizing\n"
+              "_leave_without_finalizing(7)\n")
+    ended = run("-c", script)
+    assert ended.returncode == 7 and ended.stdout.split() == ["pool", "ran", "atexit", "ran"]

@@ -192,18 +192,23 @@ def test_a_stopped_run_ends_its_served_evals(tmp_path, caplog):
 
 
 def test_the_resume_line_is_the_command_that_started_the_run(monkeypatch):
-    from colocate.failures import resume_command
+    from colocate.failures import resume_hint
 
     monkeypatch.setattr(sys, "argv", ["colocate", "train", "--config", "my run.yaml",
                                       "train.max_steps=9"])
     for name in ("LOCAL_WORLD_SIZE", "WORLD_SIZE", "COLOCATE_RESUME_WITH"):
         monkeypatch.delenv(name, raising=False)
-    assert resume_command() == "python -m colocate train --config 'my run.yaml' train.max_steps=9"
+    assert resume_hint() == ("resume with the same command: python -m colocate train --config "
+                             "'my run.yaml' train.max_steps=9")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     monkeypatch.setenv("WORLD_SIZE", "8")
-    assert resume_command() == ("torchrun --nnodes 2 (same rendezvous) --nproc-per-node 4 -m "
-                                "colocate train --config 'my run.yaml' train.max_steps=9")
-    # launch/slurm.sbatch: submitting the job again resumes it.
+    assert resume_hint() == ("resume with the same command: torchrun --nnodes 2 (same "
+                             "rendezvous) --nproc-per-node 4 -m colocate train --config "
+                             "'my run.yaml' train.max_steps=9")
+    # launch/slurm.sbatch: the job requeues itself (REQUEUE=1), or is submitted again.
+    monkeypatch.setenv("COLOCATE_RESUME_WITH", "requeue")
+    assert resume_hint().startswith("the SLURM job requeues itself and resumes")
     monkeypatch.setenv("COLOCATE_RESUME_WITH", "sbatch --nodes 2 launch/slurm.sbatch")
-    assert resume_command() == ("sbatch --nodes 2 launch/slurm.sbatch --config 'my run.yaml' "
-                                "train.max_steps=9")
+    assert resume_hint() == ("resume by submitting the job again with the same sbatch "
+                             "options: sbatch --nodes 2 launch/slurm.sbatch --config "
+                             "'my run.yaml' train.max_steps=9")

@@ -6,6 +6,8 @@ import json
 import os
 import random
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -184,7 +186,7 @@ def test_the_logged_rate_is_per_gpu_over_a_window_of_steps(group, tmp_path, monk
     def clock():
         return now["t"]
 
-    monkeypatch.setattr(metrics_module.time, "monotonic", clock)
+    monkeypatch.setattr(metrics_module, "time", SimpleNamespace(monotonic=clock))
     monkeypatch.setattr(MetricsLog, "WINDOW_STEPS", 2)
     path = str(tmp_path / "metrics.jsonl")
     log = MetricsLog(Trackers([JsonlTracker(path)]), group=group, device=torch.device("cpu"),

@@ -13,7 +13,9 @@ from colocate.transport import PeerTimeout
 from colocate.transport.layout import Need
 from colocate.transport.local_pair import run_local_pair
 
-STARTUP_S, STEADY_S = 20.0, 1.0
+# A steady bound of 2 s leaves the trainer time to receive and declare its pause on a
+# loaded machine; the pauses below outlast it.
+STARTUP_S, STEADY_S = 20.0, 2.0
 
 
 class _Collectives:
