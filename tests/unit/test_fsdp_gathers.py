@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 
 import torch
 import torch.distributed as dist
@@ -79,6 +80,7 @@ def _two_rank_step(rank: int, init_method: str, out: str) -> None:
     with open(f"{out}.{rank}", "w") as f:
         json.dump({"groups": groups, "gathers_per_step": per_step, "losses": losses}, f)
     dist.destroy_process_group()
+    os._exit(0)  # no interpreter teardown: gloo can abort there (see colocate/__main__.py)
 
 
 def test_each_sharded_group_is_gathered_once_per_optimizer_step(tmp_path):
