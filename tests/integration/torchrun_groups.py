@@ -21,3 +21,5 @@ report = {"rank": info.rank, "role": info.role.value, "peer": info.peer_rank,
 with open(os.path.join(sys.argv[1], f"rank{info.rank}.json"), "w") as f:
     json.dump(report, f)
 close_topology(topo, timeout_s=60)
+sys.stdout.flush()
+os._exit(0)  # no interpreter teardown: gloo can abort there (see colocate/__main__.py)
