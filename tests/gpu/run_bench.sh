@@ -3,6 +3,7 @@
 # the Qwen3-8B-shaped random-weight target. Repo root, GPU host:
 #   ENGINE=sglang MODES=k2,k3,k1 OUT=/tmp/out bash tests/gpu/run_bench.sh
 # ENGINE: sglang (needs .whl_sgl or sglang on PYTHONPATH) or hf. MODES: see --modes.
+# GPUS: GPU counts, e.g. 1,2 (rates per GPU, and a scaling line per mode).
 set -uo pipefail
 SITE=${SITE:-/tmp/site}
 export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1
@@ -14,4 +15,4 @@ bash examples/qwen3-8b-shape/prepare.sh >/dev/null
 python -m colocate prepare-vocab --config examples/qwen3-8b-shape/run.yaml >/dev/null 2>&1
 python -m colocate bench train --config examples/qwen3-8b-shape/run.yaml \
   engine.backend=${ENGINE:-sglang} ${BENCH_ARGS:-} --steps ${STEPS:-16} --warmup ${WARMUP:-6} \
-  --modes ${MODES:-k2,k3,k1,ts,engine,trainer} --workdir "$OUT/bench" 2>&1 | tee "$OUT/bench_${ENGINE:-sglang}.txt"
+  --modes ${MODES:-k2,k3,k1,ts,engine,trainer} --gpus ${GPUS:-1} --workdir "$OUT/bench" 2>&1 | tee "$OUT/bench_${ENGINE:-sglang}.txt"
