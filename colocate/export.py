@@ -152,5 +152,7 @@ def main(args: argparse.Namespace) -> int:
     weights = load_checkpoint_weights(path, model)
     recipe.export(weights, arch, vocab=vocab, layer_ids=layer_ids, target_config=target_config,
                   out_dir=args.out_dir)
+    # The card again, from the run named here: out_dir need not lie inside it.
+    write_model_card(args.out_dir, args.out_dir, run_dir=args.run_dir)
     print(f"exported {path} -> {args.out_dir}")
     return 0

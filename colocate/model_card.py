@@ -130,14 +130,15 @@ def model_card(export_dir: str, draft_config: dict, run_dir: str | None) -> str:
     return "\n".join(lines)
 
 
-def write_model_card(card_dir: str, export_dir: str) -> str:
+def write_model_card(card_dir: str, export_dir: str, run_dir: str | None = None) -> str:
     """Write README.md into `card_dir` (the export's directory, or the temporary one it is
-    assembled in) for the export that lives at `export_dir`; returns the card's path."""
+    assembled in) for the export that lives at `export_dir`; returns the card's path.
+    run_dir: the run it comes from (default: the nearest run directory above export_dir)."""
     with open(os.path.join(card_dir, "config.json")) as f:
         draft_config = json.load(f)
     path = os.path.join(card_dir, CARD_NAME)
     with open(path, "w") as f:
-        f.write(model_card(export_dir, draft_config, find_run_dir(export_dir)))
+        f.write(model_card(export_dir, draft_config, run_dir or find_run_dir(export_dir)))
     return path
 
 

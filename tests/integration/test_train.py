@@ -83,6 +83,8 @@ def test_export_matches_the_trained_draft(tiny_run, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "colocate", "export", run_dir, out], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+    card = open(os.path.join(out, "README.md")).read()  # out lies outside the run dir
+    assert f"| run | `{run_dir}` |" in card and "| steps | 24 optimizer steps," in card
     again = load_file(os.path.join(out, "model.safetensors"))
     assert again.keys() == weights.keys()
     for name in weights:
