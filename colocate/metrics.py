@@ -118,23 +118,39 @@ def sim_accept_sums(hits_KT: torch.Tensor, loss_mask_T: torch.Tensor,
     x_{b-1} is committed. The cycles of every reply are counted at once by pointer
     doubling over next(c) = min(c + lead(c - 1) + 1, b - 1), log2(T) rounds of gathers.
     """
+    # lead(c - 1): a chain drafted for c starts at c - 1; none at a sequence's first token.
+    lead_T = leading_hits(hits_KT)
+    starts_seq_T = _sequence_starts(seq_end_T)
+    accepted_T = torch.cat([lead_T.new_zeros(1), lead_T[:-1]]).masked_fill(starts_seq_T, 0)
+    return replay_serving(accepted_T, loss_mask_T, seq_end_T)
+
+
+def _sequence_starts(seq_end_T: torch.Tensor) -> torch.Tensor:
+    index_T = torch.arange(seq_end_T.numel(), device=seq_end_T.device)
+    true = torch.ones(1, dtype=torch.bool, device=seq_end_T.device)
+    return torch.cat([true, seq_end_T[:-1] == index_T[1:]])
+
+
+def replay_serving(accepted_T: torch.Tensor, loss_mask_T: torch.Tensor,
+                   seq_end_T: torch.Tensor) -> torch.Tensor:
+    """[2] int64 (reply tokens, verify cycles) of serving every reply of a packed micro-step
+    with a draft whose verify cycle, started with tokens committed through c, accepts
+    accepted_T[c] drafts (any drafting scheme: Eagle3's chain from c - 1, DFlash's block
+    anchored at c). The walk of `sim_accept_sums`' docstring, by pointer doubling."""
     num_tokens = loss_mask_T.numel()
     device = loss_mask_T.device
     index_T = torch.arange(num_tokens, device=device)
     mask_T = loss_mask_T.bool()
     false = torch.zeros(1, dtype=torch.bool, device=device)
-    starts_seq_T = torch.cat([~false, seq_end_T[:-1] == index_T[1:]])
+    starts_seq_T = _sequence_starts(seq_end_T)
     prev_masked_T = torch.cat([false, mask_T[:-1]]) & ~starts_seq_T
     next_masked_T = torch.cat([mask_T[1:], false]) & (index_T + 1 < seq_end_T)
     first_T = mask_T & ~prev_masked_T
     # The last index of each token's reply: the nearest reply end at or after it.
     last_T = torch.where(mask_T & ~next_masked_T, index_T, num_tokens)
     last_T = last_T.flip(0).cummin(0).values.flip(0)
-    # lead(c - 1): a chain drafted for c starts at c - 1; none at a sequence's first token.
-    lead_T = leading_hits(hits_KT)
-    lead_prev_T = torch.cat([lead_T.new_zeros(1), lead_T[:-1]]).masked_fill(starts_seq_T, 0)
     moving_T = mask_T & (index_T < last_T)
-    next_T = torch.where(moving_T, torch.minimum(index_T + lead_prev_T + 1, last_T), index_T)
+    next_T = torch.where(moving_T, torch.minimum(index_T + accepted_T + 1, last_T), index_T)
     cycles_T = moving_T.long()
     for _ in range(max(1, (num_tokens - 1).bit_length())):  # 2**rounds >= any reply's cycles
         cycles_T = cycles_T + cycles_T[next_T]

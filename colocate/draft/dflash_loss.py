@@ -82,7 +82,8 @@ def dflash_forward(model: DFlashDraft, embed_weight: torch.Tensor,
                    seq_lens: torch.Tensor | Sequence[int], anchors: torch.Tensor, *,
                    gamma: float, block_size: int | None = None,
                    label_totals: torch.Tensor | None = None,
-                   chunk_tokens: int = 2048) -> DraftStepResult:
+                   chunk_tokens: int = 2048,
+                   accepted_T: torch.Tensor | None = None) -> DraftStepResult:
     """DFlash loss and statistics of one packed micro-step.
 
     embed_weight [V, H], lm_head_weight [V, H]: the target's, frozen (never get gradient);
@@ -92,6 +93,9 @@ def dflash_forward(model: DFlashDraft, embed_weight: torch.Tensor,
     [B-1]: N_k of the whole optimizer step (None: this micro-step's); chunk_tokens: rows of
     the [rows, V] logits formed at once. The mask is a flex BlockMask when
     `model.attention` resolves to flex on this device, else the dense reference.
+    accepted_T [T] int64: when given, each valid anchor's accepted drafts are written at its
+    packed index (what a verify cycle with tokens committed through the anchor accepts:
+    `metrics.replay_serving`'s input).
     """
     arch = model.arch
     block_size = arch.block_size if block_size is None else block_size
@@ -121,5 +125,7 @@ def dflash_forward(model: DFlashDraft, embed_weight: torch.Tensor,
         ce_sum = (ce_R.view(num_blocks, -1) * counted_BK).sum(0)
         lead_B = hits_BK.long().cumprod(1).sum(1)  # drafts a verify would accept
         sim = torch.stack([(layout.valid * (1 + lead_B)).sum(), layout.valid.sum()])
+        if accepted_T is not None:
+            accepted_T[layout.anchor[layout.valid]] = lead_B[layout.valid]
     return DraftStepResult(loss=loss, ce_sum=ce_sum, hits=hits_BK.sum(0),
                         counted=counted_BK.sum(0), sim=sim)

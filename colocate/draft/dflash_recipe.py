@@ -16,8 +16,10 @@ from torch.distributed.fsdp import fully_shard
 from colocate import metrics
 from colocate.draft.dflash import DFlashArch, DFlashDraft, default_target_layer_ids
 from colocate.draft.dflash_blocks import block_label_counts, draw_anchors, position_weights
+from colocate.draft.attention import seq_bounds_from_lens
 from colocate.draft.dflash_loss import dflash_forward
-from colocate.draft.recipe import DraftRecipe, FrozenTarget, StepKey
+from colocate.draft.loss import seq_end_per_token
+from colocate.draft.recipe import DraftRecipe, DraftStepResult, FrozenTarget, StepKey
 
 NUM_CONTEXT_LAYERS = 5
 """Target layers DFlash reads by default (sglang's and the paper's choice)."""
@@ -61,7 +63,10 @@ class DFlashRecipe(DraftRecipe):
 
     def plan_batch(self, batch, key: StepKey) -> tuple[dict, torch.Tensor]:
         d = self.cfg.draft
-        anchors = draw_anchors(batch.loss_mask, batch.seq_lens, d.num_anchors, key.generator())
+        # Held-out micro-steps (step -1): a block at every valid position, so validation
+        # replays serving exactly (see `forward`); training samples d.num_anchors of them.
+        num = d.num_anchors if key.step >= 0 else max(int(n) for n in batch.seq_lens)
+        anchors = draw_anchors(batch.loss_mask, batch.seq_lens, num, key.generator())
         counts = block_label_counts(batch.loss_mask, batch.seq_lens, anchors, d.block_size)
         # Only the valid anchors travel (the padding is rebuilt on the trainer): a few KB.
         rows = [[a for a in row if a >= 0] for row in anchors.tolist()]
@@ -99,11 +104,37 @@ class DFlashRecipe(DraftRecipe):
                 meta: dict, *, label_totals: torch.Tensor | None = None, timer=None):
         del timer  # no teacher phase: the labels are the tokens
         d = self.cfg.draft
+        if meta.get("split") == "val":
+            return self._replay(model, frozen, feats, meta)
         anchors = padded_anchors(meta["anchors"], d.num_anchors)
         return dflash_forward(model, frozen.embed, frozen.lm_head, feats["aux_hidden"],
                               feats["input_ids"], feats["loss_mask"], feats["positions"],
                               meta["seq_lens"], anchors, gamma=d.block_decay,
                               label_totals=label_totals)
+
+    @torch.no_grad()
+    def _replay(self, model: DFlashDraft, frozen: FrozenTarget, feats: dict, meta: dict):
+        """Validation: blocks at every valid position (plan_batch), draft.num_anchors per
+        forward (training's shapes), then serving replayed exactly: each reply's verify
+        cycles start where the last one stopped, as sglang's DFLASH decodes the target's
+        own answers. (Training's sim_accept_length averages randomly drawn blocks instead,
+        which overstates what is served.) The other statistics sum over every block."""
+        d = self.cfg.draft
+        rows, seq_lens = meta["anchors"], meta["seq_lens"]
+        accepted_T = torch.zeros_like(feats["input_ids"], dtype=torch.long)
+        parts = []
+        for start in range(0, max([len(row) for row in rows] + [1]), d.num_anchors):
+            anchors = padded_anchors([row[start:start + d.num_anchors] for row in rows],
+                                     d.num_anchors)
+            parts.append(dflash_forward(
+                model, frozen.embed, frozen.lm_head, feats["aux_hidden"], feats["input_ids"],
+                feats["loss_mask"], feats["positions"], seq_lens, anchors,
+                gamma=d.block_decay, accepted_T=accepted_T))
+        seq_end_T = seq_end_per_token(seq_bounds_from_lens(seq_lens), accepted_T.device)
+        return DraftStepResult(
+            loss=sum(p.loss for p in parts), ce_sum=sum(p.ce_sum for p in parts),
+            hits=sum(p.hits for p in parts), counted=sum(p.counted for p in parts),
+            sim=metrics.replay_serving(accepted_T, feats["loss_mask"], seq_end_T))
 
     def train_flops_per_token(self, geom, seq_len: int, num_layers: int) -> float:
         d = self.cfg.draft

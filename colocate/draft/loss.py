@@ -144,7 +144,7 @@ def soft_cross_entropy(logits_TV: torch.Tensor, target: TargetDistribution, src_
                                    kernel_mode)
 
 
-def _seq_end_per_token(seq_bounds: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
+def seq_end_per_token(seq_bounds: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
     """[T] exclusive end index of each token's sequence, built on the host."""
     ends = torch.tensor([end for _, end in seq_bounds], dtype=torch.long)
     lens = torch.tensor([end - start for start, end in seq_bounds], dtype=torch.long)
@@ -164,7 +164,7 @@ def label_counts(seq_lens: torch.Tensor | list[int], loss_mask: torch.Tensor,
     of the loss denominators N_k. On loss_mask's device (the engine counts on the host,
     while packing, before the step's first prefill)."""
     loss_mask = loss_mask.bool()
-    seq_end_T = _seq_end_per_token(seq_bounds_from_lens(seq_lens), loss_mask.device)
+    seq_end_T = seq_end_per_token(seq_bounds_from_lens(seq_lens), loss_mask.device)
     index_T = torch.arange(loss_mask.numel(), device=loss_mask.device)
     return torch.stack([_counted(k, index_T, seq_end_T, loss_mask).sum()
                         for k in range(unroll_steps)])
@@ -188,7 +188,7 @@ def eagle3_unroll(draft: Eagle3Draft, embed_weight: torch.Tensor, aux_hidden: to
     num_tokens = input_ids.shape[0]
     device = input_ids.device
     seq_bounds = seq_bounds_from_lens(seq_lens)
-    seq_end_T = _seq_end_per_token(seq_bounds, device)
+    seq_end_T = seq_end_per_token(seq_bounds, device)
     index_T = torch.arange(num_tokens, device=device)
     loss_mask = loss_mask.bool()
     embed_weight = embed_weight.detach()

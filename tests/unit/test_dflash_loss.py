@@ -234,3 +234,77 @@ def test_overfits_one_batch():
     acc = stats[3:6].sum() / stats[6:9].sum()
     assert losses[-1] < 0.2 * losses[0], losses[::10]
     assert acc > 0.9 and metrics.accept_length(*stats[9:].tolist()) > 2.5, stats
+
+
+# ------------------------------------------------------------------ validation replays serving
+
+
+def _first_prediction(model, data, embed, head, seq_start, p):
+    """The draft's prediction for x_{p+1} from the block anchored at packed index p."""
+    anchors = torch.full((len(data["seq_lens"]), 1), -1)
+    seq = next(s for s, start in enumerate(seq_start) if start <= p < start +
+               data["seq_lens"][s])
+    anchors[seq, 0] = p - seq_start[seq]
+    layout = BlockLayout.build(data["seq_lens"], anchors, 4)
+    ids, pos = layout.block_inputs(data["input_ids"], data["positions"], MASK_ID)
+    with torch.no_grad():
+        out = model(embed[ids], pos, model.project_context(data["target_hidden"]),
+                    data["positions"], layout.dense_mask())
+    # One anchor column: the block's index is its sequence's.
+    return int((out.view(layout.num_blocks, 4, H)[seq, 1] @ head.T).argmax())
+
+
+def test_validation_replays_serving_exactly():
+    """Held-out micro-steps get a block at every valid position and replay serving: each
+    reply's verify cycles start where the last stopped (brute force here: one block at a
+    time), not a mean over random blocks. The replies are the draft's own first-position
+    predictions, so every cycle accepts at least one draft and some accept more."""
+    from colocate.config import load_config
+    from colocate.data.packing import MicroBatch
+    from colocate.draft.dflash_recipe import DFlashRecipe
+    from colocate.draft.recipe import FrozenTarget, StepKey
+
+    model = make_draft(block_size=4, attention="loop")
+    embed, head = head_weights()
+    seq_lens = [14, 11]
+    data = batch(seed=3, seq_lens=seq_lens)
+    mask = torch.zeros(sum(seq_lens), dtype=torch.bool)
+    mask[4:14] = True    # sequence 0: prompt 0..3, reply 4..13
+    mask[17:25] = True   # sequence 1: prompt 14..16, reply 17..24
+    data["loss_mask"] = mask
+    starts = [0, 14]
+    for p in list(range(4, 13)) + list(range(17, 24)):  # the draft's greedy replies
+        data["input_ids"][p + 1] = _first_prediction(model, data, embed, head, starts, p)
+
+    cfg = load_config(None, ["draft.method=dflash", "draft.block_size=4",
+                             "draft.num_anchors=3", "draft.block_decay=2.0"])
+    recipe = DFlashRecipe(cfg)
+    micro = MicroBatch(input_ids=data["input_ids"], positions=data["positions"],
+                       loss_mask=mask, seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+                       indices=torch.arange(2), epoch=0, start_state={}, end_state={})
+    meta, _ = recipe.plan_batch(micro, StepKey(seed=0, step=-1, micro=0, pair=0))
+    assert meta["anchors"] == [list(range(4, 13)), list(range(3, 10))]  # every valid one
+    feats = dict(aux_hidden=data["target_hidden"], input_ids=data["input_ids"],
+                 loss_mask=mask, positions=data["positions"])
+    got = recipe.forward(model, FrozenTarget(embed=embed, lm_head=head, draft_ids=None),
+                         feats, {**meta, "split": "val", "seq_lens": seq_lens})
+
+    def lead(p):  # accepted drafts of the block anchored at packed index p
+        seq = 0 if p < 14 else 1
+        anchors = torch.full((2, 1), -1)
+        anchors[seq, 0] = p - starts[seq]
+        one = dflash_forward(model, embed, head, data["target_hidden"], data["input_ids"],
+                             mask, data["positions"], seq_lens, anchors, gamma=2.0)
+        return int(one.sim[0]) - 1
+
+    tokens = cycles = 0
+    leads = []
+    for a, b in ((4, 14), (17, 25)):  # serve each reply: x_a from the prefill
+        tokens += b - a
+        c = a
+        while c < b - 1:
+            leads.append(lead(c))
+            c = min(c + leads[-1] + 1, b - 1)
+            cycles += 1
+    assert min(leads) >= 1 and max(leads) >= 2  # the replay is not trivial
+    assert got.sim.tolist() == [tokens, cycles]
