@@ -3,6 +3,9 @@
 # output goes straight to $OUT, and, if it is still running after WATCH_S, every Python
 # process's stacks (py-spy, from .whl_dbg/) and nvidia-smi before it is stopped.
 #   OUT=/tmp/out bash tests/gpu/run_online_smoke.sh     (repo root, one GPU)
+# py-spy travels as a wheel (the GPU host has no network); fetch it once, here:
+#   pip download --no-deps --only-binary=:all: --platform manylinux2014_x86_64 py-spy -d .whl_dbg
+# and carry .whl_dbg (listed in .git/info/exclude) with .whl_sgl.
 set -uo pipefail
 SITE=${SITE:-/tmp/site}
 export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1 COLOCATE_DEBUG=${COLOCATE_DEBUG:-1}
