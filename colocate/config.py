@@ -447,6 +447,10 @@ class GenerateSection:
     """Online decode (data.source=generate): answered chunks of generate.chunk_records
     records that may wait for the packer (bounds memory; 2 keeps one decoding while one
     is packed)."""
+    keep_greedy_mb: int = 1024
+    """Online decode with greedy answers (temperature 0): answers kept in host memory, up
+    to this many MB per engine (5 bytes per token), and reused by later epochs instead of
+    decoded again (greedy answers do not change between epochs). 0: decode every epoch."""
     cuda_graph: bool = False
     """sglang: capture CUDA graphs for decode (faster; the offline bundle's verified
     configuration runs without them)."""
@@ -471,6 +475,8 @@ class GenerateSection:
                  f"got {self.mem_fraction}; use 0 (auto) or a fraction in (0, 1)")
         _require(self.ahead_chunks >= 1, "generate.ahead_chunks",
                  f"got {self.ahead_chunks}; must be >= 1")
+        _require(self.keep_greedy_mb >= 0, "generate.keep_greedy_mb",
+                 f"got {self.keep_greedy_mb}; use 0 (off) or a size in MB")
         _require(self.tp_size >= 1, "generate.tp_size", f"got {self.tp_size}; must be >= 1")
 
 

@@ -89,25 +89,36 @@ class DecodeCounts:
     """Records cut at the training length (data.max_length or the target's context)."""
     skipped: int = 0
     """Records with nothing trainable (prompt past the limit, template errors, no reply)."""
+    reused: int = 0
+    """Records of a later epoch served from kept greedy answers, not decoded again."""
     stats: DataStats = field(default_factory=DataStats)
     """How the answered records encoded (kept, truncated, tokens, skips)."""
 
     def meta(self, ahead: int) -> dict:
         return {"decode_records": self.records, "decode_tokens": self.tokens,
                 "decode_s": self.seconds, "decode_truncated": self.truncated,
-                "decode_skipped": self.skipped, "decode_ahead": ahead}
+                "decode_skipped": self.skipped, "decode_reused": self.reused,
+                "decode_ahead": ahead}
 
 
 class AnswerEncoder:
-    """Answers records with the target and encodes them for training: one chunk per call."""
+    """Answers records with the target and encodes them for training: one chunk per call.
+
+    Greedy answers are the same in every epoch, so with `keep_bytes` > 0 they are kept
+    (compactly, up to that many bytes) and a record answered before is served from them
+    instead of being decoded again (a pair's shard changes between epochs: a record may
+    be new to this engine in a later epoch)."""
 
     def __init__(self, rewriter: ChunkRewriter, renderer: Renderer, *, max_length: int,
-                 last_assistant_turn_only: bool, seed: int):
+                 last_assistant_turn_only: bool, seed: int, keep_bytes: int = 0):
         self.rewriter = rewriter
         self.renderer = renderer  # training's (data.chat_template_kwargs), not the prompts'
         self.max_length = max_length
         self.last_assistant_turn_only = last_assistant_turn_only
         self.seed = seed
+        self.keep_bytes = keep_bytes  # 0: decode every epoch (sampled answers must)
+        self._kept: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}  # line -> sample
+        self._kept_bytes = 0
 
     def close(self) -> None:
         self.rewriter.generator.close()
@@ -115,6 +126,15 @@ class AnswerEncoder:
     def answer(self, records: list[tuple[int, Conversation]], epoch: int,
                counts: DecodeCounts) -> list[Sample | None]:
         """The training sample of each record (None: nothing trainable), counted."""
+        fresh = [record for record in records if record[0] not in self._kept]
+        answered = self._answer(fresh, epoch, counts) if fresh else {}
+        counts.reused += len(records) - len(fresh)
+        return [answered[line_no] if line_no in answered else self._unpack(self._kept[line_no])
+                for line_no, _ in records]
+
+    def _answer(self, records: list[tuple[int, Conversation]], epoch: int,
+                counts: DecodeCounts) -> dict[int, Sample | None]:
+        """Decode and encode `records`: {line: sample}."""
         self.rewriter.seed = epoch_seed(self.seed, epoch)
         start = time.perf_counter()
         result = self.rewriter.run(records)
@@ -123,13 +143,26 @@ class AnswerEncoder:
         counts.tokens += result.counts.generated_tokens
         counts.truncated += result.truncated_at_context
         by_line = dict(zip(result.written, result.lines))
-        samples = []
+        samples = {}
         for line_no, conversation in records:
             line = by_line.get(line_no)
             sample = None if line is None else self._encode(line, conversation.where, counts)
             counts.skipped += sample is None
-            samples.append(sample)
+            samples[line_no] = sample
+            self._keep(line_no, sample)
         return samples
+
+    def _keep(self, line_no: int, sample: Sample | None) -> None:
+        size = 0 if sample is None else 5 * len(sample[0])  # int32 ids + bool mask
+        if self._kept_bytes + size > self.keep_bytes or line_no in self._kept:
+            return
+        self._kept[line_no] = None if sample is None else (
+            torch.tensor(sample[0], dtype=torch.int32), torch.tensor(sample[1]))
+        self._kept_bytes += size
+
+    @staticmethod
+    def _unpack(kept) -> Sample | None:
+        return None if kept is None else (kept[0].tolist(), kept[1].tolist())
 
     def _encode(self, line: str, where: str, counts: DecodeCounts) -> Sample | None:
         """The generated record as training on a generated file reads it back."""
@@ -325,7 +358,8 @@ def build_online_stream(cfg: "Config", topo: "Topology", *, generator=None
     encoder = AnswerEncoder(rewriter, renderer_for(data, job.tokenizer, cfg.target.path),
                             max_length=data.max_length,
                             last_assistant_turn_only=data.last_assistant_turn_only,
-                            seed=cfg.run.seed)
+                            seed=cfg.run.seed,
+                            keep_bytes=gen.keep_greedy_mb * 2**20 if gen.temperature == 0 else 0)
     # What decides the samples beyond the answers: how training encodes them.
     training = {"max_length": data.max_length, "last_only": data.last_assistant_turn_only,
                 "kwargs": data.chat_template_kwargs, "template": encoder.renderer.template,

@@ -74,10 +74,11 @@ def same(a, b):
         assert torch.equal(x.seq_lens, y.seq_lens)
 
 
+@pytest.mark.parametrize("keep_mb", [1024, 0])
 def test_online_micro_batches_equal_training_on_the_generated_file(tiny_assets, tiny_tokenizer,
-                                                                   tmp_path):
+                                                                   tmp_path, keep_mb):
     data = head(tiny_assets, tmp_path, 20)
-    cfg = config(tiny_assets, data)
+    cfg = config(tiny_assets, data, f"generate.keep_greedy_mb={keep_mb}")
     # Offline: `colocate generate` writes the answers, training tokenizes and packs the file.
     out = str(tmp_path / "answers.jsonl")
     generate_file(cfg, data_path=data, out_path=out, generator=generator(tiny_tokenizer))
@@ -98,7 +99,13 @@ def test_online_micro_batches_equal_training_on_the_generated_file(tiny_assets, 
             same(take(online, 8), take(offline, 8))
             assert online.state()["epoch"] == offline.state()["epoch"] >= 2
             meta = online.decode_meta()
-            assert meta["decode_records"] >= 30 and meta["decode_tokens"] > 0
+            assert meta["decode_tokens"] > 0
+            total = meta["decode_records"] + meta["decode_reused"]
+            assert total >= 30
+            if keep_mb:  # greedy: each of the 20 records is decoded once at most, then reused
+                assert meta["decode_records"] <= 20 and meta["decode_reused"] >= total - 20
+            else:
+                assert meta["decode_records"] >= 30 and meta["decode_reused"] == 0
         finally:
             online.close()
 
@@ -238,3 +245,17 @@ def test_epochs_are_refused_with_online_decode(tiny_assets, tmp_path):
 
     with pytest.raises(ConfigError, match="train.epochs: online decode .* set train.max_steps"):
         config(tiny_assets, head(tiny_assets, tmp_path, 4), "train.epochs=2", "train.max_steps=0")
+
+
+def test_sampled_answers_are_decoded_again_every_epoch(tiny_assets, tiny_tokenizer, tmp_path):
+    # Only greedy answers repeat: with a temperature every epoch is decoded afresh.
+    cfg = config(tiny_assets, head(tiny_assets, tmp_path, 20), "generate.temperature=0.7")
+    online, _ = build_online_stream(cfg, topo(), generator=generator(tiny_tokenizer))
+    online.start()
+    try:
+        take(online, 8)
+        assert online.state()["epoch"] >= 2
+        meta = online.decode_meta()
+        assert meta["decode_records"] >= 30 and meta["decode_reused"] == 0
+    finally:
+        online.close()
