@@ -259,3 +259,20 @@ def test_sampled_answers_are_decoded_again_every_epoch(tiny_assets, tiny_tokeniz
         assert meta["decode_records"] >= 30 and meta["decode_reused"] == 0
     finally:
         online.close()
+
+
+def test_nothing_is_kept_when_keeping_is_off():
+    # A sampled run (keep_bytes 0) keeps neither answers nor skips: a record skipped once
+    # may give a trainable answer when asked again.
+    from colocate.generate.online import AnswerEncoder
+
+    off = AnswerEncoder(None, None, max_length=64, last_assistant_turn_only=False, seed=0)
+    off._keep(1, None)
+    off._keep(2, ([5, 6], [False, True]))
+    assert off._kept == {}
+    on = AnswerEncoder(None, None, max_length=64, last_assistant_turn_only=False, seed=0,
+                       keep_bytes=12)
+    on._keep(1, None)
+    on._keep(2, ([5, 6], [False, True]))   # 10 bytes
+    on._keep(3, ([7], [True]))             # 5 more: past the budget, not kept
+    assert sorted(on._kept) == [1, 2] and on._unpack(on._kept[2]) == ([5, 6], [False, True])
