@@ -283,6 +283,14 @@ def colocated_flops_per_token(cfg, target_config=None) -> dict[str, float]:
     return {"engine": engine, "trainer": trainer, "both": engine + trainer}
 
 
+def counts_both_flops(cfg) -> bool:
+    """Whether each trained token costs the engine's prefill plus the trainer's step, the
+    count `mfu` in metrics.jsonl uses: not when a bench mode skips one side, nor with online
+    decode (the answers' decoding is work the count leaves out)."""
+    return (cfg.bench.engine == "run" and cfg.bench.trainer == "train"
+            and cfg.data.source != "generate")
+
+
 def mfu(flops_per_token: float, tokens_per_s: float, peak: float) -> float:
     return flops_per_token * tokens_per_s / peak
 

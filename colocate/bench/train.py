@@ -92,6 +92,7 @@ class Result:
     tag: str = ""  # the --sweep value and GPU count of this row ("" without either)
     decode_tokens_per_s: float = 0.0  # online decode: tokens the target generated
     gpus: int = 1  # one trainer/engine pair per GPU; every rate is per GPU
+    sweep: str = ""  # the --sweep override of this row ("" without a sweep)
 
     @property
     def label(self) -> str:
@@ -247,7 +248,7 @@ def format_table(results: list[Result], flops: dict[str, float], peak: float | N
         if online:
             lines.append(f"online decode{' ' + tag if tag else ''}: the target generated "
                          f"{online.decode_tokens_per_s:,.0f} tok/s per engine while training")
-        if online and pregen and online.tokens_per_s and pregen.tokens_per_s:
+        if online and pregen and pregen.tokens_per_s:
             lines.append(f"online / pre-generated{' ' + tag if tag else ''}: "
                          f"{online.tokens_per_s / pregen.tokens_per_s:.2f}x tokens/s; trainer "
                          f"wait {100 * online.trainer_wait:.1f}% (pre-generated "
@@ -267,11 +268,10 @@ def format_table(results: list[Result], flops: dict[str, float], peak: float | N
 def scaling_lines(results: list[Result]) -> list[str]:
     """--gpus: each mode's rate per GPU on N GPUs as a share of its rate on one (same sweep
     value); 100% is perfect scaling."""
-    one = {(r.mode.key, r.tag.replace("gpus=1", "").strip()): r for r in results
-           if r.gpus == 1 and not r.error}
+    one = {(r.mode.key, r.sweep): r for r in results if r.gpus == 1 and not r.error}
     lines = []
     for r in results:
-        base = one.get((r.mode.key, r.tag.replace(f"gpus={r.gpus}", "").strip()))
+        base = one.get((r.mode.key, r.sweep))
         if r.gpus > 1 and not r.error and base is not None and base.tokens_per_s:
             lines.append(f"scaling, {r.label}: {r.tokens_per_s:,.0f} tok/s per GPU = "
                          f"{100 * r.tokens_per_s / base.tokens_per_s:.1f}% of one GPU's "
@@ -336,15 +336,16 @@ def main(args: argparse.Namespace) -> int:
         for sweep in sweeps:
             tag = row_tag(sweep, gpus, len(gpu_counts) > 1)
             for mode in (mode for mode in MODES if mode.key in wanted):
+                error = ""
                 if mode.needs_mps and not cuda:
                     error = "MPS needs a CUDA GPU"
                 elif available is not None and gpus > available:
                     error = f"needs {gpus} GPUs, this host has {available}"
-                else:
-                    results.append(run_mode(mode, args, workdir, "cuda" if cuda else "cpu",
-                                            sweep, extra.get(mode.key, ()), gpus, tag))
-                    continue
-                results.append(Result(mode, error=error, tag=tag, gpus=gpus))
+                result = (Result(mode, error=error, tag=tag, gpus=gpus) if error else
+                          run_mode(mode, args, workdir, "cuda" if cuda else "cpu", sweep,
+                                   extra.get(mode.key, ()), gpus, tag))
+                result.sweep = sweep
+                results.append(result)
     peak = m.peak_flops(device_name) if cuda else None
     table = format_table(results, m.colocated_flops_per_token(cfg), peak, device_name)
     print(table, flush=True)

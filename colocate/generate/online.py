@@ -154,8 +154,7 @@ class AnswerEncoder:
 
     def _keep(self, line_no: int, sample: Sample | None) -> None:
         size = 0 if sample is None else 5 * len(sample[0])  # int32 ids + bool mask
-        if (not self.keep_bytes or self._kept_bytes + size > self.keep_bytes
-                or line_no in self._kept):
+        if not self.keep_bytes or self._kept_bytes + size > self.keep_bytes:
             return
         self._kept[line_no] = None if sample is None else (
             torch.tensor(sample[0], dtype=torch.int32), torch.tensor(sample[1]))

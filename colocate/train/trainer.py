@@ -22,7 +22,8 @@ from colocate.draft.recipe import DraftRecipe, FrozenTarget, recipe_for
 from colocate.engine import resolve_target_dtype
 from colocate.exit_codes import Interrupted
 from colocate.hostcopy import to_device
-from colocate.metrics import MetricsLog, colocated_flops_per_token, peak_flops, stats_length
+from colocate.metrics import (MetricsLog, colocated_flops_per_token, counts_both_flops,
+                              peak_flops, stats_length)
 from colocate.progress import PhaseTimer, Progress, peak_gib
 from colocate.topology import Topology
 from colocate.trackers import open_trackers
@@ -76,10 +77,14 @@ def micro_step(recipe: DraftRecipe, model: torch.nn.Module, frozen: FrozenTarget
     return result.stats()
 
 
+def fsdp_units(model: torch.nn.Module) -> list[FSDPModule]:
+    """The draft's FSDP2 units (the recipe's `shard` decides them)."""
+    return [module for module in model.modules() if isinstance(module, FSDPModule)]
+
+
 def reshard(model: torch.nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
+    for unit in fsdp_units(model):
+        unit.reshard()
 
 
 def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, group,
@@ -101,14 +106,6 @@ def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grou
     guard.step(optimizer, norm, step)
     optimizer.zero_grad(set_to_none=True)
     return norm
-
-
-def counts_both_flops(cfg: Config) -> bool:
-    """Whether each trained token costs the engine's prefill plus the trainer's step, the
-    count `mfu` in metrics.jsonl uses: not when a bench mode skips one side, nor with online
-    decode (the answers' decoding is work the count leaves out)."""
-    return (cfg.bench.engine == "run" and cfg.bench.trainer == "train"
-            and cfg.data.source != "generate")
 
 
 def build_sharded_draft(recipe: DraftRecipe, target_config, draft_vocab_size: int,
@@ -267,8 +264,8 @@ class DraftTrainer:
                 delivery = self.ring.receive()
                 self.timer.mark("receive")  # GPU time: includes the wait for the slot's data
                 if delivery is None:
-                    raise PeerError(f"{self.session.rank_name}: the engine ended the stream at step "
-                                    f"{step} micro-step {micro}, before the last step")
+                    raise PeerError(f"{self.session.rank_name}: the engine ended the stream at "
+                                    f"step {step} micro-step {micro}, before the last step")
                 with delivery:
                     if discard:  # bench.trainer=discard: measure the engine alone
                         stats = torch.zeros(stats_length(self.recipe.num_positions),
@@ -344,9 +341,8 @@ class DraftTrainer:
         micro-steps. The draft stays gathered (as after any training forward) until it is
         resharded: after the next optimizer step's last backward, or by a checkpoint or
         export's state dict before that."""
-        for module in self.model.modules():
-            if isinstance(module, FSDPModule):
-                module.unshard()
+        for unit in fsdp_units(self.model):
+            unit.unshard()
         sums = None
         with torch.no_grad():
             while True:
