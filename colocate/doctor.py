@@ -281,7 +281,9 @@ def checks(ctx: Ctx) -> list[tuple[str, Callable[[Ctx], list[Result]], bool]]:
     """(name, check, required) in the order they run; later checks read what earlier found."""
     on_gpu = ctx.num_gpus > 0 or ctx.device == "cuda"
     return [("versions", check_versions, False), ("gpu", check_gpus, ctx.device == "cuda"),
-            ("mps", check_mps, ctx.mps == "required"), ("mps stale", check_mps_stale, False),
+            # stale first: the mps check starts a daemon, which (as every job's start does)
+            # stops stale daemons; reported before that, the user learns one was left behind.
+            ("mps stale", check_mps_stale, False), ("mps", check_mps, ctx.mps == "required"),
             ("shm ring", lambda ctx: [_ring_result("shm ring", "cpu", ctx.timeout_s * 0.9)], True),
             ("cuda ipc ring", check_cuda_ring, on_gpu), ("allocator", check_allocator, False),
             ("numa", check_numa, False)]

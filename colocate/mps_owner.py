@@ -11,7 +11,8 @@ So the job that starts a daemon writes an owner record into its private root:
 and the next job that starts a daemon on the node first looks for records of this user on
 this host whose owner process is gone (its pid is dead, or now names a process started
 later: pids are recycled), stops their daemons (`quit` on the control pipe, then SIGTERM)
-and removes their directories. `colocate doctor` lists such records without touching them.
+and removes their directories. `colocate doctor` lists such records first, then its own
+MPS check starts (and so cleans up) like any job.
 """
 
 from __future__ import annotations

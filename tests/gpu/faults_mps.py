@@ -13,6 +13,7 @@ with the hf engine and mps.mode=required:
              daemon left (the trainer's side stops it); the rerun resumes exactly
   kill-job   SIGKILL of every process of the job: the daemon is left behind (nobody ran its
              cleanup); `colocate doctor` reports it, and the rerun stops it, then resumes
+SCENARIOS=sigterm,kill_job runs a subset (the straight run always runs).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import signal
 import subprocess
 import sys
 import time
+
+import psutil
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
@@ -67,7 +70,8 @@ def losses(run_dir: str) -> dict[int, float]:
 
 def mps_daemons() -> list[str]:
     out = subprocess.run(["ps", "-eo", "pid,user,args"], capture_output=True, text=True).stdout
-    return [l.strip() for l in out.splitlines() if "nvidia-cuda-mps" in l and "grep" not in l]
+    # A <defunct> entry has exited; it waits for a reaper (a container's PID 1 may never reap).
+    return [l.strip() for l in out.splitlines() if "nvidia-cuda-mps" in l and "defunct" not in l]
 
 
 def tail(path: str, n: int = 6) -> str:
@@ -85,11 +89,23 @@ class Checks:
               flush=True)
 
 
-def same_losses(a: dict[int, float], b: dict[int, float]) -> tuple[bool, str]:
+def same_losses(a: dict[int, float], b: dict[int, float], stopped: int) -> tuple[bool, str]:
+    """Bitwise equality is the CPU tests' claim; CUDA kernels (atomics in attention's
+    backward) are not run-to-run deterministic, so on the GPU the steps trained after the
+    resume must stay as close to the reference as the steps before the stop, which ran the
+    very same code, are (the noise floor), or within 1e-3."""
     if sorted(a) != sorted(b):
         return False, f"steps {sorted(a)[:3]}..{len(a)} vs {len(b)}"
-    worst = max(abs(a[s] - b[s]) / max(abs(b[s]), 1e-6) for s in b)
-    return worst < 1e-4, f"{len(b)} steps, worst relative difference {worst:.2e}"
+    rel = {s: abs(a[s] - b[s]) / max(abs(b[s]), 1e-6) for s in b}
+    before = max(rel[s] for s in b if s <= stopped)
+    after = max(rel[s] for s in b if s > stopped)
+    return after <= max(3 * before, 1e-3), (
+        f"{len(b)} steps; worst relative difference after the resume {after:.1e}, before the "
+        f"stop (same code, run-to-run noise) {before:.1e}")
+
+
+def last_step(run_dir: str) -> int:
+    return max(losses(run_dir))
 
 
 def main() -> int:
@@ -110,7 +126,10 @@ def main() -> int:
     reference = losses(ref_dir) if code == 0 else {}
     check("straight", "no MPS daemon left", not mps_daemons(), "; ".join(mps_daemons()))
 
+    chosen = os.environ.get("SCENARIOS", "sigterm,kill_rank,kill_job").split(",")
     for scenario in (sigterm, kill_rank, kill_job):
+        if scenario.__name__ not in chosen:
+            continue
         try:
             scenario(base, args.out, check, reference)
         except Exception as e:  # one broken scenario must not hide the others' results
@@ -132,9 +151,10 @@ def sigterm(base, out, check, reference):
     wait_for_step(proc, run_dir, 15, timeout=240)
     daemons_during = mps_daemons()
     t0 = time.monotonic()
-    os.killpg(proc.pid, signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)  # torchrun forwards it to its workers
     code = proc.wait(timeout=120)
     took = time.monotonic() - t0
+    stopped = last_step(run_dir)
     check("sigterm", "an MPS daemon served the run", bool(daemons_during), "; ".join(daemons_during))
     stop = [l for l in open(log) if l.startswith("colocate train:")]
     check("sigterm", "ends with the resume line", bool(stop) and "checkpoint written" in stop[-1],
@@ -144,7 +164,7 @@ def sigterm(base, out, check, reference):
     resumed = [l.strip() for l in open(log + ".resume") if "resumed from" in l]
     check("sigterm", "the same command resumes", code == 0 and bool(resumed),
           f"exit {code}; {resumed[0][-80:] if resumed else tail(log + '.resume')}")
-    ok, detail = same_losses(losses(run_dir), reference)
+    ok, detail = same_losses(losses(run_dir), reference, stopped)
     check("sigterm", "losses equal the uninterrupted run's", ok, detail)
 
 
@@ -163,6 +183,7 @@ def kill_rank(base, out, check, reference):
         code = None
         os.killpg(proc.pid, signal.SIGKILL)
     took = time.monotonic() - t0
+    stopped = last_step(run_dir)
     text = open(log).read()
     check("kill-rank", "job ends by itself, non-zero, within 30 s",
           code not in (None, 0) and took < 30, f"exit {code} after {took:.1f} s")
@@ -172,7 +193,7 @@ def kill_rank(base, out, check, reference):
     time.sleep(2)
     check("kill-rank", "no MPS daemon left", not mps_daemons(), "; ".join(mps_daemons()))
     code = run(run_dir, log + ".resume")
-    ok, detail = same_losses(losses(run_dir), reference)
+    ok, detail = same_losses(losses(run_dir), reference, stopped // 10 * 10)
     check("kill-rank", "rerun resumes, losses equal the reference", code == 0 and ok,
           f"exit {code}; {detail}")
 
@@ -184,8 +205,15 @@ def kill_job(base, out, check, reference):
     log = os.path.join(out, "kill-job.log")
     proc = start(run_dir, log)
     wait_for_step(proc, run_dir, 25, timeout=240)
-    os.killpg(proc.pid, signal.SIGKILL)
+    # torchrun starts each worker in a session of its own: kill the whole tree, as
+    # `scancel -s KILL` (the job's cgroup) or the OOM killer would.
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in tree:
+        p.kill()
     proc.wait(timeout=30)
+    stopped = last_step(run_dir)
+    check("kill-job", "SIGKILL stopped training mid-run", stopped < STEPS,
+          f"{len(tree)} processes killed at step {stopped}/{STEPS}")
     time.sleep(2)
     left = mps_daemons()
     check("kill-job", "the daemon outlives a SIGKILLed job (expected)", bool(left), "; ".join(left))
@@ -197,11 +225,12 @@ def kill_job(base, out, check, reference):
     check("kill-job", "`colocate doctor` reports the stale daemon", bool(stale),
           stale[0][:160] if stale else "no line mentions it")
     code = run(run_dir, log + ".resume")
-    text = open(log + ".resume").read()
-    check("kill-job", "the rerun stops the stale daemon",
+    # Whoever starts a daemon next stops the stale one: doctor's own MPS check, else the rerun.
+    text = doctor.stdout + doctor.stderr + open(log + ".resume").read()
+    check("kill-job", "the next daemon start (doctor's check or the rerun) stops it",
           "stopped a stale daemon left by a job that died" in text,
           next((l for l in text.splitlines() if "stale daemon" in l), "no such line")[-160:])
-    ok, detail = same_losses(losses(run_dir), reference)
+    ok, detail = same_losses(losses(run_dir), reference, stopped // 10 * 10)
     check("kill-job", "rerun resumes, losses equal the reference", code == 0 and ok,
           f"exit {code}; {detail}")
     time.sleep(2)

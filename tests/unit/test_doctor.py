@@ -145,3 +145,10 @@ def test_version_parsing():
     assert doctor._version_tuple("2.13.0+cpu") == (2, 13)
     assert doctor._version_tuple("2.6.0a0+git123") == (2, 6)
     assert doctor._version_tuple("5.12.1") == (5, 12)
+
+
+def test_stale_daemons_are_reported_before_the_mps_check_starts_one():
+    # Starting a daemon stops stale ones (as every job's start does): measured on the H200,
+    # with the old order the stale daemon was cleaned silently and then reported as absent.
+    names = [name for name, _, _ in doctor.checks(_ctx(device="auto", num_gpus=1))]
+    assert names.index("mps stale") < names.index("mps")
