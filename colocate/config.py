@@ -303,6 +303,12 @@ class TrainSection:
     max_nonfinite_steps: int = 10
     """A step whose loss or gradient norm is NaN/inf is skipped (no optimizer step;
     metrics.jsonl `skipped: 1`); this many skipped in a row stop the run with an error."""
+    sp_size: int = 1
+    """Ulysses sequence parallelism: s consecutive trainer/engine pairs (GPUs of one node)
+    train each micro-batch together, every trainer on 1/s of its tokens, so sequences s
+    times longer fit. 1: off. Must divide the GPUs per node and the draft's attention and
+    key/value heads; the sglang engine then runs with engine.tp_size = s. Eagle3 only.
+    See docs/sequence-parallel.md."""
 
     def __post_init__(self):
         _require(self.max_steps >= 0, "train.max_steps", f"got {self.max_steps}; must be >= 1")
@@ -325,6 +331,8 @@ class TrainSection:
         _require(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps",
                  f"got {self.max_nonfinite_steps}; must be >= 1 (steps skipped in a row "
                  "before the run stops)")
+        _require(self.sp_size >= 1, "train.sp_size", f"got {self.sp_size}; use 1 (off) or the "
+                 "number of GPUs that share each sequence")
         self.betas = tuple(float(b) for b in self.betas)
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas",
                  f"got {self.betas}; give two numbers in [0, 1)")
@@ -560,6 +568,18 @@ class Config:
         _require(self.engine.tp_size == 1 or self.engine.backend == "sglang", "engine.tp_size",
                  f"{self.engine.tp_size} needs engine.backend=sglang (the hf engine runs the "
                  "whole target on each engine rank); use engine.tp_size=1")
+        sp = self.train.sp_size
+        _require(sp == 1 or self.draft.method == "eagle3", "train.sp_size",
+                 f"{sp} with draft.method={self.draft.method}: sequence parallelism is built "
+                 "for eagle3 only so far; use train.sp_size=1")
+        _require(sp == 1 or self.data.source == "dataset", "train.sp_size",
+                 f"{sp} with data.source=generate: online decode is not sequence-parallel yet "
+                 "(every engine of a group would answer the same prompts); pre-generate the "
+                 "answers with `colocate generate` and train on the file, or use train.sp_size=1")
+        _require(sp == 1 or self.engine.backend == "hf" or self.engine.tp_size == sp,
+                 "engine.tp_size", f"{self.engine.tp_size} with train.sp_size={sp}: the sglang "
+                 "engines of one sequence-parallel group prefill each sequence together as one "
+                 f"tensor-parallel group; set engine.tp_size={sp}")
         _require(not (self.train.epochs and self.data.source == "generate"), "train.epochs",
                  "online decode (data.source=generate) cannot count its micro-batches ahead: "
                  "its answers do not exist yet; set train.max_steps instead")

@@ -162,6 +162,23 @@ def validate_pairs(info: RankInfo, nodes: list[str], local_ranks: list[int]) -> 
                 "use an even --nproc-per-node with contiguous ranks per node")
 
 
+def validate_sp_size(info: RankInfo, sp_size: int) -> None:
+    """An SP group is sp_size consecutive pairs on one node (its all-to-alls stay inside)."""
+    gpus_per_node = info.local_world_size // 2
+    if sp_size > 1 and gpus_per_node % sp_size:
+        divisors = [d for d in range(1, gpus_per_node + 1) if gpus_per_node % d == 0]
+        raise TopologyError(
+            f"train.sp_size: {sp_size} does not divide the {gpus_per_node} GPU(s) per node "
+            f"(--nproc-per-node {info.local_world_size}, a trainer and an engine per GPU): a "
+            f"sequence-parallel group must lie on one node; use one of {divisors}")
+
+
+def sp_groups(info: RankInfo, sp_size: int) -> list[list[int]]:
+    """Trainer ranks of every SP group: sp_size consecutive pairs each."""
+    trainers = list(info.trainer_ranks)
+    return [trainers[i:i + sp_size] for i in range(0, len(trainers), sp_size)]
+
+
 def validate_gpu_count(info: RankInfo, num_gpus: int) -> None:
     if num_gpus * 2 != info.local_world_size:
         raise TopologyError(
@@ -198,6 +215,22 @@ class Topology:
     role_cpu_group: dist.ProcessGroup  # gloo twin for CPU metadata
     mps_status: object | None = None   # colocate.mps.MpsStatus; None on CPU
     mps_handle: object | None = None   # colocate.mps.DaemonHandle on the node rank that started it
+    sp_size: int = 1                   # train.sp_size: pairs that share each micro-batch
+    sp_group: dist.ProcessGroup | None = None  # trainers: this one's SP group (None: sp_size 1)
+
+    @property
+    def sp_rank(self) -> int:
+        """Place in the SP group: which chunk of each micro-batch this pair trains."""
+        return self.info.pair_index % self.sp_size
+
+    @property
+    def dp_index(self) -> int:
+        """Which data shard this pair reads: the pairs of one SP group read the same one."""
+        return self.info.pair_index // self.sp_size
+
+    @property
+    def num_dp(self) -> int:
+        return self.info.num_pairs // self.sp_size
 
     @property
     def role(self) -> Role:
@@ -242,8 +275,9 @@ class Topology:
         setter = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
         if setter is None:
             return False
-        for group in (self.role_group, self.role_cpu_group):
-            setter(datetime.timedelta(seconds=timeout_s), group)
+        for group in (self.role_group, self.role_cpu_group, self.sp_group):
+            if group is not None:
+                setter(datetime.timedelta(seconds=timeout_s), group)
         return True
 
 
@@ -270,13 +304,16 @@ def leave_default_group() -> None:
         dist.destroy_process_group()
 
 
-def init_topology(*, device: str = "auto", timeout_s: float = 900.0, mps=None) -> Topology:
+def init_topology(*, device: str = "auto", timeout_s: float = 900.0, mps=None,
+                  sp_size: int = 1) -> Topology:
     """Validate the launch, set up MPS and the device, and create every process group.
 
-    `mps`: a config.MpsSection (None: MPS off). Collectives here run on the default gloo
-    group; they are the documented start-up barrier.
+    `mps`: a config.MpsSection (None: MPS off). `sp_size`: train.sp_size (the trainers'
+    sequence-parallel groups). Collectives here run on the default gloo group; they are
+    the documented start-up barrier.
     """
     info = init_default_group(timeout_s)
+    validate_sp_size(info, sp_size)
     device_type = resolve_device_type(device)
     timeout = datetime.timedelta(seconds=timeout_s)
 
@@ -314,10 +351,17 @@ def init_topology(*, device: str = "auto", timeout_s: float = 900.0, mps=None) -
         groups[role] = (dist.new_group(list(ranks), backend=role_backend, timeout=timeout),
                         dist.new_group(list(ranks), backend="gloo", timeout=timeout))
     role_group, role_cpu_group = groups[info.role]
+    sp_group = None
+    if sp_size > 1:  # trainer-only, like the role groups; every rank takes part in creating
+        for ranks in sp_groups(info, sp_size):
+            group = dist.new_group(ranks, backend=role_backend, timeout=timeout)
+            if info.rank in ranks:
+                sp_group = group
     dist.barrier()  # start-up barrier: every rank has its groups before any role work
     return Topology(info=info, device=torch_device, job_token=job_token, pids=pids, nodes=nodes,
                     role_group=role_group, role_cpu_group=role_cpu_group,
-                    mps_status=mps_status, mps_handle=mps_handle)
+                    mps_status=mps_status, mps_handle=mps_handle, sp_size=sp_size,
+                    sp_group=sp_group)
 
 
 def _setup_mps(info: RankInfo, mps_cfg, job_token: str, timeout_s: float, owner: int):

@@ -38,6 +38,7 @@ from colocate.draft import kernels
 from colocate.draft.arch import DraftArch
 from colocate.draft.attention import ttt_attention
 from colocate.draft.flex import ttt_flex_attention, use_flex
+from colocate.sequence_parallel import heads_to_seq, seq_to_heads
 
 class KVCache:
     """Keys/values of the unroll steps so far, one (k, v) pair per step.
@@ -103,6 +104,9 @@ class Eagle3Attention(nn.Module):
         # Not a parameter and not persistent: derived from the arch, so checkpoints and the
         # sglang export carry only the weights above.
         self.register_buffer("inv_freq", arch.inv_freq(), persistent=False)
+        # train.sp_size > 1: the trainers of one sequence-parallel group (Ulysses all-to-all
+        # around the attention, colocate/sequence_parallel.py); None: the whole sequence here.
+        self.sp_group = None
 
     def forward(self, x_T2H: torch.Tensor, positions: torch.Tensor,
                 seq_bounds: list[tuple[int, int]], kv_cache: KVCache) -> torch.Tensor:
@@ -115,10 +119,14 @@ class Eagle3Attention(nn.Module):
         # (SpecForge rotates q and the new k with `position_ids + lck`).
         rope_qk = kernels.pick(kernels.rope_qk, self.kernels, q.device)
         q, k = rope_qk(q, k, positions + step, self.inv_freq)
+        if self.sp_group is not None:  # own tokens, all heads -> all tokens, own heads
+            q, k, v = (seq_to_heads(x, self.sp_group) for x in (q, k, v))
         kv_cache.append((k, v))
         impl = ttt_flex_attention if use_flex(self.attention, q.device) else ttt_attention
         out = impl(q, [kk for kk, _ in kv_cache], [vv for _, vv in kv_cache], seq_bounds,
                    scale=self.head_dim ** -0.5)
+        if self.sp_group is not None:
+            out = heads_to_seq(out, self.sp_group)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
 
@@ -175,6 +183,14 @@ class Eagle3Draft(nn.Module):
     def init_weights(self, generator: torch.Generator, std: float = 0.02) -> None:
         init_draft_weights(self, generator, std)
 
+    @property
+    def sp_group(self):
+        """The sequence-parallel group (None: off); see colocate/sequence_parallel.py."""
+        return self.midlayer.self_attn.sp_group
+
+    def use_sequence_parallel(self, group) -> None:
+        self.midlayer.self_attn.sp_group = group
+
     def forward(self, embeds_TH: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
                 seq_bounds: list[tuple[int, int]], kv_cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
         """Run unroll step k = len(kv_cache) (appends its keys/values to `kv_cache`).
@@ -183,7 +199,8 @@ class Eagle3Draft(nn.Module):
         hidden: step 0 (empty cache): aux hidden states [T, num_aux * H], projected by `fc`;
             later steps: the previous step's output [T, H].
         positions: [T] per-sequence positions (reset at every sequence start).
-        seq_bounds: host-side [start, end) of each packed sequence.
+        seq_bounds: host-side [start, end) of each packed sequence (with sequence
+            parallelism: of the whole micro-batch, whose chunk of T rows this is).
         Returns (hidden_out [T, H] pre-norm, the next step's input; logits [T, Vd]).
         """
         if not kv_cache:

@@ -82,7 +82,12 @@ class Eagle3Recipe(DraftRecipe):
         return eagle3_unroll(model, frozen.embed, feats["aux_hidden"], target,
                              feats["input_ids"], feats["loss_mask"], feats["positions"],
                              meta["seq_lens"], d.unroll_steps, d.position_decay,
-                             label_totals=label_totals)
+                             label_totals=label_totals, offset=meta.get("sp_chunk", (0,))[0])
+
+    @property
+    def sp_halo(self) -> int:
+        # Step k at index t reads the token and teacher row t + 1 + k and the mask at t + 2 + k.
+        return self.cfg.draft.unroll_steps + 1
 
     def train_flops_per_token(self, geom, seq_len: int, num_layers: int) -> float:
         d = self.cfg.draft

@@ -37,6 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from colocate import metrics
@@ -46,6 +47,7 @@ from colocate.draft.eagle3 import Eagle3Draft, KVCache
 from colocate.draft.kernels import upcast
 from colocate.draft.recipe import DraftStepResult
 from colocate.hostcopy import to_device
+from colocate.sequence_parallel import gather_rows
 
 
 @dataclass
@@ -152,10 +154,11 @@ def seq_end_per_token(seq_bounds: list[tuple[int, int]], device: torch.device) -
 
 
 def _counted(step: int, index_T: torch.Tensor, seq_end_T: torch.Tensor,
-             loss_mask_T: torch.Tensor) -> torch.Tensor:
-    """[T] bool counted(step, t) of the module docstring."""
+             loss_mask: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """[T] bool counted(step, t) of the module docstring. index_T: global indices;
+    loss_mask: rows from `offset` on (with sequence parallelism, a chunk and its halo)."""
     label_T = index_T + 2 + step
-    return (label_T < seq_end_T) & loss_mask_T[label_T.clamp(max=index_T.numel() - 1)]
+    return (label_T < seq_end_T) & loss_mask[(label_T - offset).clamp(max=loss_mask.numel() - 1)]
 
 
 def label_counts(seq_lens: torch.Tensor | list[int], loss_mask: torch.Tensor,
@@ -175,7 +178,7 @@ def eagle3_unroll(draft: Eagle3Draft, embed_weight: torch.Tensor, aux_hidden: to
                   loss_mask: torch.Tensor, positions: torch.Tensor,
                   seq_lens: torch.Tensor | list[int], unroll_steps: int, position_decay: float,
                   label_totals: torch.Tensor | None = None,
-                  chunk_tokens: int = 4096) -> DraftStepResult:
+                  chunk_tokens: int = 4096, offset: int = 0) -> DraftStepResult:
     """Eagle3 TTT unroll over one packed micro-step (see the module docstring).
 
     embed_weight [V, H] frozen target embedding (never receives gradient); aux_hidden
@@ -184,12 +187,18 @@ def eagle3_unroll(draft: Eagle3Draft, embed_weight: torch.Tensor, aux_hidden: to
     or list; the attention loops over sequences with them); label_totals [K] N_k of the
     whole optimizer step on the device (None: this micro-step's counts, i.e. a per-token
     mean over this micro-step alone).
+
+    Sequence parallelism (colocate/sequence_parallel.py): this trainer's rows are a chunk
+    of the micro-batch starting at global index `offset` (aux_hidden, positions: the
+    chunk; input_ids, loss_mask and target: the chunk and its halo), seq_lens are the
+    whole micro-batch's, and the draft's attention exchanges heads within its group.
     """
-    num_tokens = input_ids.shape[0]
+    num_tokens = positions.shape[0]
     device = input_ids.device
     seq_bounds = seq_bounds_from_lens(seq_lens)
-    seq_end_T = seq_end_per_token(seq_bounds, device)
-    index_T = torch.arange(num_tokens, device=device)
+    seq_end_all = seq_end_per_token(seq_bounds, device)
+    seq_end_T = seq_end_all[offset:offset + num_tokens]
+    index_T = torch.arange(offset, offset + num_tokens, device=device)
     loss_mask = loss_mask.bool()
     embed_weight = embed_weight.detach()
 
@@ -199,8 +208,8 @@ def eagle3_unroll(draft: Eagle3Draft, embed_weight: torch.Tensor, aux_hidden: to
     for step in range(unroll_steps):
         # Input token / target row of this step: t+1+step, clamped inside t's own sequence
         # so no position ever reads another sequence (a clamped position is not counted).
-        src_T = torch.minimum(index_T + 1 + step, seq_end_T - 1)
-        counted_T = _counted(step, index_T, seq_end_T, loss_mask)
+        src_T = torch.minimum(index_T + 1 + step, seq_end_T - 1) - offset  # local rows
+        counted_T = _counted(step, index_T, seq_end_T, loss_mask, offset)
         scored_T = counted_T & target.in_draft[src_T]  # loss positions
 
         embeds_TH = F.embedding(input_ids[src_T], embed_weight)
@@ -216,6 +225,14 @@ def eagle3_unroll(draft: Eagle3Draft, embed_weight: torch.Tensor, aux_hidden: to
     denom = (counted if label_totals is None else label_totals).to(ce_sum.dtype).clamp(min=1)
     loss = sum(position_decay ** k * ce_sum[k] / denom[k] for k in range(unroll_steps))
     with torch.no_grad():
-        sim = metrics.sim_accept_sums(torch.stack(hit_rows), loss_mask, seq_end_T)
+        hits_KT, mask_T = torch.stack(hit_rows), loss_mask[:num_tokens]
+        group = draft.sp_group
+        if group is None:
+            sim = metrics.sim_accept_sums(hits_KT, mask_T, seq_end_T)
+        else:  # the serving walk crosses chunks: replay it on the whole micro-batch, once
+            whole = gather_rows(torch.cat([hits_KT, mask_T[None]]).T.to(torch.uint8), group).T
+            sim = metrics.sim_accept_sums(whole[:-1].bool(), whole[-1].bool(), seq_end_all)
+            if dist.get_rank(group) != 0:
+                sim = torch.zeros_like(sim)
     return DraftStepResult(loss=loss, ce_sum=ce_sum, hits=torch.stack(hits), counted=counted,
                         sim=sim)

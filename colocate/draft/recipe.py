@@ -126,7 +126,17 @@ class DraftRecipe(ABC):
         needs["aux_hidden"] = Need(dtype, ("T", num_layers * hidden_size))
         if self.needs_last_hidden:
             needs["last_hidden"] = Need(dtype, ("T", hidden_size))
+        if self.cfg.train.sp_size > 1:  # a chunk of T rows, some with a halo of E - T more
+            for name in ("input_ids", "loss_mask", "last_hidden"):
+                if name in needs:
+                    needs[name] = Need(needs[name].dtype, ("E", *needs[name].shape[1:]))
         return needs
+
+    @property
+    def sp_halo(self) -> int:
+        """Rows past a sequence-parallel chunk's end this recipe reads (input_ids, loss_mask,
+        last_hidden); see colocate/sequence_parallel.py."""
+        raise NotImplementedError(f"draft.method={self.method} has no sequence parallelism")
 
     @abstractmethod
     def build_model(self, target_config, draft_vocab_size: int,

@@ -35,6 +35,7 @@ from typing import Callable
 import torch
 
 from colocate.data.packing import MicroBatch, positions_from_lens
+from colocate.sequence_parallel import HALO_FEATURES, SpChunk, chunk_features
 from colocate.transport.ring import SlotWriter, layout_bytes
 
 FEATURE_NAMES = ("input_ids", "positions", "loss_mask", "seq_lens", "aux_hidden", "last_hidden")
@@ -139,18 +140,35 @@ class TargetEngine(ABC):
             shapes["last_hidden"] = ((t, h), self.dtype)
         return shapes
 
-    def slot_bytes(self, tokens_per_micro_step: int, max_sequences: int) -> int:
+    def slot_bytes(self, tokens_per_micro_step: int, max_sequences: int,
+                   chunk: SpChunk | None = None) -> int:
         """Bytes of a ring slot that holds any micro-batch within the budget (every tensor's
-        offset is aligned, so the total does not depend on the order of the writes)."""
-        return layout_bytes(list(self._shapes(tokens_per_micro_step, max_sequences).values()))
+        offset is aligned, so the total does not depend on the order of the writes); with
+        `chunk`, its sequence-parallel chunk of one (plus the padding sequence)."""
+        if chunk is None:
+            return layout_bytes(list(self._shapes(tokens_per_micro_step, max_sequences).values()))
+        return layout_bytes(list(self._chunk_shapes(*chunk.max_rows(tokens_per_micro_step),
+                                                    max_sequences + 1).values()))
+
+    def _chunk_shapes(self, rows: int, rows_with_halo: int, num_sequences: int):
+        shapes = self._shapes(rows, num_sequences)
+        for name in HALO_FEATURES:
+            if name in shapes:
+                shape, dtype = shapes[name]
+                shapes[name] = ((rows_with_halo, *shape[1:]), dtype)
+        return shapes
 
     # ------------------------------------------------------------------ public entry point
 
-    def prefill(self, batch: MicroBatch, writer: SlotWriter, *, budget: int) -> None:
-        """Check `batch`, write it and the target's features into `writer`'s slot.
+    def prefill(self, batch: MicroBatch, writer: SlotWriter, *, budget: int,
+                chunk: SpChunk | None = None) -> None:
+        """Check `batch`, write it and the target's features into `writer`'s slot (with
+        `chunk`: the whole batch prefilled, its sequence-parallel chunk written).
 
         Ordered on the current stream: the H2D copies of the ids, the forward that reads
         them from the slot, and the writes of the features; the caller publishes after."""
+        if chunk is not None:
+            return self._prefill_chunk(batch, writer, budget, chunk)
         num_tokens, num_sequences = self._check(batch, budget)
         shapes = self._shapes(num_tokens, num_sequences)
         on_device: dict[str, torch.Tensor] = {}
@@ -169,6 +187,34 @@ class TargetEngine(ABC):
             self._forward(on_device["input_ids"], on_device["positions"], on_device["seq_lens"],
                           aux_out, last_out)
         writer.meta.update(num_tokens=num_tokens, num_sequences=num_sequences,
+                           aux_layer_ids=list(self.aux_layer_ids))
+
+    def _prefill_chunk(self, batch: MicroBatch, writer: SlotWriter, budget: int,
+                       chunk: SpChunk) -> None:
+        """The whole batch through the target, then this rank's chunk (and halo) of every
+        per-token tensor into the slot; seq_lens whole, with the padding sequence (see
+        colocate/sequence_parallel.py). The hidden states of the whole batch live only
+        for this call."""
+        num_tokens, num_sequences = self._check(batch, budget)
+        shapes = self._shapes(num_tokens, num_sequences)
+        device = self.device
+        ids, pos, lens = (t.to(device, non_blocking=True) for t in
+                          (batch.input_ids, batch.positions, batch.seq_lens))
+        whole = {"input_ids": batch.input_ids, "positions": batch.positions,
+                 "loss_mask": batch.loss_mask, "seq_lens": batch.seq_lens,
+                 "aux_hidden": torch.empty(*shapes["aux_hidden"][0], dtype=self.dtype,
+                                           device=device)}
+        if self.ship_last_hidden:
+            whole["last_hidden"] = torch.empty(*shapes["last_hidden"][0], dtype=self.dtype,
+                                               device=device)
+        with torch.no_grad():
+            self._forward(ids, pos, lens, whole["aux_hidden"], whole.get("last_hidden"))
+        parts, (start, end) = chunk_features(whole, chunk)
+        for name in self._shapes(1, 1):  # the wire order
+            view = writer.alloc(name, tuple(parts[name].shape), _INDEX_DTYPES.get(name, self.dtype))
+            view.copy_(parts[name], non_blocking=True)
+        writer.meta.update(num_tokens=max(0, min(end, num_tokens) - start),
+                           num_sequences=num_sequences, sp_chunk=[start, end],
                            aux_layer_ids=list(self.aux_layer_ids))
 
     def _check(self, batch: MicroBatch, budget: int) -> tuple[int, int]:

@@ -184,6 +184,9 @@ class SGLangTargetEngine(TargetEngine):
         self._device = device
         self._budget = cfg.data.tokens_per_micro_step
         self._tokens_per_forward = self._budget * tp
+        # train.sp_size = tp: the TP group's engines hold the same micro-batch (one
+        # sequence-parallel group) and prefill it once, together, instead of each its own.
+        self._same_batch_in_tp = cfg.train.sp_size > 1
         self._host_batch = None  # the CPU MicroBatch during prefill (no D2H for metadata)
         self._runner = self._build_runner(cfg)
         self._setup_capture(cfg.target.aux_layer_ids, default_layer_ids)
@@ -290,10 +293,10 @@ class SGLangTargetEngine(TargetEngine):
 
     # ------------------------------------------------------------------ prefill
 
-    def prefill(self, batch, writer, *, budget: int) -> None:
+    def prefill(self, batch, writer, *, budget: int, chunk=None) -> None:
         self._host_batch = batch  # host ids/lengths for sglang's bookkeeping, no D2H sync
         try:
-            super().prefill(batch, writer, budget=budget)
+            super().prefill(batch, writer, budget=budget, chunk=chunk)
         finally:
             self._host_batch = None
 
@@ -308,7 +311,7 @@ class SGLangTargetEngine(TargetEngine):
                  aux_out: torch.Tensor, last_out: torch.Tensor | None) -> None:
         ids, lens = self._host_inputs(input_ids, seq_lens)
         offset, num_tokens = 0, ids.numel()
-        if self.layout.tp_size > 1:
+        if self.layout.tp_size > 1 and not self._same_batch_in_tp:
             all_ids, all_lens = exchange_micro_batches(ids, lens)
             offset = micro_batch_offsets([t.numel() for t in all_ids])[self.layout.tp_rank]
             ids, lens = torch.cat(all_ids), torch.cat(all_lens)

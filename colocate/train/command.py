@@ -59,7 +59,8 @@ def main(args: argparse.Namespace) -> int:
         leave_default_group()
         return 0
 
-    topo = init_topology(device=cfg.run.device, timeout_s=cfg.run.startup_timeout_s, mps=cfg.mps)
+    topo = init_topology(device=cfg.run.device, timeout_s=cfg.run.startup_timeout_s, mps=cfg.mps,
+                         sp_size=cfg.train.sp_size)
     info = topo.info
     # From here SIGTERM / SIGINT stop at the next step boundary with a checkpoint (replacing
     # the MPS owner's exit-on-SIGTERM: the graceful path ends in atexit just the same).
@@ -126,6 +127,16 @@ def _read_run_dir_and_target(cfg):
     recipe = recipe_for(cfg)
     aux = recipe.layer_ids(target_config.num_hidden_layers)
     check_init_config(cfg, recipe, target_config, aux)  # draft.init_from, before any group
+    if cfg.train.sp_size > 1:  # the draft has the target's heads
+        from colocate.config import ConfigError
+        from colocate.sequence_parallel import check_heads
+
+        heads = target_config.num_attention_heads
+        try:
+            check_heads(heads, getattr(target_config, "num_key_value_heads", None) or heads,
+                        cfg.train.sp_size)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     return done, target_config, aux
 
 

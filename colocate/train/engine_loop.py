@@ -30,6 +30,7 @@ from colocate.data import (DataError, DataStream, TokenizedDataset, load_or_buil
 from colocate.data.packing import MicroBatch, pack_once
 from colocate.draft.recipe import DraftRecipe, StepKey, recipe_for
 from colocate.engine import build_engine
+from colocate.sequence_parallel import SpChunk
 from colocate.topology import Topology
 from colocate.progress import BusyClock, peak_gib
 from colocate.target import load_tokenizer
@@ -92,17 +93,18 @@ def pack_step(stream: DataStream, num_micro_steps: int, recipe: DraftRecipe, *, 
 
 def validation_batches(held_out: TokenizedDataset, topo: Topology,
                        tokens_per_micro_step: int) -> list[MicroBatch]:
-    """This pair's share of the held-out conversations (every num_pairs-th one), packed once.
+    """This pair's share of the held-out conversations (every num_dp-th one: the pairs of a
+    sequence-parallel group share theirs), packed once.
 
     Every pair must get at least one: each trainer's validation pass starts with the same
     collective (gathering the sharded draft), so a trainer without held-out data would
     leave the others waiting."""
-    info = topo.info
-    if held_out.num_sequences < info.num_pairs:
+    if held_out.num_sequences < topo.num_dp:
         raise DataError(f"data.holdout: {held_out.num_sequences} usable held-out "
-                        f"conversation(s) for {info.num_pairs} trainer/engine pairs; "
-                        "validation needs one per pair at least: raise data.holdout")
-    indices = list(range(info.pair_index, held_out.num_sequences, info.num_pairs))
+                        f"conversation(s) for {topo.num_dp} data shards (trainer/engine pairs "
+                        "/ train.sp_size); validation needs one per shard at least: raise "
+                        "data.holdout")
+    indices = list(range(topo.dp_index, held_out.num_sequences, topo.num_dp))
     return pack_once(held_out, indices, tokens_per_micro_step)
 
 
@@ -121,7 +123,7 @@ def run_engine(cfg: Config, topo: Topology, session: PairSession, *, target_conf
     stream, total_steps, epochs_line = None, cfg.train.max_steps, ""
     if cfg.data.source == "dataset":
         stream = DataStream(tokenized, seed=cfg.run.seed, shuffle=cfg.data.shuffle,
-                            shard_index=info.pair_index, num_shards=info.num_pairs,
+                            shard_index=topo.dp_index, num_shards=topo.num_dp,
                             tokens_per_micro_step=cfg.data.tokens_per_micro_step)
         if cfg.train.epochs:  # the step count of train.epochs, agreed by every engine
             from colocate.train.epochs import plan_epochs
@@ -172,8 +174,11 @@ def _stream_to_trainer(cfg: Config, topo: Topology, session: PairSession, engine
     # 4. Stream micro-steps through the ring: each optimizer step's micro-steps, then, after
     #    the steps that validate, this pair's held-out micro-steps (forward only).
     budget = cfg.data.tokens_per_micro_step
+    # train.sp_size > 1: this pair's trainer gets its chunk of every micro-batch.
+    chunk = SpChunk(topo.sp_rank, topo.sp_size, recipe.sp_halo) if topo.sp_size > 1 else None
     ring = session.open_producer(num_slots=cfg.transport.num_slots,
-                                 slot_bytes=engine.slot_bytes(budget, budget), device=topo.device,
+                                 slot_bytes=engine.slot_bytes(budget, budget, chunk),
+                                 device=topo.device,
                                  name=f"colocate-{topo.job_token}-pair{info.pair_index}")
     replay: list[tuple[dict, dict]] = []  # bench.engine=replay: captured micro-steps
     busy = BusyClock(topo.device)  # prefill time, read without syncing the engine's stream
@@ -191,7 +196,7 @@ def _stream_to_trainer(cfg: Config, topo: Topology, session: PairSession, engine
             writer.meta.update(replayed)
         else:
             busy.begin()
-            engine.prefill(batch, writer, budget=budget)
+            engine.prefill(batch, writer, budget=budget, chunk=chunk)
             busy.end()
             writer.meta.update(meta)
             if cfg.bench.engine == "replay" and len(replay) < cfg.bench.replay_micro_steps:
@@ -212,14 +217,14 @@ def _stream_to_trainer(cfg: Config, topo: Topology, session: PairSession, engine
                 send(None, {})
         else:
             for batch, meta in pack_step(stream, cfg.train.micro_steps, recipe, seed=cfg.run.seed,
-                                         step=step, pair=info.pair_index):
+                                         step=step, pair=topo.dp_index):
                 send(batch, meta)
         if validates_after(step, every=cfg.train.val_every_steps, last_step=cfg.last_step):
             for i, batch in enumerate(val_batches):
                 # Held-out anchors are drawn once per batch (step -1): every validation
                 # scores the same positions, so its numbers compare across steps.
                 extra, _ = recipe.plan_batch(batch, StepKey(seed=cfg.run.seed, step=-1, micro=i,
-                                                            pair=info.pair_index))
+                                                            pair=topo.dp_index))
                 send(batch, dict(split="val", val_last=i == len(val_batches) - 1,
                                  seq_lens=batch.seq_lens.tolist(), **extra))
     ring.close()

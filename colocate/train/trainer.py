@@ -191,6 +191,8 @@ class DraftTrainer:
             recipe, target_config, len(draft_ids), aux_layer_ids, topo.trainer_mesh(), dtype,
             device, init=init)
         model = self.model
+        if topo.sp_group is not None:  # Ulysses all-to-all around the draft's attention
+            model.use_sequence_parallel(topo.sp_group)
         self.num_trainers = dist.get_world_size(topo.role_group)  # FSDP2 averages over these
 
         # 4. AdamW over float32 master weights.
@@ -238,12 +240,13 @@ class DraftTrainer:
     # ------------------------------------------------------------------ the loop
     def step_label_totals(self, meta: dict) -> torch.Tensor:
         """N_k of the optimizer step: the totals this pair's engine packed for the step (in
-        every message's meta), summed over the trainers. A tiny all-reduce on the device:
-        no host sync."""
+        every message's meta), summed over the trainers; divided by train.sp_size, as the
+        engines of a sequence-parallel group count the same micro-batches. A tiny
+        all-reduce on the device: no host sync."""
         totals = to_device(torch.tensor(meta["step_label_counts"], dtype=torch.int64),
                            self.topo.device)
         dist.all_reduce(totals, group=self.topo.role_group)
-        return totals
+        return totals // self.topo.sp_size if self.topo.sp_size > 1 else totals
 
     def train(self) -> None:
         t = self.cfg.train

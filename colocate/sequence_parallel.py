@@ -1,0 +1,170 @@
+"""Ulysses sequence parallelism (`train.sp_size` = s): one micro-batch, s trainers.
+
+The s consecutive pairs of an SP group get the same micro-batches (the data is sharded by
+`dp_index`, not by pair). Each engine prefills the whole micro-batch (sglang: as one
+tensor-parallel group of s engines; hf: each alone) and writes only its own trainer's
+chunk into its slot:
+
+    T tokens, padded to T_pad = s * Tc with one padding sequence (never loss-masked, so
+    nothing in it is ever counted or trained); trainer c gets rows [c * Tc, (c + 1) * Tc)
+    of aux_hidden and positions, and `halo` rows more of what the recipe reads ahead:
+    Eagle3's step k at index t reads the token and teacher row t + 1 + k and the loss mask
+    at t + 2 + k, so input_ids, loss_mask and last_hidden carry Tc + unroll + 1 rows
+    (rows past T_pad: zeros, never read). seq_lens stay global (with the padding
+    sequence): every trainer knows every boundary without a collective, so nothing is
+    gathered inside a recomputed region (DESIGN section 10; a gather inside activation
+    recompute hung another project).
+
+Everything per token is then local to the chunk (the TTT unroll's hidden state at t
+depends only on t) except attention: around it, an all-to-all turns [Tc, H, D] (own
+tokens, all heads) into [T_pad, H / s, D] (all tokens, own heads) and back (`seq_to_heads`,
+`heads_to_seq`). Query head groups are contiguous, so head group j of the queries uses
+key/value head group j (GQA stays grouped; both head counts must divide by s).
+
+Gradients: every trainer's loss is its chunk's share of the step's per-token loss (the
+step's label totals divide the engines' counts by s: the s engines of a group count the
+same micro-batch), so FSDP2's reduction over all trainers (data x sequence) is right as
+it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class SpChunk:
+    """Which chunk of each micro-batch one engine writes for its trainer."""
+
+    rank: int
+    """Place in the SP group (pair_index % s)."""
+    size: int
+    """s."""
+    halo: int
+    """Rows past the chunk's end of input_ids, loss_mask and last_hidden (the recipe's)."""
+
+    def geometry(self, num_tokens: int) -> tuple[int, int, int]:
+        """(T_pad, start, end) of this rank's chunk of a `num_tokens`-token micro-batch."""
+        chunk = -(-num_tokens // self.size)
+        return chunk * self.size, self.rank * chunk, (self.rank + 1) * chunk
+
+    def max_rows(self, budget: int) -> tuple[int, int]:
+        """(chunk rows, chunk + halo rows) of the largest micro-batch within `budget`."""
+        chunk = -(-budget // self.size)
+        return chunk, chunk + self.halo
+
+
+def padded_seq_lens(seq_lens: torch.Tensor, padded_tokens: int) -> torch.Tensor:
+    """`seq_lens` plus one padding sequence up to `padded_tokens` (none when it fits)."""
+    pad = padded_tokens - int(seq_lens.sum())
+    if pad == 0:
+        return seq_lens
+    return torch.cat([seq_lens, seq_lens.new_tensor([pad])])
+
+
+def rows(tensor: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """tensor[start:end], zero rows past its end (a copy when it pads)."""
+    have = tensor[start:min(end, tensor.shape[0])]
+    if have.shape[0] == end - start:
+        return have
+    out = tensor.new_zeros((end - start, *tensor.shape[1:]))
+    out[:have.shape[0]] = have
+    return out
+
+
+HALO_FEATURES = ("input_ids", "loss_mask", "last_hidden")
+"""The per-token features a chunk carries `halo` rows past its end."""
+
+
+def chunk_features(features: dict[str, torch.Tensor], chunk: SpChunk) -> tuple[dict, list[int]]:
+    """(this rank's slot tensors, [start, end]) from a whole micro-batch's `features`
+    (input_ids, positions, loss_mask, seq_lens, aux_hidden[, last_hidden]): rows of the
+    chunk (with the halo for HALO_FEATURES), seq_lens whole with the padding sequence."""
+    num_tokens = features["input_ids"].shape[0]
+    padded, start, end = chunk.geometry(num_tokens)
+    seq_lens = features["seq_lens"]
+    pad_positions = torch.arange(padded - num_tokens, device=features["positions"].device)
+    out = {"seq_lens": padded_seq_lens(seq_lens, padded),
+           "positions": torch.cat([features["positions"], pad_positions])[start:end]}
+    for name, tensor in features.items():
+        if name not in out:
+            out[name] = rows(tensor, start, end + (chunk.halo if name in HALO_FEATURES else 0))
+    return out, [start, end]
+
+
+def check_heads(num_heads: int, num_kv_heads: int, sp_size: int) -> None:
+    """ValueError naming train.sp_size when the draft's heads do not split into s groups."""
+    if num_heads % sp_size or num_kv_heads % sp_size:
+        divisors = [d for d in range(1, num_kv_heads + 1)
+                    if num_kv_heads % d == 0 and num_heads % d == 0]
+        raise ValueError(
+            f"train.sp_size: {sp_size} does not divide the draft's {num_heads} attention heads "
+            f"and {num_kv_heads} key/value heads (Ulysses gives each trainer of a group a "
+            f"1/sp_size share of both); use one of {divisors}")
+
+
+def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
+    x = x.contiguous()  # first: empty_like keeps a transposed input's strides
+    out = torch.empty_like(x)
+    dist.all_to_all_single(out, x, group=group)
+    return out
+
+
+class _SeqToHeads(torch.autograd.Function):
+    """[Tc, H, D] (own tokens, all heads) -> [s * Tc, H / s, D] (all tokens, own heads)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _seq_to_heads(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _heads_to_seq(grad, ctx.group), None
+
+
+class _HeadsToSeq(torch.autograd.Function):
+    """The inverse of _SeqToHeads."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _heads_to_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _seq_to_heads(grad, ctx.group), None
+
+
+def _seq_to_heads(x: torch.Tensor, group) -> torch.Tensor:
+    s = dist.get_world_size(group)
+    tokens, heads, dim = x.shape
+    # Head group j goes to rank j; rank j's received block i is rank i's chunk of it.
+    send = x.reshape(tokens, s, heads // s, dim).transpose(0, 1)
+    return _all_to_all(send, group).reshape(s * tokens, heads // s, dim)
+
+
+def _heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
+    s = dist.get_world_size(group)
+    tokens, heads, dim = x.shape
+    received = _all_to_all(x.reshape(s, tokens // s, heads, dim), group)
+    # Block j holds this rank's tokens for head group j: put head groups side by side.
+    return received.transpose(0, 1).reshape(tokens // s, s * heads, dim)
+
+
+def seq_to_heads(x: torch.Tensor, group) -> torch.Tensor:
+    return _SeqToHeads.apply(x, group)
+
+
+def heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
+    return _HeadsToSeq.apply(x, group)
+
+
+def gather_rows(x: torch.Tensor, group) -> torch.Tensor:
+    """The group's chunks of `x` (equal row counts) in rank order, on every rank; no grad."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts)
