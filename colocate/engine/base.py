@@ -215,6 +215,7 @@ class TargetEngine(ABC):
             view.copy_(parts[name], non_blocking=True)
         writer.meta.update(num_tokens=max(0, min(end, num_tokens) - start),
                            num_sequences=num_sequences, sp_chunk=[start, end],
+                           seq_lens=parts["seq_lens"].tolist(),  # with the padding sequence
                            aux_layer_ids=list(self.aux_layer_ids))
 
     def _check(self, batch: MicroBatch, budget: int) -> tuple[int, int]:

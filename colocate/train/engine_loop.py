@@ -195,10 +195,10 @@ def _stream_to_trainer(cfg: Config, topo: Topology, session: PairSession, engine
                 writer.put(name, tensor)
             writer.meta.update(replayed)
         else:
+            writer.meta.update(meta)  # first: a chunked prefill pads its seq_lens
             busy.begin()
             engine.prefill(batch, writer, budget=budget, chunk=chunk)
             busy.end()
-            writer.meta.update(meta)
             if cfg.bench.engine == "replay" and len(replay) < cfg.bench.replay_micro_steps:
                 replay.append(({k: v.clone() for k, v in writer.views().items()},
                                dict(writer.meta)))

@@ -18,9 +18,9 @@ from tests.integration.test_train import CONFIG, REPO, metrics, tiny_overrides, 
 COMMON = ["train.max_steps=14", "draft.unroll_steps=2", "train.log_every_s=0"]
 
 
-def start(overrides, env_extra=None):
+def start(overrides, env_extra=None, nproc=4):
     """torchrun in its own session (process group), as a terminal would run it."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "colocate", "train", "--config", CONFIG, *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,

@@ -163,7 +163,8 @@ def test_bad_config_fails_fast_with_one_line(tiny_assets, tmp_path):
     assert lines == ["colocate train: error: [rank 0] train.max_stepz: unknown key; did you "
                      "mean train.max_steps? (valid: max_steps, epochs, stop_at_step, "
                      "micro_steps, lr, min_lr_ratio, warmup_steps, weight_decay, betas, "
-                     "grad_clip, log_every_s, val_every_steps, tensorboard, max_nonfinite_steps)"]
+                     "grad_clip, log_every_s, val_every_steps, tensorboard, max_nonfinite_steps, "
+                     "sp_size)"]
     # No rank prints a traceback (torchrun's own launcher summary still does).
     assert not any(l.startswith("[rank") and "Traceback" in l for l in proc.stderr.splitlines())
     # torchrun's summary names rank 0's error as the root cause, with the bad-input status;

@@ -107,6 +107,23 @@ def test_cross_section_check():
         load_config(None, ["eval.engine=both", "run.device=cpu"])
 
 
+def test_sequence_parallel_combinations_that_cannot_work_are_refused():
+    load_config(None, ["train.sp_size=2"])  # eagle3, dataset, hf: fine
+    load_config(None, ["train.sp_size=2", "engine.backend=sglang", "engine.tp_size=2"])
+    for overrides, message in [
+        (["train.sp_size=0"], "train.sp_size: got 0; use 1 (off)"),
+        (["train.sp_size=2", "draft.method=dflash"],
+         "train.sp_size: 2 with draft.method=dflash: sequence parallelism is built for eagle3"),
+        (["train.sp_size=2", "data.source=generate"],
+         "train.sp_size: 2 with data.source=generate: online decode is not sequence-parallel"),
+        (["train.sp_size=2", "engine.backend=sglang"],
+         "engine.tp_size: 1 with train.sp_size=2: the sglang engines of one sequence-parallel "
+         "group prefill each sequence together as one tensor-parallel group; set "
+         "engine.tp_size=2")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(None, overrides)
+
+
 def test_validation_without_a_holdout_fails_only_for_training():
     cfg = load_config(None, ["train.val_every_steps=5", "data.holdout=0",  # eval may read it
                              "train.max_steps=10"])
