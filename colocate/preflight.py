@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="dotted overrides, as for colocate train")
 
 
-def check_launch(nproc: int | None, gpus: int | None, device: str) -> None:
+def check_launch(nproc: int | None, gpus: int | None, device: str, sp_size: int = 1) -> None:
     """The geometry topology.py enforces at start-up, checked from the launcher's numbers."""
     if nproc is None:
         return
@@ -38,6 +38,10 @@ def check_launch(nproc: int | None, gpus: int | None, device: str) -> None:
         raise ConfigError(f"--nproc-per-node {nproc}: colocate runs a trainer and an engine "
                           "per GPU; use an even number >= 2 (twice the GPUs per node; NPROC=4 "
                           "on CPU)")
+    if (nproc // 2) % sp_size:  # topology.validate_sp_size says it at start-up, in full
+        raise ConfigError(f"train.sp_size: {sp_size} does not divide the {nproc // 2} GPU(s) "
+                          f"per node (--nproc-per-node {nproc}): a sequence-parallel group must "
+                          "lie on one node")
     if gpus is None:
         return
     if device == "cuda" and gpus == 0:
@@ -71,7 +75,7 @@ def check_paths(cfg) -> None:
 def main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     cfg.check_training()
-    check_launch(args.nproc, args.gpus, cfg.run.device)
+    check_launch(args.nproc, args.gpus, cfg.run.device, cfg.train.sp_size)
     check_paths(cfg)
     steps = (f"{cfg.train.max_steps} steps" if cfg.train.max_steps
              else f"{cfg.train.epochs} epoch(s)")

@@ -20,7 +20,7 @@ class SampledStream:
     key: str
     sampler: ShardedSampler
     what = "the data stream"
-    resume_fix = "Restore the original data/seed/GPU count"
+    resume_fix = "Restore the original data, seed, GPU count and train.sp_size"
     """What to restore when a saved state does not match (after which: or start afresh)."""
 
     def _identity(self) -> dict:

@@ -230,9 +230,10 @@ def eagle3_unroll(draft: Eagle3Draft, embed_weight: torch.Tensor, aux_hidden: to
         if group is None:
             sim = metrics.sim_accept_sums(hits_KT, mask_T, seq_end_T)
         else:  # the serving walk crosses chunks: replay it on the whole micro-batch, once
-            whole = gather_rows(torch.cat([hits_KT, mask_T[None]]).T.to(torch.uint8), group).T
-            sim = metrics.sim_accept_sums(whole[:-1].bool(), whole[-1].bool(), seq_end_all)
-            if dist.get_rank(group) != 0:
-                sim = torch.zeros_like(sim)
+            rows_TK = torch.cat([hits_KT, mask_T[None]]).T.to(torch.uint8).contiguous()
+            whole = gather_rows(rows_TK, group).T
+            sim = (metrics.sim_accept_sums(whole[:-1].bool(), whole[-1].bool(), seq_end_all)
+                   if dist.get_rank(group) == 0 else torch.zeros(2, dtype=torch.int64,
+                                                                 device=device))
     return DraftStepResult(loss=loss, ce_sum=ce_sum, hits=torch.stack(hits), counted=counted,
                         sim=sim)

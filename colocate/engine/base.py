@@ -35,6 +35,7 @@ from typing import Callable
 import torch
 
 from colocate.data.packing import MicroBatch, positions_from_lens
+from colocate.hostcopy import to_device
 from colocate.sequence_parallel import HALO_FEATURES, SpChunk, chunk_features
 from colocate.transport.ring import SlotWriter, layout_bytes
 
@@ -196,23 +197,24 @@ class TargetEngine(ABC):
         colocate/sequence_parallel.py). The hidden states of the whole batch live only
         for this call."""
         num_tokens, num_sequences = self._check(batch, budget)
+        host = {"input_ids": batch.input_ids, "positions": batch.positions,
+                "loss_mask": batch.loss_mask, "seq_lens": batch.seq_lens}
+        # The bookkeeping rows first, before the forward is queued: a copy from pageable
+        # memory queued behind it would make the host wait for the whole prefill.
+        parts, (start, end) = chunk_features(host, chunk)
+        for name, part in parts.items():
+            src = part.pin_memory() if self.device.type == "cuda" else part
+            writer.alloc(name, tuple(part.shape), _INDEX_DTYPES[name]).copy_(src, non_blocking=True)
         shapes = self._shapes(num_tokens, num_sequences)
-        device = self.device
-        ids, pos, lens = (t.to(device, non_blocking=True) for t in
+        whole = {name: torch.empty(*shapes[name][0], dtype=self.dtype, device=self.device)
+                 for name in ("aux_hidden", "last_hidden") if name in shapes}
+        ids, pos, lens = (to_device(t, self.device) for t in
                           (batch.input_ids, batch.positions, batch.seq_lens))
-        whole = {"input_ids": batch.input_ids, "positions": batch.positions,
-                 "loss_mask": batch.loss_mask, "seq_lens": batch.seq_lens,
-                 "aux_hidden": torch.empty(*shapes["aux_hidden"][0], dtype=self.dtype,
-                                           device=device)}
-        if self.ship_last_hidden:
-            whole["last_hidden"] = torch.empty(*shapes["last_hidden"][0], dtype=self.dtype,
-                                               device=device)
         with torch.no_grad():
             self._forward(ids, pos, lens, whole["aux_hidden"], whole.get("last_hidden"))
-        parts, (start, end) = chunk_features(whole, chunk)
-        for name in self._shapes(1, 1):  # the wire order
-            view = writer.alloc(name, tuple(parts[name].shape), _INDEX_DTYPES.get(name, self.dtype))
-            view.copy_(parts[name], non_blocking=True)
+        hidden, _ = chunk_features({**host, **whole}, chunk)
+        for name in whole:
+            writer.alloc(name, tuple(hidden[name].shape), self.dtype).copy_(hidden[name])
         writer.meta.update(num_tokens=max(0, min(end, num_tokens) - start),
                            num_sequences=num_sequences, sp_chunk=[start, end],
                            seq_lens=parts["seq_lens"].tolist(),  # with the padding sequence

@@ -183,10 +183,11 @@ class SGLangTargetEngine(TargetEngine):
         self._dtype = resolve_target_dtype(cfg.target.dtype, device)
         self._device = device
         self._budget = cfg.data.tokens_per_micro_step
-        self._tokens_per_forward = self._budget * tp
         # train.sp_size = tp: the TP group's engines hold the same micro-batch (one
-        # sequence-parallel group) and prefill it once, together, instead of each its own.
+        # sequence-parallel group) and prefill it once, together, instead of each its own;
+        # one forward is then one micro-batch, not tp of them (the KV pool is sized by it).
         self._same_batch_in_tp = cfg.train.sp_size > 1
+        self._tokens_per_forward = self._budget * (1 if self._same_batch_in_tp else tp)
         self._host_batch = None  # the CPU MicroBatch during prefill (no D2H for metadata)
         self._runner = self._build_runner(cfg)
         self._setup_capture(cfg.target.aux_layer_ids, default_layer_ids)

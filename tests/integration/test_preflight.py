@@ -22,6 +22,8 @@ def launch(*args, nproc=4):
      "train.max_steps: neither it nor train.epochs is set; set one of them"),
     ([], 3, "--nproc-per-node 3: colocate runs a trainer and an engine per GPU; use an even "
             "number >= 2"),
+    (["train.sp_size=2"], 6, "train.sp_size: 2 does not divide the 3 GPU(s) per node "
+                             "(--nproc-per-node 6)"),
     (["data.path=nowhere.jsonl"], 4, f"data.path nowhere.jsonl (looked for "
                                      f"{REPO}/nowhere.jsonl; relative paths resolve from the "
                                      f"working directory {REPO}): no such file"),

@@ -20,11 +20,12 @@ from colocate.draft.loss import eagle3_unroll, label_counts, target_distribution
 from colocate.sequence_parallel import (SpChunk, check_heads, chunk_features, heads_to_seq,
                                         seq_to_heads)
 
-SHAPE = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
-             vocab_size=120, num_hidden_layers=4)
+SHAPE = dict(hidden_size=32, num_attention_heads=8, num_key_value_heads=4, intermediate_size=48,
+             vocab_size=120, num_hidden_layers=4)  # GQA groups of 2, split in 2 or 4
 DRAFT_VOCAB, UNROLL = 60, 3
-# 4 documents, 37 tokens: padded to 38, chunks [0, 19) and [19, 38); the second document
-# (7..22) crosses the boundary, and so does the reach of the halo into the third.
+# 4 documents, 37 tokens. Two ranks: padded to 38, chunks [0, 19) and [19, 38); the second
+# document (7..22) crosses the boundary, and so does the reach of the halo into the third.
+# Four: padded to 40 (3 padding tokens), chunks of 10, the second document in three.
 SEQ_LENS = [7, 16, 9, 5]
 
 
@@ -60,9 +61,9 @@ def _model(attention: str) -> Eagle3Draft:
     return model
 
 
-def _worker(rank: int, init_method: str, out: str, attention: str) -> None:
+def _worker(rank: int, init_method: str, out: str, attention: str, world: int) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     whole = _batch()
     totals = label_counts(whole["seq_lens"], whole["loss_mask"], UNROLL)
 
@@ -70,7 +71,7 @@ def _worker(rank: int, init_method: str, out: str, attention: str) -> None:
 
     model = _model(attention)
     model.use_sequence_parallel(dist.group.WORLD)
-    feats, (start, end) = chunk_features(whole, SpChunk(rank, 2, halo=UNROLL + 1))
+    feats, (start, end) = chunk_features(whole, SpChunk(rank, world, halo=UNROLL + 1))
     chunk, grads = _run(model, feats, start, totals)
     summed = {}
     for name, value in [("loss", chunk.loss.detach()), ("ce_sum", chunk.ce_sum.detach()),
@@ -90,16 +91,19 @@ def _worker(rank: int, init_method: str, out: str, attention: str) -> None:
     os._exit(0)  # no interpreter teardown: gloo can abort there (see colocate/__main__.py)
 
 
-def test_two_chunks_equal_the_whole_micro_batch(tmp_path, attention="loop"):
+@pytest.mark.parametrize("world", [2, 4])
+def test_chunks_equal_the_whole_micro_batch(tmp_path, world, attention="loop"):
     import torch.multiprocessing as mp
 
     out = str(tmp_path / "result")
-    mp.spawn(_worker, args=(f"file://{tmp_path / 'rendezvous'}", out, attention), nprocs=2)
-    for rank in range(2):
+    mp.spawn(_worker, args=(f"file://{tmp_path / 'rendezvous'}", out, attention, world),
+             nprocs=world)
+    size = -(-sum(SEQ_LENS) // world)
+    for rank in range(world):
         with open(f"{out}.{rank}") as f:
             got = json.load(f)
-        assert got["chunk"] == [[0, 19], [19, 38]][rank]
-        assert got["rows"] == 19 + UNROLL + 1  # the chunk and its halo
+        assert got["chunk"] == [rank * size, (rank + 1) * size]
+        assert got["rows"] == size + UNROLL + 1  # the chunk and its halo
         assert got["summed"].keys() == got["expect"].keys()
         for key, want in got["expect"].items():
             have = torch.tensor(got["summed"][key], dtype=torch.float64)
