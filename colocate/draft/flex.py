@@ -42,15 +42,15 @@ Numerics: flex computes in the input dtype with fp32 accumulation and an fp32 so
 anything, closer to fp32). `scale` is passed explicitly (head_dim ** -0.5 from the caller).
 
 Host synchronisation. None per step: the sequence ids go host -> device once per micro-step
-through a pinned non-blocking copy; `create_block_mask` (argsort/sum on the device) and the
+through a pinned non-blocking copy; step 0's block tables (argsort/sum on the device) and the
 derivation of later steps are device ops. Block masks are cached per (device, block size,
 seq_lens) for the current micro-step only.
 
-Memory of mask building. Eager `create_block_mask` evaluates the mask densely. It is called
-once per micro-step on the step-0 part only ([T, Tp] bools, ~0.27 GB per intermediate at
-T = 16k, a few intermediates, transient); steps >= 1 are derived from its block tables by
-appending the k diagonal blocks of each query block (O((T / BLOCK)^2) memory), never through
-the dense [T, (k+1) Tp] mask (~1.9 GB per intermediate at step 6 and T = 16k).
+Memory of mask building. Eager `create_block_mask` evaluates the mask densely ([T, Tp]
+bools per intermediate: 0.27 GB at T = 16k, 4 GB at 64k); it is never called here. Step 0's
+block tables come from the sequence starts (`_step0`), steps >= 1 from step 0's by appending
+the k diagonal blocks of each query block, O((T / BLOCK)^2) memory either way; the unit
+tests hold both to what `create_block_mask` finds on the dense mask.
 
 On CUDA the kernel is `torch.compile(flex_attention)`, made once on first use (see
 `compiled_flex_attention` for the choice of dynamic shapes): eager flex materialises the
@@ -77,7 +77,7 @@ from colocate.draft.kernels import triton_available
 from colocate.hostcopy import to_device
 
 try:
-    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
     FLEX_IMPORT_ERROR: ImportError | None = None
 except ImportError as exc:  # torch < 2.5
     FLEX_IMPORT_ERROR = exc
@@ -132,20 +132,23 @@ class StepMasks:
     """[Tp] int32 sequence id per step-0 key, -1 past T."""
     kv_pos0: torch.Tensor
     """[Tp] int32 token index per key of one step, -1 past T."""
+    seq_start: torch.Tensor
+    """[T] int64 first index of each token's sequence (step 0's block tables)."""
     masks: dict[int, BlockMask] = field(default_factory=dict)
 
     @classmethod
     def build(cls, seq_lens: tuple[int, ...], device: torch.device, block_size: int) -> StepMasks:
         num_tokens = sum(seq_lens)
         padded = -(-num_tokens // block_size) * block_size
-        doc_T = torch.repeat_interleave(torch.arange(len(seq_lens), dtype=torch.int32),
-                                        torch.tensor(seq_lens, dtype=torch.long))
-        doc_T = to_device(doc_T, device)
+        lens = torch.tensor(seq_lens, dtype=torch.long)
+        doc_T = to_device(torch.repeat_interleave(
+            torch.arange(len(seq_lens), dtype=torch.int32), lens), device)
+        start_T = to_device(torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens), device)
         pad = padded - num_tokens
         pos = torch.arange(padded, dtype=torch.int32, device=device)
         return cls(num_tokens=num_tokens, padded_tokens=padded, block_size=block_size,
                    q_doc=F.pad(doc_T, (0, pad), value=-2), kv_doc0=F.pad(doc_T, (0, pad), value=-1),
-                   kv_pos0=torch.where(pos < num_tokens, pos, -1))
+                   kv_pos0=torch.where(pos < num_tokens, pos, -1), seq_start=start_T)
 
     def mask_mod(self, step: int) -> Callable:
         """Element mask of `step` over keys [K0; K1; ...; Kstep], each padded to Tp."""
@@ -164,10 +167,39 @@ class StepMasks:
         return self.masks[step]
 
     def _step0(self) -> BlockMask:
-        # The one dense evaluation per micro-step: [T, Tp] bools (see the module docstring).
-        return create_block_mask(self.mask_mod(0), None, None, self.num_tokens,
-                                 self.padded_tokens, device=self.q_doc.device,
-                                 BLOCK_SIZE=self.block_size)
+        """Step 0's block tables from the sequence starts, never from a dense [T, Tp] mask
+        (which `create_block_mask` would evaluate: 4 GiB of bools at T = 64k).
+
+        Query block i holds queries [qs, qe); query q sees keys [start(q), q], start(q) its
+        sequence's first index. Starts never decrease and each new sequence starts right
+        after the last, so the block's keys form one range [start(qs), qe - 1]: key block
+        j is touched iff it meets that range. It is full iff every query of a whole block
+        sees every key of a whole key block: j B + B - 1 <= qs and j B >= start(qs + B - 1)
+        (no padding on either side)."""
+        size, num_tokens = self.block_size, self.num_tokens
+        num_blocks = self.padded_tokens // size
+        device = self.q_doc.device
+        start_T = self.seq_start
+        q_first = torch.arange(num_blocks, device=device) * size           # qs per block
+        q_last = torch.clamp(q_first + size, max=num_tokens) - 1            # qe - 1
+        lo = start_T[q_first] // size                                       # first key block
+        hi = q_last // size                                                 # last key block
+        whole = q_first + size <= num_tokens
+        full_lo = -(-start_T[torch.clamp(q_first + size - 1, max=num_tokens - 1)] // size)
+        full_hi = torch.where(whole, q_first // size - 1, torch.full_like(q_first, -1))
+        cols = torch.arange(num_blocks, device=device)[None]
+        touched = (cols >= lo[:, None]) & (cols <= hi[:, None])
+        full = (cols >= full_lo[:, None]) & (cols <= full_hi[:, None])
+        partial = touched & ~full
+
+        def ordered(dense):  # flex's layout: per row the count, then the block ids first
+            count = dense.sum(-1, dtype=torch.int32)
+            order = torch.argsort(dense.to(torch.int8), dim=-1, descending=True, stable=True)
+            return count[None, None], order.to(torch.int32)[None, None]
+
+        return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=size,
+                                        mask_mod=self.mask_mod(0),
+                                        seq_lengths=(num_tokens, self.padded_tokens))
 
     def _with_diagonal(self, step: int) -> BlockMask:
         """Step-0 block tables plus, per query block i, the partial blocks j * nb + i, j=1..k.

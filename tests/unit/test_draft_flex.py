@@ -75,16 +75,22 @@ def dense_blocks(num_blocks, indices, num_cols):
     return dense
 
 
+PACKINGS = [SEQ_LENS, [16], [3, 13, 4, 12], [20, 1, 1, 22, 9], [4, 4, 4, 4]]
+"""Sequences inside a block, across several, ending on block edges, T a multiple of B."""
+
+
+@pytest.mark.parametrize("seq_lens", PACKINGS)
 @pytest.mark.parametrize("block_size", [4, 8, 128])
 @pytest.mark.parametrize("step", [0, 1, 3, 6])
-def test_block_tables_equal_create_block_mask_on_full_mask(step, block_size):
-    """Steps >= 1 are derived from step 0's tables; they must be exactly what
-    create_block_mask finds on the dense [T, (k+1) Tp] mask (partial and full blocks)."""
+def test_block_tables_equal_create_block_mask_on_full_mask(step, block_size, seq_lens):
+    """Step 0's tables come from the sequence starts and later steps' from step 0's; they
+    must be exactly what create_block_mask finds on the dense [T, (k+1) Tp] mask (partial
+    and full blocks)."""
     flex._cached = None
-    masks = step_masks(seq_bounds_from_lens(SEQ_LENS), torch.device("cpu"), block_size)
+    masks = step_masks(seq_bounds_from_lens(seq_lens), torch.device("cpu"), block_size)
     ours = masks.block_mask(step)
     num_keys = (step + 1) * masks.padded_tokens
-    ref = create_block_mask(masks.mask_mod(step), None, None, sum(SEQ_LENS), num_keys,
+    ref = create_block_mask(masks.mask_mod(step), None, None, sum(seq_lens), num_keys,
                             device="cpu", BLOCK_SIZE=block_size)
     assert ours.seq_lengths == ref.seq_lengths
     num_cols = num_keys // block_size
