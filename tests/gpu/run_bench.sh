@@ -13,6 +13,11 @@ if [ "${ENGINE:-sglang}" = sglang ] && [ ! -d "$SITE/sglang" ] && [ -d .whl_sgl 
 fi
 bash examples/qwen3-8b-shape/prepare.sh >/dev/null
 python -m colocate prepare-vocab --config examples/qwen3-8b-shape/run.yaml >/dev/null 2>&1
+# The work dir stays off $OUT (a device call returns only a few files): its metrics and logs
+# come back as one tarball, written even when the table is not (a timeout).
+WORK=${WORK:-/tmp/colocate-bench-work}; rm -rf "$WORK"
+trap 'tar -czf "$OUT/bench-work.tar.gz" -C "$WORK" --exclude=checkpoints --exclude=export \
+  --exclude=.cache --exclude="*.jsonl.summary.json" --exclude=pregenerated.jsonl . 2>/dev/null' EXIT
 python -m colocate bench train --config examples/qwen3-8b-shape/run.yaml \
   engine.backend=${ENGINE:-sglang} ${BENCH_ARGS:-} --steps ${STEPS:-16} --warmup ${WARMUP:-6} \
-  --modes ${MODES:-k2,k3,k1,ts,engine,trainer} --gpus ${GPUS:-1} --workdir "$OUT/bench" 2>&1 | tee "$OUT/bench_${ENGINE:-sglang}.txt"
+  --modes ${MODES:-k2,k3,k1,ts,engine,trainer} --gpus ${GPUS:-1} --workdir "$WORK" 2>&1 | tee "$OUT/bench_${ENGINE:-sglang}.txt"

@@ -9,6 +9,7 @@ set -uo pipefail
 SITE=${SITE:-/tmp/site}
 export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/colocate-sp}; mkdir -p "$OUT"
+LOGS=/tmp/colocate-sp-logs; rm -rf "$LOGS"; mkdir -p "$LOGS"  # back as one tarball at the end
 [ -d "$SITE/sglang" ] || python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl_sgl/*.whl
 bash examples/qwen3-8b-shape/prepare.sh >/dev/null
 IFS=, read -ra LS <<< "${LENGTHS:-32768,65536}"
@@ -32,12 +33,13 @@ PY
       --config examples/qwen3-8b-shape/run.yaml engine.backend=sglang engine.tp_size=$SP \
       train.sp_size=$SP data.path=runs/sp-data-$L.jsonl data.max_length=$L \
       data.tokens_per_micro_step=$L train.micro_steps=1 train.max_steps=${STEPS:-8} \
-      train.log_every_s=0 run.dir=runs/$name ${SP_ARGS:-} > "$OUT/$name.log" 2>&1
-    echo "$name exit $?" | tee -a "$OUT/exits.txt"
-    cp runs/$name/metrics.jsonl "$OUT/$name-metrics.jsonl" 2>/dev/null
+      train.log_every_s=0 run.dir=runs/$name ${SP_ARGS:-} > "$LOGS/$name.log" 2>&1
+    echo "$name exit $?" | tee -a "$LOGS/exits.txt"
+    cp runs/$name/metrics.jsonl "$LOGS/$name-metrics.jsonl" 2>/dev/null
+    tar -czf "$OUT/logs.tar.gz" -C "$LOGS" .
   done
 done
-python - "$OUT" <<'PY'
+python - "$LOGS" <<'PY' | tee "$OUT/sp_table.txt"
 import glob, json, os, sys
 out = sys.argv[1]
 exits = dict(l.split(" exit ") for l in open(os.path.join(out, "exits.txt")).read().split("\n") if l)
