@@ -79,10 +79,17 @@ HALO_FEATURES = ("input_ids", "loss_mask", "last_hidden")
 """The per-token features a chunk carries `halo` rows past its end."""
 
 
+def chunk_rows(name: str, tensor: torch.Tensor, chunk: SpChunk, num_tokens: int) -> torch.Tensor:
+    """This rank's rows of per-token feature `name` of a `num_tokens`-token micro-batch:
+    the chunk, with the halo for HALO_FEATURES, zeros past the end."""
+    _, start, end = chunk.geometry(num_tokens)
+    return rows(tensor, start, end + (chunk.halo if name in HALO_FEATURES else 0))
+
+
 def chunk_features(features: dict[str, torch.Tensor], chunk: SpChunk) -> tuple[dict, list[int]]:
     """(this rank's slot tensors, [start, end]) from a whole micro-batch's `features`
-    (input_ids, positions, loss_mask, seq_lens, aux_hidden[, last_hidden]): rows of the
-    chunk (with the halo for HALO_FEATURES), seq_lens whole with the padding sequence."""
+    (input_ids, positions, loss_mask, seq_lens, and any per-token others): `chunk_rows`
+    of each, positions continued into the padding sequence, seq_lens whole with it."""
     num_tokens = features["input_ids"].shape[0]
     padded, start, end = chunk.geometry(num_tokens)
     seq_lens = features["seq_lens"]
@@ -91,7 +98,7 @@ def chunk_features(features: dict[str, torch.Tensor], chunk: SpChunk) -> tuple[d
            "positions": torch.cat([features["positions"], pad_positions])[start:end]}
     for name, tensor in features.items():
         if name not in out:
-            out[name] = rows(tensor, start, end + (chunk.halo if name in HALO_FEATURES else 0))
+            out[name] = chunk_rows(name, tensor, chunk, num_tokens)
     return out, [start, end]
 
 
@@ -113,30 +120,19 @@ def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
-class _SeqToHeads(torch.autograd.Function):
-    """[Tc, H, D] (own tokens, all heads) -> [s * Tc, H / s, D] (all tokens, own heads)."""
+class _Exchange(torch.autograd.Function):
+    """One all-to-all direction (`to_heads`: [Tc, H, D] own tokens and all heads ->
+    [s * Tc, H / s, D] all tokens and own heads; else the inverse); its gradient is the
+    other direction."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _seq_to_heads(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _heads_to_seq(grad, ctx.group), None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    """The inverse of _SeqToHeads."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _heads_to_seq(x, group)
+    def forward(ctx, x, group, to_heads: bool):
+        ctx.group, ctx.to_heads = group, to_heads
+        return (_seq_to_heads if to_heads else _heads_to_seq)(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _seq_to_heads(grad, ctx.group), None
+        return (_heads_to_seq if ctx.to_heads else _seq_to_heads)(grad, ctx.group), None, None
 
 
 def _seq_to_heads(x: torch.Tensor, group) -> torch.Tensor:
@@ -156,11 +152,11 @@ def _heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
 
 
 def seq_to_heads(x: torch.Tensor, group) -> torch.Tensor:
-    return _SeqToHeads.apply(x, group)
+    return _Exchange.apply(x, group, True)
 
 
 def heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
-    return _HeadsToSeq.apply(x, group)
+    return _Exchange.apply(x, group, False)
 
 
 def gather_rows(x: torch.Tensor, group) -> torch.Tensor:

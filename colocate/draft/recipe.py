@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import torch
 
 from colocate import metrics
+from colocate.sequence_parallel import HALO_FEATURES
 from colocate.transport.layout import Need
 
 
@@ -127,7 +128,7 @@ class DraftRecipe(ABC):
         if self.needs_last_hidden:
             needs["last_hidden"] = Need(dtype, ("T", hidden_size))
         if self.cfg.train.sp_size > 1:  # a chunk of T rows, some with a halo of E - T more
-            for name in ("input_ids", "loss_mask", "last_hidden"):
+            for name in HALO_FEATURES:
                 if name in needs:
                     needs[name] = Need(needs[name].dtype, ("E", *needs[name].shape[1:]))
         return needs

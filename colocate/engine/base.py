@@ -36,7 +36,7 @@ import torch
 
 from colocate.data.packing import MicroBatch, positions_from_lens
 from colocate.hostcopy import to_device
-from colocate.sequence_parallel import HALO_FEATURES, SpChunk, chunk_features
+from colocate.sequence_parallel import HALO_FEATURES, SpChunk, chunk_features, chunk_rows
 from colocate.transport.ring import SlotWriter, layout_bytes
 
 FEATURE_NAMES = ("input_ids", "positions", "loss_mask", "seq_lens", "aux_hidden", "last_hidden")
@@ -212,9 +212,9 @@ class TargetEngine(ABC):
                           (batch.input_ids, batch.positions, batch.seq_lens))
         with torch.no_grad():
             self._forward(ids, pos, lens, whole["aux_hidden"], whole.get("last_hidden"))
-        hidden, _ = chunk_features({**host, **whole}, chunk)
-        for name in whole:
-            writer.alloc(name, tuple(hidden[name].shape), self.dtype).copy_(hidden[name])
+        for name, tensor in whole.items():
+            part = chunk_rows(name, tensor, chunk, num_tokens)
+            writer.alloc(name, tuple(part.shape), self.dtype).copy_(part)
         writer.meta.update(num_tokens=max(0, min(end, num_tokens) - start),
                            num_sequences=num_sequences, sp_chunk=[start, end],
                            seq_lens=parts["seq_lens"].tolist(),  # with the padding sequence

@@ -342,9 +342,9 @@ class DraftTrainer:
         The sharded draft is gathered first, explicitly, on every trainer at once: then the
         forwards below run no collective across pairs, so pairs may hold different numbers
         of held-out micro-steps (with train.sp_size > 1 they run the all-to-alls of their
-        SP group, whose pairs hold the same held-out micro-steps). The draft stays gathered (as after any training forward) until it is
-        resharded: after the next optimizer step's last backward, or by a checkpoint or
-        export's state dict before that."""
+        SP group, whose pairs hold the same held-out micro-steps). The draft stays gathered
+        (as after any training forward) until it is resharded: after the next optimizer
+        step's last backward, or by a checkpoint or export's state dict before that."""
         for unit in fsdp_units(self.model):
             unit.unshard()
         sums = None
