@@ -231,8 +231,9 @@ class OnlineStream(SampledStream):
 
     def decode_meta(self) -> dict:
         """The decode thread's totals, for the ring message's meta."""
-        return self.counts.meta(ahead=len(self._pending) + self._queue.qsize()
-                                * self.chunk_records)
+        with self._queue.mutex:  # chunks end at an epoch's end: count, not qsize * size
+            queued = sum(len(c) for c in self._queue.queue if isinstance(c, list))
+        return self.counts.meta(ahead=len(self._pending) + queued)
 
     # ------------------------------------------------------------------ decode thread
 

@@ -276,3 +276,21 @@ def test_nothing_is_kept_when_keeping_is_off():
     on._keep(2, ([5, 6], [False, True]))   # 10 bytes
     on._keep(3, ([7], [True]))             # 5 more: past the budget, not kept
     assert sorted(on._kept) == [1, 2] and on._unpack(on._kept[2]) == ([5, 6], [False, True])
+
+
+def test_records_ahead_count_chunks_cut_at_the_epoch_end(tiny_assets, tiny_tokenizer, tmp_path):
+    # A chunk never crosses an epoch: 1000-record chunks of a 10-record shard hold 10 each,
+    # and decode_ahead counts those records (it once counted 1000 per queued chunk).
+    cfg = config(tiny_assets, head(tiny_assets, tmp_path, 20), "generate.chunk_records=1000")
+    stream, _ = build_online_stream(cfg, topo(), generator=generator(tiny_tokenizer))
+    stream.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not stream._queue.full():  # both queued chunks answered (ahead_chunks = 2)
+            assert time.monotonic() < deadline, "the decode thread did not fill its queue"
+            time.sleep(0.05)
+        assert stream.decode_meta()["decode_ahead"] == 20
+        batch = stream.next_micro_batch()
+        assert stream.decode_meta()["decode_ahead"] <= 20 - len(batch.seq_lens) + 10
+    finally:
+        stream.close()
