@@ -18,10 +18,11 @@ def mismatches(ref_loss: float, ref_grads: dict[str, torch.Tensor], loss: float,
     """The loss and each gradient (with their relative error) that differ by more than
     REL_TOL (relative L2 for gradients)."""
     bad = []
-    if abs(loss - ref_loss) > REL_TOL * max(abs(ref_loss), 1e-6):
+    # `not <=`: a NaN compares false both ways, and a NaN loss or gradient must count.
+    if not abs(loss - ref_loss) <= REL_TOL * max(abs(ref_loss), 1e-6):
         bad.append(f"loss ({ref_loss:.5f} vs {loss:.5f})")
     for name, grad in ref_grads.items():
         err = ((grads[name] - grad).norm() / grad.norm().clamp(min=1e-12)).item()
-        if err > REL_TOL:
+        if not err <= REL_TOL:
             bad.append(f"grad {name} (rel L2 {err:.3g})")
     return bad

@@ -185,6 +185,10 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--trace-dir", default="")
     parser.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke run)")
+    parser.add_argument("--save", default="", help="write each mode's first-step loss and "
+                        "gradients here (a reference for --reference)")
+    parser.add_argument("--reference", default="", help="also check each mode against the "
+                        "losses and gradients --save wrote (e.g. another MPS SM cap's run)")
     args = parser.parse_args()
     shape = dict(QWEN3_8B)
     if args.small:  # a smoke run of this script on the CPU (not a measurement)
@@ -208,12 +212,16 @@ def main() -> int:
                for i in range(args.micro_steps)]
     embed, head = dummy_embed_and_head(shape["vocab_size"], shape["hidden_size"], seed=0,
                                        dtype=torch.bfloat16, device=device)
+    torch.manual_seed(0)  # the same draft vocabulary in every run (--save / --reference)
     draft_ids = torch.randperm(shape["vocab_size"], device=device)[:DRAFT_VOCAB].sort().values
     geom = metrics.Geometry.from_hf_config(LlamaConfig(**shape))
     flops_per_token = metrics.draft_train_flops_per_token(
         geom, args.seq_len, draft_vocab_size=DRAFT_VOCAB, unroll_steps=args.unroll)
     device_name = torch.cuda.get_device_name() if cuda else "cpu"
     peak = metrics.peak_flops(device_name) or 989e12
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 0
+    print(f"MPS SM cap {os.environ.get('CUDA_MPS_ACTIVE_THREAD_PERCENTAGE', 'none')}, "
+          f"{sms} SMs reported")
     print(f"torch {torch.__version__}, {device_name}, {args.micro_steps} x "
           f"{args.tokens} tokens, unroll {args.unroll}, attention {args.attention}, "
           f"trainer {flops_per_token / 1e9:.2f} GFLOP/token", flush=True)
@@ -232,6 +240,16 @@ def main() -> int:
         print(f"{modes[0]} vs {mode} (rel tol {REL_TOL}): "
               f"{'agree' if not bad else 'DISAGREE: ' + '; '.join(bad)}")
         failures += bad
+    if args.save:
+        torch.save({mode: first for mode, (_, first) in results.items()}, args.save)
+    if args.reference:
+        saved = torch.load(args.reference)
+        for mode, (_, first) in results.items():
+            bad = mismatches(saved[mode]["loss"], saved[mode]["grads"], first["loss"],
+                             first["grads"])
+            print(f"{mode} vs {args.reference} (rel tol {REL_TOL}): "
+                  f"{'agree' if not bad else 'DISAGREE: ' + '; '.join(bad[:8])}")
+            failures += bad
     counters = torch._dynamo.utils.counters["stats"]
     print(f"dynamo graphs compiled: {counters['unique_graphs']}")
     dist.destroy_process_group()
