@@ -302,7 +302,9 @@ class TrainSection:
     warning): it adds tensorboard to metrics.report_to."""
     max_nonfinite_steps: int = 10
     """A step whose loss or gradient norm is NaN/inf is skipped (no optimizer step;
-    metrics.jsonl `skipped: 1`); this many skipped in a row stop the run with an error."""
+    metrics.jsonl `skipped: 1`); this many skipped in a row stop the run with an error.
+    So do this many steps in a row whose gradient norm is exactly 0 (a trainer computing
+    nothing)."""
     sp_size: int = 1
     """Ulysses sequence parallelism: s consecutive trainer/engine pairs (GPUs of one node)
     train each micro-batch together, every trainer on 1/s of its tokens, so sequences s

@@ -7,8 +7,8 @@ can tell "fix your input" from "retry" from "resume" (README: Exit statuses).
                      key and the fix; rerunning unchanged fails the same way
     3   PEER_FAILED  another rank failed first; its error (torchrun's "Root Cause") is the
                      reason, this rank only saw it vanish or report
-    4   DIVERGED     the loss or gradients stayed non-finite for train.max_nonfinite_steps
-                     optimizer steps in a row
+    4   DIVERGED     the loss or gradients stayed non-finite (or the gradient exactly 0)
+                     for train.max_nonfinite_steps optimizer steps in a row
     75  INTERRUPTED  stopped by SIGTERM / SIGINT (preemption, Ctrl-C); training checkpoints
                      at the next step boundary first, and rerunning the same command resumes
                      (75 is sysexits' EX_TEMPFAIL: "try again later", what requeue logic expects)

@@ -1,4 +1,7 @@
-"""Non-finite steps: skip the optimizer step, count it, stop after too many in a row.
+"""Non-finite steps: skip the optimizer step, count it, stop after too many in a row. Steps
+whose gradient is exactly zero are counted too: a trainer that computes nothing is broken,
+not converged (seen on an H200 under an MPS SM cap: a loss and gradient norm of exactly 0,
+docs/gpu-logs/online-h200/trainer-sm-cap/), and it must not train on in silence.
 
 A non-finite loss makes every gradient non-finite, so the global gradient norm (reduced over
 the trainers, the same on each of them) decides for the whole step and every trainer skips
@@ -27,7 +30,8 @@ class NonFiniteGuard:
         self.cuda = device.type == "cuda"
         self.in_a_row = 0
         self.num_skipped = 0
-        self._pending: tuple[int, torch.Tensor, object] | None = None  # CUDA: (step, flag, event)
+        self.zero_in_a_row = 0
+        self._pending: tuple[int, torch.Tensor, object] | None = None  # CUDA: (step, flags, event)
         self._nan_steps = faults.nan_grad_steps()
 
     def inject(self, step: int, grads: list[torch.Tensor], first_trainer: bool) -> None:
@@ -38,35 +42,44 @@ class NonFiniteGuard:
     def step(self, optimizer: torch.optim.Optimizer, norm: torch.Tensor, step: int) -> None:
         """optimizer.step() unless `norm` is non-finite; then count the streak (0-based `step`)."""
         nonfinite = ~torch.isfinite(norm)
+        flags = torch.stack([nonfinite, norm == 0])
         if optimizer.defaults.get("fused"):
             optimizer.found_inf = nonfinite.float()  # read by the fused kernel, on the device
             optimizer.step()
             if not self.cuda:
-                self._count(step, bool(nonfinite))
+                self._count(step, *flags.tolist())
                 return
             self._check_previous()
-            flag = nonfinite.to("cpu", non_blocking=True)
+            flags = flags.to("cpu", non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            self._pending = (step, flag, event)
+            self._pending = (step, flags, event)
             return
-        skipped = bool(nonfinite)  # host tensor (or a non-fused CUDA optimizer: one sync)
+        skipped, zero = flags.tolist()  # host tensor (or a non-fused CUDA optimizer: one sync)
         if not skipped:
             optimizer.step()
-        self._count(step, skipped)
+        self._count(step, skipped, zero)
 
     def _check_previous(self) -> None:
         if self._pending is not None:
-            step, flag, event = self._pending
+            step, flags, event = self._pending
             self._pending = None
             event.synchronize()  # recorded a whole step ago: long done
-            self._count(step, bool(flag))
+            self._count(step, *flags.tolist())
 
     def finish(self) -> None:
         """Count the last step too (CUDA reads the flag one step late)."""
         self._check_previous()
 
-    def _count(self, step: int, skipped: bool) -> None:
+    def _count(self, step: int, skipped: bool, zero: bool = False) -> None:
+        self.zero_in_a_row = self.zero_in_a_row + 1 if zero else 0
+        if self.zero_in_a_row >= self.max_in_a_row:
+            raise Diverged(
+                f"the gradient norm was exactly 0 for {self.zero_in_a_row} optimizer steps in a "
+                f"row, up to step {step + 1}: the trainer computes nothing from its data (the "
+                "loss does not depend on the draft's weights). Seen on an H200 with "
+                "mps.trainer_sm_percent < 100: keep it at 100; train.max_nonfinite_steps sets "
+                "the limit")
         if not skipped:
             self.in_a_row = 0
             return

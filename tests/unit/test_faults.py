@@ -84,8 +84,8 @@ def _model_and_optimizer(fused):
     return model, optimizer
 
 
-def _train_step(model, optimizer, guard, step, poison=False):
-    model(torch.ones(2, 4)).square().sum().backward()
+def _train_step(model, optimizer, guard, step, poison=False, dead=False):
+    (model(torch.ones(2, 4)).square().sum() * (0.0 if dead else 1.0)).backward()
     grads = [p.grad for p in model.parameters()]
     if poison:
         grads[0].view(-1)[0] = float("nan")
@@ -112,6 +112,23 @@ def test_a_non_finite_step_changes_nothing_and_a_streak_stops(fused):
     _train_step(model, optimizer, guard, 3, poison=True)
     with pytest.raises(exit_codes.Diverged, match="2 optimizer steps in a row, up to step 5"):
         _train_step(model, optimizer, guard, 4, poison=True)
+
+
+@pytest.mark.parametrize("fused", [None, True])
+def test_a_streak_of_exactly_zero_gradients_stops(fused):
+    # A trainer whose loss does not depend on its weights (an H200 under an MPS SM cap gave
+    # a loss and gradient norm of exactly 0 on every step) must not train on in silence.
+    model, optimizer = _model_and_optimizer(fused)
+    guard = NonFiniteGuard(3, torch.device("cpu"))
+    for step in range(2):
+        _train_step(model, optimizer, guard, step, dead=True)
+    _train_step(model, optimizer, guard, 2)  # a real gradient resets the streak
+    assert guard.zero_in_a_row == 0 and guard.num_skipped == 0
+    for step in range(3, 5):
+        _train_step(model, optimizer, guard, step, dead=True)
+    with pytest.raises(exit_codes.Diverged, match="exactly 0 for 3 optimizer steps in a row, "
+                                                  "up to step 6"):
+        _train_step(model, optimizer, guard, 5, dead=True)
 
 
 def test_a_send_to_a_peer_that_left_raises_its_last_error_past_other_messages():
