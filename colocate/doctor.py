@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from colocate import mps
+from colocate import mps, mps_daemon
 from colocate.config import MpsSection, float_arg
 from colocate.numa import numa_node_for_gpu, parse_cpulist
 from colocate.selftest import NEEDS, consume, produce, slot_capacity
@@ -153,11 +153,11 @@ def private_daemon(budget_s: float):
     """A job-private MPS daemon (fresh token) that is always stopped again; yields its plan."""
     plan = mps.plan_from_config(MpsSection(mode="required"),
                                 f"{os.getuid()}-doctor-{secrets.token_hex(4)}")
-    handle = mps.start_daemon(plan, budget_s)  # mode required: raises MpsError, never None
+    handle = mps_daemon.start_daemon(plan, budget_s)  # mode required: raises MpsError, never None
     try:
         yield plan
     finally:
-        if not mps.stop_daemon(handle, timeout_s=min(max(budget_s, 5.0), 20.0)):
+        if not mps_daemon.stop_daemon(handle, timeout_s=min(max(budget_s, 5.0), 20.0)):
             raise mps.MpsError(f"the doctor's MPS daemon (pid {handle.pid}) did not exit; stop it: "
                                f"CUDA_MPS_PIPE_DIRECTORY={plan.pipe_dir} launch/mps.sh stop")
 
@@ -178,7 +178,7 @@ def check_mps(ctx: Ctx) -> list[Result]:
     t0 = time.monotonic()
     try:
         with private_daemon(ctx.timeout_s * 0.4) as plan:
-            probe = mps.probe_client({**os.environ, **plan.env}, ctx.timeout_s * 0.2)
+            probe = mps_daemon.probe_client({**os.environ, **plan.env}, ctx.timeout_s * 0.2)
             if not probe.ok:
                 raise mps.MpsError(f"client probe failed: {probe.detail}")
     except mps.MpsError as e:

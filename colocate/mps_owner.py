@@ -1,6 +1,6 @@
 """Who owns an MPS daemon, so that a job that died without cleaning up is cleaned up later.
 
-A job stops the daemon it started at its end (`mps.stop_daemon`, and an atexit hook), but a
+A job stops the daemon it started at its end (`mps_daemon.stop_daemon`, and an atexit hook), but a
 SIGKILLed job (OOM killer, `scancel -s KILL`, a node agent) runs neither, and its daemon
 keeps serving a private pipe directory no later job will look at (each job's token differs).
 So the job that starts a daemon writes an owner record into its private root:
@@ -101,16 +101,16 @@ def stale_records(tmp_dir: str | None = None) -> list[OwnerRecord]:
 def stop_stale_daemons(tmp_dir: str | None = None, timeout_s: float = 10.0) -> list[str]:
     """Stop the daemon of every stale record and remove its private root; returns what was
     cleaned, one description each. A daemon that will not stop is reported and kept."""
-    from colocate import mps
+    from colocate import mps, mps_daemon
 
     cleaned = []
     for record in stale_records(tmp_dir):
         root = record.private_root
         plan = mps.MpsPlan(mode="required", pipe_dir=record.pipe_dir,
                            log_dir=os.path.join(root, "log"), private_root=root)
-        handle = mps.DaemonHandle(plan, owned=True, control_bin=record.control_bin,
-                                  pid=record.daemon_pid)
-        if mps.stop_daemon(handle, timeout_s=timeout_s):  # also removes the private root
+        handle = mps_daemon.DaemonHandle(plan, owned=True, control_bin=record.control_bin,
+                                         pid=record.daemon_pid)
+        if mps_daemon.stop_daemon(handle, timeout_s=timeout_s):  # also removes the private root
             log.warning("mps: stopped a stale daemon left by a job that died: %s",
                         record.describe())
             cleaned.append(record.describe())

@@ -214,7 +214,7 @@ class Topology:
     role_group: dist.ProcessGroup      # NCCL on GPU, gloo on CPU; this role's ranks only
     role_cpu_group: dist.ProcessGroup  # gloo twin for CPU metadata
     mps_status: object | None = None   # colocate.mps.MpsStatus; None on CPU
-    mps_handle: object | None = None   # colocate.mps.DaemonHandle on the node rank that started it
+    mps_handle: object | None = None   # colocate.mps_daemon.DaemonHandle on the node rank that started it
     sp_size: int = 1                   # train.sp_size: pairs that share each micro-batch
     sp_group: dist.ProcessGroup | None = None  # trainers: this one's SP group (None: sp_size 1)
 
@@ -367,13 +367,13 @@ def init_topology(*, device: str = "auto", timeout_s: float = 900.0, mps=None,
 def _setup_mps(info: RankInfo, mps_cfg, job_token: str, timeout_s: float, owner: int):
     """Node-local rank 0 (global rank `owner`) starts (or reuses) the node's daemon; every
     rank of the node activates it before CUDA."""
-    from colocate import mps
+    from colocate import mps, mps_daemon
     from colocate.config import MpsSection
 
     plan = mps.plan_from_config(mps_cfg or MpsSection(mode="off"), job_token)
     handle, status = None, None
     if info.local_rank == 0:
-        handle = mps.start_daemon(plan, timeout_s=min(timeout_s, 120.0))
+        handle = mps_daemon.start_daemon(plan, timeout_s=min(timeout_s, 120.0))
         status = mps.node_status(plan, handle)
         if handle is not None and handle.owned:
             _exit_cleanly_on_sigterm()
@@ -409,8 +409,8 @@ def close_topology(topo: Topology, timeout_s: float = 300.0) -> None:
                                    wait_all_ranks=True)
     finally:
         if topo.mps_handle is not None:
-            from colocate import mps
+            from colocate import mps_daemon
 
-            mps.stop_daemon(topo.mps_handle)
+            mps_daemon.stop_daemon(topo.mps_handle)
         if dist.is_initialized():
             dist.destroy_process_group()

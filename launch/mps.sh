@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Start, stop or inspect a job-private CUDA MPS daemon by hand, with the same directory
-# convention as colocate/mps.py:  ${TMPDIR:-/tmp}/colocate-mps-<token>/{pipe,log}
+# convention as colocate/mps.py and colocate/mps_daemon.py:
+#   ${TMPDIR:-/tmp}/colocate-mps-<token>/{pipe,log}
 #
 #   launch/mps.sh start     # daemon up, control pipe present, a client probe succeeded
 #   launch/mps.sh status    # pid, servers, clients, log tails
@@ -18,7 +19,7 @@
 #   COLOCATE_MPS_PIPE_DIR  [<root>/pipe]      explicit pipe dir (like mps.pipe_dir)
 #   MPS_TIMEOUT_S          [60]               bound on every wait below
 #   MPS_KEEP_LOGS          [0]                1: keep the log dir after stop
-#   MPS_PROBE_CMD          [python3 -m colocate.mps probe 30]  the client readiness check
+#   MPS_PROBE_CMD          [python3 -m colocate.mps_daemon probe 30]  the client readiness check
 #
 # Debugging MPS:
 #   * Logs: $LOG_DIR/control.log (daemon: clients connecting, servers spawned) and
@@ -44,7 +45,7 @@ ROOT="${ROOT%/}/colocate-mps-${TOKEN}"
 PIPE_DIR="${COLOCATE_MPS_PIPE_DIR:-$ROOT/pipe}"
 LOG_DIR="$ROOT/log"
 TIMEOUT_S="${MPS_TIMEOUT_S:-60}"
-PROBE_CMD="${MPS_PROBE_CMD:-python3 -m colocate.mps probe 30}"
+PROBE_CMD="${MPS_PROBE_CMD:-python3 -m colocate.mps_daemon probe 30}"
 CONTROL="$PIPE_DIR/control"
 PID_FILE="$PIPE_DIR/nvidia-cuda-mps-control.pid"
 export CUDA_MPS_PIPE_DIRECTORY="$PIPE_DIR" CUDA_MPS_LOG_DIRECTORY="$LOG_DIR"

@@ -6,7 +6,7 @@
 #   OUT=/tmp/out bash tests/gpu/run_two_nodes.sh   -> $OUT/two_nodes.log, node{0,1}.log, metrics
 # Needs the offline wheel bundle in .whl_sgl/ (docs/sglang.md) or sglang on PYTHONPATH.
 # Knobs: GPU_IDS=uuid|index [uuid]: how each "node" is given its GPU. By UUID the node's MPS
-# daemon also sees only that GPU (colocate/mps.py keeps a UUID CUDA_VISIBLE_DEVICES for the
+# daemon also sees only that GPU (colocate/mps_daemon.py keeps a UUID CUDA_VISIBLE_DEVICES for the
 # daemon); by index both daemons see both GPUs (try it if the UUID run fails in sglang).
 # ENGINE=sglang|hf [sglang], STEPS [20].
 set -uo pipefail

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from colocate import mps
+from colocate import mps, mps_daemon
 from colocate.transport.channel import PairChannel, PeerId
 from colocate.transport.slots import ShmSlots
 
@@ -118,7 +118,7 @@ def test_another_user_cannot_enter_the_mps_pipe_dir_nor_plant_one():
         os.chmod(shared, 0o1777)  # like /tmp itself: everybody may pass and create
         assert as_user(NOBODY, lambda: os.listdir(shared)) == "[]"  # the way in is open
         pipe = os.path.join(shared, "colocate-mps-job", "pipe")
-        mps.make_private_dir(pipe)
+        mps_daemon.make_private_dir(pipe)
         assert as_user(NOBODY, lambda: os.listdir(os.path.dirname(pipe))) == "['pipe']"
         assert as_user(NOBODY, lambda: os.listdir(pipe)) == "PermissionError"
         # A directory another user created first (to reach the daemon through) is refused.
@@ -126,6 +126,6 @@ def test_another_user_cannot_enter_the_mps_pipe_dir_nor_plant_one():
         assert as_user(NOBODY, lambda: (os.makedirs(planted), os.chmod(planted, 0o777))) == \
             "(None, None)"
         with pytest.raises(mps.MpsError, match=r"not private to this user \(owner uid 65534"):
-            mps.make_private_dir(planted)
+            mps_daemon.make_private_dir(planted)
     finally:
         shutil.rmtree(shared)

@@ -23,7 +23,7 @@ import warnings
 import psutil
 import pytest
 
-from colocate import mps
+from colocate import mps, mps_daemon
 from colocate.config import MpsSection
 
 FAKE_CONTROL = textwrap.dedent('''\
@@ -139,14 +139,14 @@ def fake(tmp_path, monkeypatch):
     yield Fake
     shutil.rmtree(short_tmp, ignore_errors=True)
     for pid in Fake.daemon_pids():  # only the fake daemons this test started
-        if mps._alive(pid):
+        if mps_daemon._alive(pid):
             os.kill(pid, signal.SIGKILL)
 
 
 def test_long_pipe_dir_is_refused_with_the_fix(fake):
     plan = mps.plan_from_config(MpsSection(mode="required", pipe_dir="/tmp/" + "x" * 100), "tok")
     with pytest.raises(mps.MpsError, match="socket path limit. Set mps.pipe_dir"):
-        mps.start_daemon(plan, timeout_s=1, probe_argv=fake.probe_argv)
+        mps_daemon.start_daemon(plan, timeout_s=1, probe_argv=fake.probe_argv)
 
 
 def test_plan_uses_private_dirs_unless_pipe_dir_set(tmp_path):
@@ -170,7 +170,7 @@ def test_start_waits_for_pipe_retries_805_then_stop_cleans_up(fake, monkeypatch)
     monkeypatch.setenv("FAKE_MPS_DELAY", "0.3")
     monkeypatch.setenv("FAKE_PROBE_FAILS", "2")
     plan = fake.plan()
-    handle = mps.start_daemon(plan, timeout_s=10, probe_argv=fake.probe_argv)
+    handle = mps_daemon.start_daemon(plan, timeout_s=10, probe_argv=fake.probe_argv)
     assert handle is not None and handle.owned and handle.pid in fake.daemon_pids()
     assert fake.probes() >= 3 and handle.gpu_mem_bytes == 80 * GIB and handle.num_devices == 2
     assert os.path.exists(os.path.join(plan.pipe_dir, "control"))
@@ -179,45 +179,45 @@ def test_start_waits_for_pipe_retries_805_then_stop_cleans_up(fake, monkeypatch)
     assert "CUDA_VISIBLE_DEVICES=<unset>" in log_text
     assert (fake.tmp / "probe.count.cvd").read_text() == "5,6"
 
-    assert mps.stop_daemon(handle, timeout_s=5)
-    assert not mps._alive(handle.pid)
+    assert mps_daemon.stop_daemon(handle, timeout_s=5)
+    assert not mps_daemon._alive(handle.pid)
     assert not os.path.exists(plan.private_root)
-    assert mps.stop_daemon(handle, timeout_s=5)  # idempotent
-    assert mps.stop_daemon(None)
+    assert mps_daemon.stop_daemon(handle, timeout_s=5)  # idempotent
+    assert mps_daemon.stop_daemon(None)
 
 
 def test_daemon_keeps_uuid_visible_devices(fake, monkeypatch):
     # By UUID the daemon's CUDA_VISIBLE_DEVICES remaps nothing, so it is kept: one daemon per
     # emulated node of a shared host serves only that node's GPU.
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1234abcd")
-    handle = mps.start_daemon(fake.plan(), timeout_s=10, probe_argv=fake.probe_argv)
+    handle = mps_daemon.start_daemon(fake.plan(), timeout_s=10, probe_argv=fake.probe_argv)
     log_text = open(os.path.join(handle.plan.log_dir, "control.log")).read()
     assert "CUDA_VISIBLE_DEVICES=GPU-1234abcd" in log_text
-    assert mps.stop_daemon(handle, timeout_s=5)
+    assert mps_daemon.stop_daemon(handle, timeout_s=5)
 
 
 def test_existing_daemon_is_reused_and_not_owned(fake):
     plan = fake.plan(mode="required")
-    owner = mps.start_daemon(plan, timeout_s=10, probe_argv=fake.probe_argv)
-    user = mps.start_daemon(plan, timeout_s=10, probe_argv=fake.probe_argv)
+    owner = mps_daemon.start_daemon(plan, timeout_s=10, probe_argv=fake.probe_argv)
+    user = mps_daemon.start_daemon(plan, timeout_s=10, probe_argv=fake.probe_argv)
     assert owner.owned and not user.owned and user.pid == owner.pid
     assert len(fake.daemon_pids()) == 1  # no second daemon was launched
-    assert mps.stop_daemon(user, timeout_s=5)
-    assert mps._alive(owner.pid) and os.path.exists(plan.pipe_dir)
-    assert mps.stop_daemon(owner, timeout_s=5) and not mps._alive(owner.pid)
+    assert mps_daemon.stop_daemon(user, timeout_s=5)
+    assert mps_daemon._alive(owner.pid) and os.path.exists(plan.pipe_dir)
+    assert mps_daemon.stop_daemon(owner, timeout_s=5) and not mps_daemon._alive(owner.pid)
 
 
 def test_daemon_that_never_comes_up_is_a_bounded_error(fake, monkeypatch):
     monkeypatch.setenv("FAKE_MPS_NEVER_READY", "1")
     plan = fake.plan(mode="required")
     with pytest.raises(mps.MpsError) as err:
-        mps.start_daemon(plan, timeout_s=1, probe_argv=fake.probe_argv)
+        mps_daemon.start_daemon(plan, timeout_s=1, probe_argv=fake.probe_argv)
     msg = str(err.value)
     assert f"waiting for the MPS control pipe {plan.pipe_dir}/control" in msg
     assert plan.log_dir in msg and "server failed to initialise (simulated)" in msg  # log tail
     assert "mps.mode=auto" in msg  # the fix
     # Nothing left behind: the daemon (deaf to quit without a control pipe) was terminated.
-    assert not any(mps._alive(pid) for pid in fake.daemon_pids())
+    assert not any(mps_daemon._alive(pid) for pid in fake.daemon_pids())
     assert not os.path.exists(plan.private_root)
 
 
@@ -225,17 +225,17 @@ def test_probe_that_keeps_failing_names_last_result(fake, monkeypatch):
     monkeypatch.setenv("FAKE_PROBE_FAILS", "1000000")
     plan = fake.plan(mode="required")
     with pytest.raises(mps.MpsError, match="waiting for an MPS client probe") as err:
-        mps.start_daemon(plan, timeout_s=1.5, probe_argv=fake.probe_argv)
+        mps_daemon.start_daemon(plan, timeout_s=1.5, probe_argv=fake.probe_argv)
     # The last attempt may have been cut at the deadline; the 805 before it must still show.
     msg = str(err.value)
     assert "last probe:" in msg and "CUresult 805 (CUDA_ERROR_MPS_CONNECTION_FAILED)" in msg
-    assert not any(mps._alive(pid) for pid in fake.daemon_pids())
+    assert not any(mps_daemon._alive(pid) for pid in fake.daemon_pids())
 
 
 def test_hard_probe_error_is_not_retried(fake, monkeypatch):
     monkeypatch.setenv("FAKE_PROBE_CODE", "100")
     with pytest.raises(mps.MpsError, match="probe failed: CUresult 100"):
-        mps.start_daemon(fake.plan(mode="required"), timeout_s=30, probe_argv=fake.probe_argv)
+        mps_daemon.start_daemon(fake.plan(mode="required"), timeout_s=30, probe_argv=fake.probe_argv)
     assert fake.probes() == 1
 
 
@@ -243,7 +243,7 @@ def test_auto_mode_warns_and_time_slices_without_the_binary(fake, monkeypatch, t
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     plan = fake.plan(mode="auto")
     with pytest.warns(RuntimeWarning, match="TIME-SLICE") as rec:
-        handle = mps.start_daemon(plan, timeout_s=1, probe_argv=fake.probe_argv)
+        handle = mps_daemon.start_daemon(plan, timeout_s=1, probe_argv=fake.probe_argv)
     assert handle is None and "nvidia-cuda-mps-control is not on PATH" in str(rec[0].message)
     status = mps.node_status(plan, handle)
     assert not status.active and "time-sliced" in status.reason
@@ -252,20 +252,20 @@ def test_auto_mode_warns_and_time_slices_without_the_binary(fake, monkeypatch, t
 def test_auto_mode_falls_back_when_daemon_refuses(fake, monkeypatch):
     monkeypatch.setenv("FAKE_MPS_REFUSE", "1")
     with pytest.warns(RuntimeWarning, match="exited 1: An instance of this daemon"):
-        assert mps.start_daemon(fake.plan(), timeout_s=2, probe_argv=fake.probe_argv) is None
+        assert mps_daemon.start_daemon(fake.plan(), timeout_s=2, probe_argv=fake.probe_argv) is None
 
 
 def test_required_mode_raises_naming_the_fix(fake, monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with pytest.raises(mps.MpsError, match="(?s)not on PATH.*mps.mode=auto.*mps.mode=off"):
-        mps.start_daemon(fake.plan(mode="required"), timeout_s=1, probe_argv=fake.probe_argv)
+        mps_daemon.start_daemon(fake.plan(mode="required"), timeout_s=1, probe_argv=fake.probe_argv)
 
 
 def test_off_mode_starts_nothing_and_drops_our_pipe_dir(fake, monkeypatch):
     plan = fake.plan(mode="off")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert mps.start_daemon(plan, timeout_s=1, probe_argv=fake.probe_argv) is None
+        assert mps_daemon.start_daemon(plan, timeout_s=1, probe_argv=fake.probe_argv) is None
     assert fake.daemon_pids() == [] and not (fake.tmp / "probe.count").exists()
     status = mps.node_status(plan, None)
     assert not status.active and status.reason == "mps.mode=off"
@@ -279,9 +279,9 @@ def test_off_mode_starts_nothing_and_drops_our_pipe_dir(fake, monkeypatch):
 def test_stop_terminates_a_daemon_deaf_to_quit(fake, monkeypatch):
     monkeypatch.setenv("FAKE_MPS_IGNORE_QUIT", "1")
     plan = fake.plan()
-    handle = mps.start_daemon(plan, timeout_s=10, probe_argv=fake.probe_argv)
-    assert mps.stop_daemon(handle, timeout_s=1)
-    assert not mps._alive(handle.pid) and not os.path.exists(plan.private_root)
+    handle = mps_daemon.start_daemon(plan, timeout_s=10, probe_argv=fake.probe_argv)
+    assert mps_daemon.stop_daemon(handle, timeout_s=1)
+    assert not mps_daemon._alive(handle.pid) and not os.path.exists(plan.private_root)
 
 
 def test_role_env_values():
@@ -289,7 +289,7 @@ def test_role_env_values():
                                     trainer_mem_fraction=0.45, engine_mem_fraction=0.4,
                                     pinned_mem_limit=True), "tok")
     assert mps.role_env(plan, "trainer") == {mps.SM_ENV: "60"}  # memory size not known yet
-    plan = mps.node_status(plan, mps.DaemonHandle(plan, True, "x", gpu_mem_bytes=80 * GIB)).plan
+    plan = mps.node_status(plan, mps_daemon.DaemonHandle(plan, True, "x", gpu_mem_bytes=80 * GIB)).plan
     assert mps.role_env(plan, "trainer", device=1) == {mps.SM_ENV: "60", mps.PINNED_ENV: "1=36864M"}
     assert mps.role_env(plan, "engine") == {mps.SM_ENV: "80", mps.PINNED_ENV: "0=32768M"}
     no_pin = mps.plan_from_config(MpsSection(), "tok")
@@ -301,7 +301,7 @@ def test_role_env_values():
 
 def test_activate_sets_pipe_dir_and_role_limits(fake):
     plan = fake.plan(trainer_sm_percent=70, pinned_mem_limit=True)
-    status = mps.node_status(plan, mps.DaemonHandle(plan, True, "x", gpu_mem_bytes=80 * GIB))
+    status = mps.node_status(plan, mps_daemon.DaemonHandle(plan, True, "x", gpu_mem_bytes=80 * GIB))
     status = pickle.loads(pickle.dumps(status))  # it travels between ranks
     env = mps.activate(status, "trainer", device=1)
     assert env == {mps.PIPE_ENV: plan.pipe_dir, mps.LOG_ENV: plan.log_dir, mps.SM_ENV: "70",
@@ -326,10 +326,10 @@ def test_sm_share_checks():
 
 def test_real_probe_reports_instead_of_raising():
     # The real ctypes probe on this host (no GPU here: no libcuda, or no device).
-    result = mps.probe_client(os.environ, timeout_s=60)
-    assert isinstance(result, mps.ProbeResult)
+    result = mps_daemon.probe_client(os.environ, timeout_s=60)
+    assert isinstance(result, mps_daemon.ProbeResult)
     if not result.ok:
-        assert result.cu_result not in mps._RETRYABLE and result.detail
+        assert result.cu_result not in mps_daemon._RETRYABLE and result.detail
 
 
 def test_trainer_memory_cap():
@@ -397,10 +397,10 @@ def fake_libcuda(tmp_path, monkeypatch):
 
 
 def test_real_probe_script_against_fake_libcuda(fake_libcuda, monkeypatch):
-    result = mps.probe_client(os.environ, timeout_s=60)
+    result = mps_daemon.probe_client(os.environ, timeout_s=60)
     assert result.ok and result.num_devices == 2 and result.gpu_mem_bytes == 80 * GIB  # min
     monkeypatch.setenv("FAKE_CU_RETAIN_ERR", "805")
-    result = mps.probe_client(os.environ, timeout_s=60)
+    result = mps_daemon.probe_client(os.environ, timeout_s=60)
     assert not result.ok and result.cu_result == 805
     assert result.detail == "CUresult 805 (CUDA_ERROR_MPS_CONNECTION_FAILED) from cuDevicePrimaryCtxRetain"
 
@@ -427,11 +427,11 @@ def test_launch_helper_start_status_stop(fake, monkeypatch):
     # The module reuses a hand-started daemon and leaves it running.
     plan = mps.plan_from_config(MpsSection(mode="required", pipe_dir=f"{root}/pipe"), "x",
                                 tmp_dir=os.path.dirname(root))
-    handle = mps.start_daemon(plan, timeout_s=10, probe_argv=fake.probe_argv)
-    assert not handle.owned and mps.stop_daemon(handle) and mps._alive(pid)
+    handle = mps_daemon.start_daemon(plan, timeout_s=10, probe_argv=fake.probe_argv)
+    assert not handle.owned and mps_daemon.stop_daemon(handle) and mps_daemon._alive(pid)
     stopped = run("stop")
     assert stopped.returncode == 0, stopped.stderr
-    assert not mps._alive(pid) and not os.path.exists(root)
+    assert not mps_daemon._alive(pid) and not os.path.exists(root)
 
 
 def test_a_dead_jobs_daemon_is_stopped_by_the_next_job(fake):
@@ -441,29 +441,29 @@ def test_a_dead_jobs_daemon_is_stopped_by_the_next_job(fake):
     # A job that starts its daemon and is then SIGKILLed: no atexit, the daemon stays.
     script = textwrap.dedent(f"""
         import os, signal, sys
-        from colocate import mps
+        from colocate import mps, mps_daemon
         from colocate.config import MpsSection
         plan = mps.plan_from_config(MpsSection(mode="required"), "dead", tmp_dir={tmp!r})
-        mps.start_daemon(plan, timeout_s=20, probe_argv={fake.probe_argv!r})
+        mps_daemon.start_daemon(plan, timeout_s=20, probe_argv={fake.probe_argv!r})
         os.kill(os.getpid(), signal.SIGKILL)
         """)
     dead = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=60)
     assert dead.returncode == -signal.SIGKILL, dead.stderr
     [record] = mps_owner.read_records(tmp)
-    assert mps._alive(record.daemon_pid) and record.daemon_pid in fake.daemon_pids()
+    assert mps_daemon._alive(record.daemon_pid) and record.daemon_pid in fake.daemon_pids()
     assert [r.path for r in mps_owner.stale_records(tmp)] == [record.path]
 
     # The next job on the node stops it before starting its own, and records itself.
     plan = fake.plan(mode="required")
-    handle = mps.start_daemon(plan, timeout_s=20, probe_argv=fake.probe_argv)
-    assert not mps._alive(record.daemon_pid)
+    handle = mps_daemon.start_daemon(plan, timeout_s=20, probe_argv=fake.probe_argv)
+    assert not mps_daemon._alive(record.daemon_pid)
     assert not os.path.exists(record.private_root)
     [mine] = mps_owner.read_records(tmp)
     assert mine.owner_pid == os.getpid() and mine.daemon_pid == handle.pid
     assert mps_owner.stale_records(tmp) == []  # a live owner's daemon is not stale
-    assert mps_owner.stop_stale_daemons(tmp) == [] and mps._alive(handle.pid)
-    assert mps.stop_daemon(handle, timeout_s=5) and mps_owner.read_records(tmp) == []
+    assert mps_owner.stop_stale_daemons(tmp) == [] and mps_daemon._alive(handle.pid)
+    assert mps_daemon.stop_daemon(handle, timeout_s=5) and mps_owner.read_records(tmp) == []
 
 
 def test_doctor_reports_a_stale_record_without_touching_it(tmp_path):
