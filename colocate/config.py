@@ -58,6 +58,10 @@ class MpsSection:
     """CUDA_MPS_ACTIVE_THREAD_PERCENTAGE for trainer ranks (share of SMs it may use)."""
     engine_sm_percent: int = 100
     """CUDA_MPS_ACTIVE_THREAD_PERCENTAGE for engine ranks."""
+    trainer_priority: str = "normal"
+    """MPS client priority of the trainer ranks (CUDA_MPS_CLIENT_PRIORITY): normal, or low
+    (below normal), so that the engine's kernels, e.g. online decode's, go first when both
+    wait. A driver whose MPS lacks client priorities ignores it. Not yet measured."""
     trainer_mem_fraction: float = 0.45
     """Cap on the trainer's share of GPU memory (torch.cuda.set_per_process_memory_fraction)."""
     engine_mem_fraction: float = 0.45
@@ -72,6 +76,8 @@ class MpsSection:
     def __post_init__(self):
         _require(self.mode in ("auto", "required", "off"), "mps.mode",
                  f"got {self.mode!r}; use auto, required or off")
+        _require(self.trainer_priority in ("normal", "low"), "mps.trainer_priority",
+                 f"got {self.trainer_priority!r}; use normal or low")
         for key in ("trainer_sm_percent", "engine_sm_percent"):
             v = getattr(self, key)
             _require(1 <= v <= 100, f"mps.{key}", f"got {v}; use a percentage in 1..100")

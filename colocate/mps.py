@@ -45,6 +45,10 @@ PIPE_ENV = "CUDA_MPS_PIPE_DIRECTORY"
 LOG_ENV = "CUDA_MPS_LOG_DIRECTORY"
 SM_ENV = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
 PINNED_ENV = "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"
+PRIORITY_ENV = "CUDA_MPS_CLIENT_PRIORITY"  # 0 normal, 1 below normal
+# A role's own limits: never inherited by the daemon (they would become server-wide) or by a
+# process that is no client of ours.
+ROLE_LIMIT_ENVS = (SM_ENV, PINNED_ENV, PRIORITY_ENV)
 DEFAULT_PIPE_DIR = "/tmp/nvidia-mps"  # where clients look when CUDA_MPS_PIPE_DIRECTORY is unset
 
 
@@ -70,6 +74,7 @@ class MpsPlan:
     trainer_mem_fraction: float = 0.0
     engine_mem_fraction: float = 0.0
     pinned_mem_limit: bool = False
+    trainer_priority: str = "normal"
     gpu_mem_bytes: int | None = None
     """Total memory of one GPU (from the probe); needed for the pinned-memory limit."""
 
@@ -109,6 +114,7 @@ def check_sm_shares(section: MpsSection) -> list[str]:
     if section.mode == "off":
         ignored = [k for k, v in (("mps.trainer_sm_percent", t), ("mps.engine_sm_percent", e)) if v != 100]
         ignored += ["mps.pinned_mem_limit"] if section.pinned_mem_limit else []
+        ignored += ["mps.trainer_priority"] if section.trainer_priority != "normal" else []
         return [f"{k} is ignored with mps.mode=off" for k in ignored]
     out = []
     if t + e < 100:
@@ -139,6 +145,7 @@ def plan_from_config(section: MpsSection, token: str, *, tmp_dir: str | None = N
         trainer_mem_fraction=section.trainer_mem_fraction,
         engine_mem_fraction=section.engine_mem_fraction,
         pinned_mem_limit=section.pinned_mem_limit,
+        trainer_priority=section.trainer_priority,
     )
 
 
@@ -180,6 +187,8 @@ def role_env(plan: MpsPlan, role: str, device: int = 0) -> dict[str, str]:
         return {}
     sm = plan.trainer_sm_percent if role == "trainer" else plan.engine_sm_percent
     env = {SM_ENV: str(sm)}
+    if role == "trainer" and plan.trainer_priority == "low":
+        env[PRIORITY_ENV] = "1"
     fraction = plan.trainer_mem_fraction if role == "trainer" else plan.engine_mem_fraction
     if plan.pinned_mem_limit and fraction > 0:
         if plan.gpu_mem_bytes:
@@ -225,7 +234,7 @@ def activate(status: MpsStatus, role: str, device: int = 0) -> dict[str, str]:
         if os.environ.get(key) and _ours(os.environ[key], status.plan):
             log.debug("mps: dropping inherited %s=%s (MPS not used)", key, os.environ[key])
             del os.environ[key]
-    for key in (SM_ENV, PINNED_ENV):
+    for key in ROLE_LIMIT_ENVS:
         os.environ.pop(key, None)  # a leftover limit would apply if some daemon serves us
     effective = os.environ.get(PIPE_ENV, DEFAULT_PIPE_DIR)
     if os.path.exists(os.path.join(effective, "control")):

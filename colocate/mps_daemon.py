@@ -24,8 +24,7 @@ from typing import Callable, Mapping, Sequence
 
 import psutil
 
-from colocate.mps import (CONTROL_BIN, DEFAULT_PIPE_DIR, PINNED_ENV, PIPE_ENV, SM_ENV, MpsError,
-                          MpsPlan)
+from colocate.mps import CONTROL_BIN, DEFAULT_PIPE_DIR, PIPE_ENV, ROLE_LIMIT_ENVS, MpsError, MpsPlan
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +55,15 @@ def _daemon_env(plan: MpsPlan) -> dict[str, str]:
     # it is kept: then a daemon serves only its node's GPUs, e.g. two "nodes" of one host,
     # each with its own pipe dir (tests/gpu/run_two_nodes.sh).
     # Role limits in its env would become server-wide defaults; they belong to each client.
-    drop = (SM_ENV, PINNED_ENV) if _uuid_devices(os.environ) else \
-        ("CUDA_VISIBLE_DEVICES", SM_ENV, PINNED_ENV)
+    drop = ROLE_LIMIT_ENVS if _uuid_devices(os.environ) else \
+        ("CUDA_VISIBLE_DEVICES", *ROLE_LIMIT_ENVS)
     env = _strip(os.environ, *drop)
     return {**env, **plan.env}
 
 
 def _probe_env(plan: MpsPlan) -> dict[str, str]:
     # The probe sees the devices this rank sees, without any role's limits.
-    return {**_strip(os.environ, SM_ENV, PINNED_ENV), **plan.env}
+    return {**_strip(os.environ, *ROLE_LIMIT_ENVS), **plan.env}
 
 
 # --------------------------------------------------------------------------- the probe

@@ -32,6 +32,7 @@ def test_off_stays_a_string_and_only_true_false_are_booleans(tmp_path):
     ("train.lr=abc", "train.lr: expected a number, got 'abc'"),
     ("train.max_steps=1.5", "train.max_steps: expected an integer"),
     ("mps.engine_mem_fraction=0.9", "mps.trainer_mem_fraction: trainer (0.45) + engine (0.9)"),
+    ("mps.trainer_priority=high", "mps.trainer_priority: got 'high'; use normal or low"),
     ("data.max_length=4096", "data.tokens_per_micro_step: 2048 is below data.max_length"),
     ("transport.num_slots=0", "transport.num_slots: got 0"),
     ("train.stop_at_step=-1", "train.stop_at_step: got -1"),

@@ -113,8 +113,8 @@ def fake(tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_MPS_PIDS", str(pids))
     monkeypatch.setenv("FAKE_PROBE_COUNTER", str(tmp_path / "probe.count"))
     for key in ("FAKE_MPS_DELAY", "FAKE_MPS_NEVER_READY", "FAKE_MPS_REFUSE", "FAKE_MPS_IGNORE_QUIT",
-                "FAKE_PROBE_FAILS", "FAKE_PROBE_CODE", mps.PIPE_ENV, mps.LOG_ENV, mps.SM_ENV,
-                mps.PINNED_ENV):
+                "FAKE_PROBE_FAILS", "FAKE_PROBE_CODE", mps.PIPE_ENV, mps.LOG_ENV,
+                *mps.ROLE_LIMIT_ENVS):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,6")
 
@@ -297,6 +297,18 @@ def test_role_env_values():
     assert mps.role_env(mps.plan_from_config(MpsSection(mode="off"), "tok"), "trainer") == {}
     with pytest.raises(ValueError, match="role 'draft'"):
         mps.role_env(no_pin, "draft")
+    low = mps.plan_from_config(MpsSection(trainer_priority="low"), "tok")
+    assert mps.role_env(low, "trainer") == {mps.SM_ENV: "100", mps.PRIORITY_ENV: "1"}
+    assert mps.role_env(low, "engine") == {mps.SM_ENV: "100"}  # the engine keeps normal
+
+
+def test_role_limits_never_reach_the_daemon_or_its_probe(fake, monkeypatch):
+    # In the daemon's env a client limit would become the server's default for every client.
+    for key in mps.ROLE_LIMIT_ENVS:
+        monkeypatch.setenv(key, "1")
+    plan = fake.plan()
+    for env in (mps_daemon._daemon_env(plan), mps_daemon._probe_env(plan)):
+        assert not set(mps.ROLE_LIMIT_ENVS) & env.keys()
 
 
 def test_activate_sets_pipe_dir_and_role_limits(fake):
