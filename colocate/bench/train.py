@@ -91,6 +91,7 @@ class Result:
     breakdown: dict | None = None  # share of wall time per role and phase
     tag: str = ""  # the --sweep value and GPU count of this row ("" without either)
     decode_tokens_per_s: float = 0.0  # online decode: tokens the target generated
+    decode_buffered: float = 0.0  # online decode: share of the window's records answered before it
     gpus: int = 1  # one trainer/engine pair per GPU; every rate is per GPU
     sweep: str = ""  # the --sweep override of this row ("" without a sweep)
 
@@ -126,6 +127,7 @@ def summarize(mode: Mode, rows: list[dict], warmup: int, gpus: int = 1) -> Resul
     tokens = sum(r["tokens"] for r in timed) / gpus  # metrics count every trainer's tokens
     # Online decode: the first pair's engine counts its own answers; every pair decodes alike.
     decode = delta("decode_tokens") / seconds if "decode_tokens" in timed[-1] else 0.0
+    buffered = decode_buffered(before, timed[-1]) if "decode_ahead" in timed[-1] else 0.0
     breakdown = {"engine prefill": delta("engine_prefill_s") / engine_seconds}
     for phase in PHASES:
         breakdown[f"trainer {phase}"] = sum(r.get(f"{phase}_s", 0.0) for r in timed) / seconds
@@ -134,7 +136,19 @@ def summarize(mode: Mode, rows: list[dict], warmup: int, gpus: int = 1) -> Resul
                   trainer_wait=delta("trainer_wait_s") / seconds,
                   engine_wait=delta("engine_wait_s") / engine_seconds,
                   handoff=delta("handoff_s") / seconds, trainer_gib=timed[-1]["trainer_peak_gib"],
-                  engine_gib=timed[-1]["engine_peak_gib"], decode_tokens_per_s=decode, gpus=gpus)
+                  engine_gib=timed[-1]["engine_peak_gib"], decode_tokens_per_s=decode,
+                  decode_buffered=buffered, gpus=gpus)
+
+
+def decode_buffered(before: dict | None, last: dict) -> float:
+    """The share of the records packed in the timed window that had been answered before it
+    began (`decode_ahead` at its start). Those were decoded while the trainer warmed up, so
+    the window's rate holds only as long as such a buffer lasts."""
+    def packed(row: dict | None) -> float:  # answered (decoded or reused) minus not yet packed
+        return row["decode_records"] + row["decode_reused"] - row["decode_ahead"] if row else 0
+    in_window = packed(last) - packed(before)
+    ahead = before["decode_ahead"] if before else 0
+    return min(ahead, in_window) / in_window if in_window > 0 else 0.0
 
 
 def row_tag(sweep: str, gpus: int, several_counts: bool) -> str:
@@ -247,7 +261,11 @@ def format_table(results: list[Result], flops: dict[str, float], peak: float | N
         online, pregen = by_key.get("online"), by_key.get("pregen")
         if online:
             lines.append(f"online decode{' ' + tag if tag else ''}: the target generated "
-                         f"{online.decode_tokens_per_s:,.0f} tok/s per engine while training")
+                         f"{online.decode_tokens_per_s:,.0f} tok/s per engine while training; "
+                         f"{100 * online.decode_buffered:.0f}% of the records trained in the "
+                         "window were answered before it began"
+                         + (" (a longer window shows the steady state)"
+                            if online.decode_buffered > 0.1 else ""))
         if online and pregen and pregen.tokens_per_s:
             lines.append(f"online / pre-generated{' ' + tag if tag else ''}: "
                          f"{online.tokens_per_s / pregen.tokens_per_s:.2f}x tokens/s; trainer "

@@ -59,3 +59,21 @@ def test_rates_are_per_gpu_and_scaling_compares_with_one_gpu():
     other = Result(MODE["ts"], tokens_per_s=9_000.0, tag="gpus=2", gpus=2)  # no 1-GPU row
     assert scaling_lines([one, two, other]) == [
         "scaling, colocated MPS K=3 gpus=2: 19,400 tok/s per GPU = 97.0% of one GPU's 20,000"]
+
+
+def test_online_rows_say_how_much_of_the_window_was_answered_before_it():
+    from colocate.bench.train import format_table
+
+    data = rows(engine_clock_per_step=2.0)
+    # Running totals as the first engine reports them: answered records and those not yet
+    # packed. At the window's start (after step 1) 60 were answered ahead; by its end
+    # 300 - 20 = 280 were packed, 40 - 0 = 40 of them before the window: 240 in it.
+    for row, (answered, ahead) in zip(data, [(100, 60), (200, 110), (200, 50), (300, 20)]):
+        row.update(decode_records=answered, decode_reused=0, decode_ahead=ahead,
+                   decode_tokens=answered * 10)
+    r = summarize(MODE["online"], data, warmup=1)
+    assert r.decode_buffered == pytest.approx(60 / 240)
+    assert r.decode_tokens_per_s == pytest.approx(2000 / 6.0)
+    table = format_table([r], {"engine": 1e9, "trainer": 1e9}, None, "cpu")
+    assert ("the target generated 333 tok/s per engine while training; 25% of the records "
+            "trained in the window were answered before it began (a longer window") in table
