@@ -159,8 +159,51 @@ def heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
     return _Exchange.apply(x, group, False)
 
 
+class _GatherRows(torch.autograd.Function):
+    """All-gather of the group's equal chunks of rows, in rank order. Its gradient is the
+    reduce-scatter: a rank's rows get the sum of every rank's gradient for them, because
+    every rank's loss may read every row (DFlash's context keys and values)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.contiguous()  # first: empty_like keeps a transposed input's strides
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x, group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        parts = list(grad.contiguous().chunk(dist.get_world_size(ctx.group)))
+        out = torch.empty_like(parts[0])
+        # The list forms: the *_tensor ones are deprecated in torch 2.13 and their
+        # replacements (*_single) are missing from the torch that sglang pins.
+        dist.reduce_scatter(out, parts, group=ctx.group)
+        return out, None
+
+
 def gather_rows(x: torch.Tensor, group) -> torch.Tensor:
-    """The group's chunks of `x` (equal row counts) in rank order, on every rank; no grad."""
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts)
+    """The group's chunks of `x` (equal row counts) in rank order, on every rank;
+    differentiable (the gradient is reduce-scattered back to the rows' owners)."""
+    return _GatherRows.apply(x, group)
+
+
+def gather_token_rows(per_token: list[torch.Tensor], group) -> list[torch.Tensor]:
+    """The whole micro-batch of each of this rank's per-token integer or bool tensors
+    ([Tc] or [Tc, C]: masks, hits, counts), in one all-gather (as int64); dtypes kept."""
+    columns = [t.reshape(t.shape[0], -1).long() for t in per_token]
+    whole = gather_rows(torch.cat(columns, 1), group)
+    parts = whole.split([c.shape[1] for c in columns], 1)
+    return [part.reshape(-1, *t.shape[1:]).to(t.dtype) for part, t in zip(parts, per_token)]
+
+
+def summarize_whole(summarize, per_token: list[torch.Tensor], group) -> torch.Tensor:
+    """`summarize(*per_token)` of the whole micro-batch (a statistic that does not split
+    into chunks, like the serving walk of a reply that crosses them). With sequence
+    parallelism (`group` not None) the group's chunks are gathered first and the value is
+    kept on the group's first rank only, zeros elsewhere: summed over the group's
+    trainers, it counts once."""
+    if group is None:
+        return summarize(*per_token)
+    value = summarize(*gather_token_rows(per_token, group))
+    return value if dist.get_rank(group) == 0 else torch.zeros_like(value)
