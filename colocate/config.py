@@ -304,11 +304,11 @@ class TrainSection:
     """A step whose loss or gradient norm is NaN/inf is skipped (no optimizer step;
     metrics.jsonl `skipped: 1`); this many skipped in a row stop the run with an error."""
     sp_size: int = 1
-    """Ulysses sequence parallelism: s consecutive trainer/engine pairs (GPUs of one node)
-    train each micro-batch together, every trainer on 1/s of its tokens, so sequences s
-    times longer fit. 1: off. Must divide the GPUs per node and the draft's attention and
-    key/value heads; the sglang engine then runs with engine.tp_size = s. Eagle3 only.
-    See docs/sequence-parallel.md."""
+    """Sequence parallelism: s consecutive trainer/engine pairs (GPUs of one node) train
+    each micro-batch together, every trainer on 1/s of its tokens, so sequences s times
+    longer fit. 1: off. Must divide the GPUs per node (Eagle3, whose Ulysses all-to-all
+    splits heads: also the draft's attention and key/value heads); the sglang engine then
+    runs with engine.tp_size = s. Eagle3 and DFlash. See docs/sequence-parallel.md."""
 
     def __post_init__(self):
         _require(self.max_steps >= 0, "train.max_steps", f"got {self.max_steps}; must be >= 1")
@@ -569,9 +569,6 @@ class Config:
                  f"{self.engine.tp_size} needs engine.backend=sglang (the hf engine runs the "
                  "whole target on each engine rank); use engine.tp_size=1")
         sp = self.train.sp_size
-        _require(sp == 1 or self.draft.method == "eagle3", "train.sp_size",
-                 f"{sp} with draft.method={self.draft.method}: sequence parallelism is built "
-                 "for eagle3 only so far; use train.sp_size=1")
         _require(sp == 1 or self.data.source == "dataset", "train.sp_size",
                  f"{sp} with data.source=generate: online decode is not sequence-parallel yet "
                  "(every engine of a group would answer the same prompts); pre-generate the "

@@ -20,7 +20,7 @@ from colocate.draft.dflash_recipe import DFlashRecipe, padded_anchors
 from colocate.draft.recipe import FrozenTarget, StepKey
 from colocate.sequence_parallel import SpChunk, chunk_features
 from tests.unit.test_dflash_loss import head_weights
-from tests.unit.test_dflash_model import H, V, make_draft
+from tests.unit.test_dflash_model import H, V, make_draft, qwen3_config
 
 BLOCK, NUM_ANCHORS = 4, 3
 # 4 documents, 37 tokens, starting at 0, 9, 23 and 29. Two ranks: padded to 38, chunks
@@ -123,3 +123,14 @@ def test_chunks_train_what_the_whole_micro_batch_trains(tmp_path, world):
         assert stats[7:10].sum() > 0 and stats[10] > 0 and got["val"]["want"]["stats"][-1] > 0
         assert all(torch.tensor(g).abs().sum() > 0
                    for k, g in got["train"]["want"].items() if k.startswith("grad."))
+
+
+def test_dflash_needs_no_head_split_where_eagle3_does():
+    from colocate.draft.eagle3_recipe import Eagle3Recipe
+
+    target = qwen3_config()  # 4 attention heads, 2 key/value heads
+    DFlashRecipe(load_config(None, ["draft.method=dflash", "train.sp_size=4"])
+                 ).check_sequence_parallel(target)  # gathers keys/values, splits no heads
+    with pytest.raises(ValueError, match=r"train.sp_size: 4 does not divide the draft's 4 "
+                                         r"attention heads and 2 key/value heads"):
+        Eagle3Recipe(load_config(None, ["train.sp_size=4"])).check_sequence_parallel(target)
