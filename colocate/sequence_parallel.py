@@ -1,4 +1,4 @@
-"""Ulysses sequence parallelism (`train.sp_size` = s): one micro-batch, s trainers.
+"""Sequence parallelism (`train.sp_size` = s): one micro-batch, s trainers.
 
 The s consecutive pairs of an SP group get the same micro-batches (the data is sharded by
 `dp_index`, not by pair). Each engine prefills the whole micro-batch (sglang: as one
@@ -9,8 +9,9 @@ chunk into its slot:
     nothing in it is ever counted or trained); trainer c gets rows [c * Tc, (c + 1) * Tc)
     of aux_hidden and positions, and `halo` rows more of what the recipe reads ahead:
     Eagle3's step k at index t reads the token and teacher row t + 1 + k and the loss mask
-    at t + 2 + k, so input_ids, loss_mask and last_hidden carry Tc + unroll + 1 rows
-    (rows past T_pad: zeros, never read). seq_lens stay global (with the padding
+    at t + 2 + k, so input_ids, loss_mask and last_hidden carry Tc + unroll + 1 rows;
+    DFlash's block anchored at t reads the ids and mask up to t + block_size - 1 (rows
+    past T_pad: zeros, never read). seq_lens stay global (with the padding
     sequence): every trainer knows every boundary without a collective, so nothing is
     gathered inside a recomputed region (DESIGN section 10; a gather inside activation
     recompute hung another project).
@@ -20,6 +21,12 @@ depends only on t) except attention: around it, an all-to-all turns [Tc, H, D] (
 tokens, all heads) into [T_pad, H / s, D] (all tokens, own heads) and back (`seq_to_heads`,
 `heads_to_seq`). Query head groups are contiguous, so head group j of the queries uses
 key/value head group j (GQA stays grouped; both head counts must divide by s).
+
+DFlash (colocate/draft/dflash.py) trains, on each trainer, the blocks anchored in its chunk;
+their queries read the context of whole documents, so each draft layer all-gathers the
+group's context keys/values (`gather_rows`, whose backward reduce-scatters the gradient to
+the rows' owners). Statistics that do not split into chunks (the serving replay) are taken
+on the gathered rows and counted once per group (`summarize_whole`).
 
 Gradients: every trainer's loss is its chunk's share of the step's per-token loss (the
 step's label totals divide the engines' counts by s: the s engines of a group count the
