@@ -61,8 +61,12 @@ def _forward(recipe, model, feats: dict, meta: dict, label_totals=None):
     return torch.cat([result.loss.detach().double()[None], result.stats()]), grads
 
 
-def _worker(rank: int, init_method: str, out: str, world: int) -> None:
+def _worker(rank: int, init_method: str, out: str, world: int, attention: str) -> None:
     torch.set_num_threads(1)
+    if attention == "flex":  # eager flex on the CPU, as tests/unit/test_dflash_loss.py runs it
+        import torch.nn.attention.flex_attention as flex_module
+
+        flex_module._validate_device = lambda *args: None
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     recipe = DFlashRecipe(load_config(None, [
         "draft.method=dflash", f"draft.block_size={BLOCK}", f"draft.num_anchors={NUM_ANCHORS}",
@@ -75,12 +79,12 @@ def _worker(rank: int, init_method: str, out: str, world: int) -> None:
     val_plan, _ = recipe.plan_batch(batch, StepKey(seed=0, step=-1, micro=0, pair=0))
     totals = block_label_counts(batch.loss_mask, SEQ_LENS,
                                 padded_anchors(TRAIN_ANCHORS, NUM_ANCHORS), BLOCK)
-    sp_model = make_draft(block_size=BLOCK, attention="loop")
+    sp_model = make_draft(block_size=BLOCK, attention=attention)
     sp_model.use_sequence_parallel(dist.group.WORLD)
     report = {"rows": feats["input_ids"].shape[0], "chunk": bounds}
     for split, plan in (("train", {"anchors": TRAIN_ANCHORS}), ("val", val_plan)):
         meta = {**plan, "seq_lens": SEQ_LENS, **({"split": "val"} if split == "val" else {})}
-        want, want_grads = _forward(recipe, make_draft(block_size=BLOCK, attention="loop"),
+        want, want_grads = _forward(recipe, make_draft(block_size=BLOCK, attention=attention),
                                     whole, meta, totals)  # every rank, alone
         chunk_meta = {**meta, "seq_lens": feats["seq_lens"].tolist(), "sp_chunk": bounds}
         have, have_grads = _forward(recipe, sp_model, feats, chunk_meta, totals)
@@ -97,12 +101,14 @@ def _worker(rank: int, init_method: str, out: str, world: int) -> None:
     os._exit(0)  # no interpreter teardown: gloo can abort there (see colocate/__main__.py)
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_chunks_train_what_the_whole_micro_batch_trains(tmp_path, world):
+# The dense mask (loop) on 2 and 4 ranks; the flex BlockMask over the gathered context on 2.
+@pytest.mark.parametrize("world,attention", [(2, "loop"), (4, "loop"), (2, "flex")])
+def test_chunks_train_what_the_whole_micro_batch_trains(tmp_path, world, attention):
     import torch.multiprocessing as mp
 
     out = str(tmp_path / "result")
-    mp.spawn(_worker, args=(f"file://{tmp_path / 'rendezvous'}", out, world), nprocs=world)
+    mp.spawn(_worker, args=(f"file://{tmp_path / 'rendezvous'}", out, world, attention),
+             nprocs=world)
     size = -(-sum(SEQ_LENS) // world)
     for rank in range(world):
         with open(f"{out}.{rank}") as f:
