@@ -73,11 +73,13 @@ class StepKey:
     seed: int
     step: int
     micro: int
-    pair: int
+    shard: int
+    """The data shard (`Topology.dp_index`), not the pair: the pairs of a sequence-parallel
+    group pack the same micro-batches and must draw the same anchors for them."""
 
     def generator(self) -> torch.Generator:
         # Mixed through fixed odd multipliers so neighbouring keys do not share streams.
-        mixed = (self.seed * 1_000_003 + self.step * 8_191 + self.micro * 131 + self.pair) % 2**63
+        mixed = (self.seed * 1_000_003 + self.step * 8_191 + self.micro * 131 + self.shard) % 2**63
         return torch.Generator().manual_seed(mixed)
 
 

@@ -76,7 +76,7 @@ def _worker(rank: int, init_method: str, out: str, world: int, attention: str) -
              "loss_mask": batch.loss_mask, "seq_lens": batch.seq_lens, "aux_hidden": aux_hidden}
     feats, bounds = chunk_features(whole, SpChunk(rank, world, halo=recipe.sp_halo))
     # Held-out micro-steps: a block at every valid position, several passes of NUM_ANCHORS.
-    val_plan, _ = recipe.plan_batch(batch, StepKey(seed=0, step=-1, micro=0, pair=0))
+    val_plan, _ = recipe.plan_batch(batch, StepKey(seed=0, step=-1, micro=0, shard=0))
     totals = block_label_counts(batch.loss_mask, SEQ_LENS,
                                 padded_anchors(TRAIN_ANCHORS, NUM_ANCHORS), BLOCK)
     sp_model = make_draft(block_size=BLOCK, attention=attention)
