@@ -183,8 +183,8 @@ class _GatherRows(torch.autograd.Function):
     def backward(ctx, grad):
         parts = list(grad.contiguous().chunk(dist.get_world_size(ctx.group)))
         out = torch.empty_like(parts[0])
-        # The list forms: the *_tensor ones are deprecated in torch 2.13 and their
-        # replacements (*_single) are missing from the torch that sglang pins.
+        # The list forms (here and in forward): torch 2.13 warns that the *_tensor ones are
+        # deprecated, and their *_single successors are too new for the torch >= 2.6 we allow.
         dist.reduce_scatter(out, parts, group=ctx.group)
         return out, None
 
