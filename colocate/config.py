@@ -312,11 +312,11 @@ class TrainSection:
     So do this many steps in a row whose gradient norm is exactly 0 (a trainer computing
     nothing)."""
     sp_size: int = 1
-    """Ulysses sequence parallelism: s consecutive trainer/engine pairs (GPUs of one node)
-    train each micro-batch together, every trainer on 1/s of its tokens, so sequences s
-    times longer fit. 1: off. Must divide the GPUs per node and the draft's attention and
-    key/value heads; the sglang engine then runs with engine.tp_size = s. Eagle3 only.
-    See docs/sequence-parallel.md."""
+    """Sequence parallelism: s consecutive trainer/engine pairs (GPUs of one node) train
+    each micro-batch together, every trainer on 1/s of its tokens, so sequences s times
+    longer fit. 1: off. Must divide the GPUs per node (Eagle3, whose Ulysses all-to-all
+    splits heads: also the draft's attention and key/value heads); the sglang engine then
+    runs with engine.tp_size = s. Eagle3 and DFlash. See docs/sequence-parallel.md."""
 
     def __post_init__(self):
         _require(self.max_steps >= 0, "train.max_steps", f"got {self.max_steps}; must be >= 1")
@@ -577,9 +577,6 @@ class Config:
                  f"{self.engine.tp_size} needs engine.backend=sglang (the hf engine runs the "
                  "whole target on each engine rank); use engine.tp_size=1")
         sp = self.train.sp_size
-        _require(sp == 1 or self.draft.method == "eagle3", "train.sp_size",
-                 f"{sp} with draft.method={self.draft.method}: sequence parallelism is built "
-                 "for eagle3 only so far; use train.sp_size=1")
         _require(sp == 1 or self.data.source == "dataset", "train.sp_size",
                  f"{sp} with data.source=generate: online decode is not sequence-parallel yet "
                  "(every engine of a group would answer the same prompts); pre-generate the "

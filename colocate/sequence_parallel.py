@@ -1,4 +1,4 @@
-"""Ulysses sequence parallelism (`train.sp_size` = s): one micro-batch, s trainers.
+"""Sequence parallelism (`train.sp_size` = s): one micro-batch, s trainers.
 
 The s consecutive pairs of an SP group get the same micro-batches (the data is sharded by
 `dp_index`, not by pair). Each engine prefills the whole micro-batch (sglang: as one
@@ -9,8 +9,9 @@ chunk into its slot:
     nothing in it is ever counted or trained); trainer c gets rows [c * Tc, (c + 1) * Tc)
     of aux_hidden and positions, and `halo` rows more of what the recipe reads ahead:
     Eagle3's step k at index t reads the token and teacher row t + 1 + k and the loss mask
-    at t + 2 + k, so input_ids, loss_mask and last_hidden carry Tc + unroll + 1 rows
-    (rows past T_pad: zeros, never read). seq_lens stay global (with the padding
+    at t + 2 + k, so input_ids, loss_mask and last_hidden carry Tc + unroll + 1 rows;
+    DFlash's block anchored at t reads the ids and mask up to t + block_size - 1 (rows
+    past T_pad: zeros, never read). seq_lens stay global (with the padding
     sequence): every trainer knows every boundary without a collective, so nothing is
     gathered inside a recomputed region (DESIGN section 10; a gather inside activation
     recompute hung another project).
@@ -20,6 +21,12 @@ depends only on t) except attention: around it, an all-to-all turns [Tc, H, D] (
 tokens, all heads) into [T_pad, H / s, D] (all tokens, own heads) and back (`seq_to_heads`,
 `heads_to_seq`). Query head groups are contiguous, so head group j of the queries uses
 key/value head group j (GQA stays grouped; both head counts must divide by s).
+
+DFlash (colocate/draft/dflash.py) trains, on each trainer, the blocks anchored in its chunk;
+their queries read the context of whole documents, so each draft layer all-gathers the
+group's context keys/values (`gather_rows`, whose backward reduce-scatters the gradient to
+the rows' owners). Statistics that do not split into chunks (the serving replay) are taken
+on the gathered rows and counted once per group (`summarize_whole`).
 
 Gradients: every trainer's loss is its chunk's share of the step's per-token loss (the
 step's label totals divide the engines' counts by s: the s engines of a group count the
@@ -159,8 +166,51 @@ def heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
     return _Exchange.apply(x, group, False)
 
 
+class _GatherRows(torch.autograd.Function):
+    """All-gather of the group's equal chunks of rows, in rank order. Its gradient is the
+    reduce-scatter: a rank's rows get the sum of every rank's gradient for them, because
+    every rank's loss may read every row (DFlash's context keys and values)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.contiguous()  # first: empty_like keeps a transposed input's strides
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x, group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        parts = list(grad.contiguous().chunk(dist.get_world_size(ctx.group)))
+        out = torch.empty_like(parts[0])
+        # The list forms (here and in forward): torch 2.13 warns that the *_tensor ones are
+        # deprecated, and their *_single successors are too new for the torch >= 2.6 we allow.
+        dist.reduce_scatter(out, parts, group=ctx.group)
+        return out, None
+
+
 def gather_rows(x: torch.Tensor, group) -> torch.Tensor:
-    """The group's chunks of `x` (equal row counts) in rank order, on every rank; no grad."""
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts)
+    """The group's chunks of `x` (equal row counts) in rank order, on every rank;
+    differentiable (the gradient is reduce-scattered back to the rows' owners)."""
+    return _GatherRows.apply(x, group)
+
+
+def gather_token_rows(per_token: list[torch.Tensor], group) -> list[torch.Tensor]:
+    """The whole micro-batch of each of this rank's per-token integer or bool tensors
+    ([Tc] or [Tc, C]: masks, hits, counts), in one all-gather (as int64); dtypes kept."""
+    columns = [t.reshape(t.shape[0], -1).long() for t in per_token]
+    whole = gather_rows(torch.cat(columns, 1), group)
+    parts = whole.split([c.shape[1] for c in columns], 1)
+    return [part.reshape(-1, *t.shape[1:]).to(t.dtype) for part, t in zip(parts, per_token)]
+
+
+def summarize_whole(summarize, per_token: list[torch.Tensor], group) -> torch.Tensor:
+    """`summarize(*per_token)` of the whole micro-batch (a statistic that does not split
+    into chunks, like the serving walk of a reply that crosses them). With sequence
+    parallelism (`group` not None) the group's chunks are gathered first and the value is
+    kept on the group's first rank only, zeros elsewhere: summed over the group's
+    trainers, it counts once."""
+    if group is None:
+        return summarize(*per_token)
+    value = summarize(*gather_token_rows(per_token, group))
+    return value if dist.get_rank(group) == 0 else torch.zeros_like(value)

@@ -37,6 +37,16 @@ with AttentionType.ENCODER_ONLY, i.e. no causal mask inside the attended set):
 
 The mask says which keys a query sees (`colocate.draft.dflash_blocks`): the context of its
 own sequence strictly before its anchor, and every token of its own block (bidirectional).
+
+Sequence parallelism (`use_sequence_parallel`, colocate/sequence_parallel.py): each trainer
+of a group projects its chunk of the context and trains the blocks anchored in it. A block
+reads the context of its whole sequence, which other chunks hold, so every layer all-gathers
+the context keys (after RoPE) and values of the group; the gradient of that gather is a
+reduce-scatter, which hands each rank the gradient of every rank's loss for its rows (and so
+on to fc, hidden_norm and the layer's k/v weights). Gathering keys/values per layer rather
+than the context features once keeps the k/v projections of each context row on one rank;
+nothing is recomputed, so no collective runs inside a recomputed region (DESIGN section 10).
+Unlike Eagle3's Ulysses all-to-all, nothing is split by heads: any head count works.
 """
 
 from __future__ import annotations
@@ -53,6 +63,7 @@ from colocate.draft.arch import RopeGeometry, rope_from_hf
 from colocate.draft.eagle3 import Eagle3MLP, RMSNorm, init_draft_weights
 from colocate.draft.flex import FLEX_IMPORT_ERROR, compiled_flex_attention
 from colocate.draft.kernels import upcast
+from colocate.sequence_parallel import gather_rows
 
 if FLEX_IMPORT_ERROR is None:
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -176,6 +187,16 @@ def masked_attention(q_MHD: torch.Tensor, k_LKD: torch.Tensor, v_LKD: torch.Tens
     return out[0].transpose(0, 1)
 
 
+def gather_context(k_LKD: torch.Tensor, v_LKD: torch.Tensor, num_ctx: int,
+                   group) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [this rank's context; its blocks] -> [the group's context, in rank
+    order; this rank's blocks], both in one all-gather (its backward a reduce-scatter)."""
+    head_dim = k_LKD.shape[-1]
+    ctx_kv = gather_rows(torch.cat([k_LKD[:num_ctx], v_LKD[:num_ctx]], dim=-1), group)
+    ctx_k, ctx_v = ctx_kv.split(head_dim, dim=-1)
+    return torch.cat([ctx_k, k_LKD[num_ctx:]]), torch.cat([ctx_v, v_LKD[num_ctx:]])
+
+
 class DFlashAttention(nn.Module):
     def __init__(self, arch: DFlashArch, kernels: str = "auto"):
         super().__init__()
@@ -190,6 +211,9 @@ class DFlashAttention(nn.Module):
         self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, kernels)
         # Derived from the arch, not a weight: kept out of checkpoints and the export.
         self.register_buffer("inv_freq", arch.inv_freq(), persistent=False)
+        # train.sp_size > 1: the trainers of one sequence-parallel group, whose context
+        # keys/values this layer gathers (module docstring); None: the whole context here.
+        self.sp_group = None
 
     def forward(self, x_MH: torch.Tensor, positions_M: torch.Tensor, ctx_TH: torch.Tensor,
                 ctx_positions_T: torch.Tensor, mask: torch.Tensor | BlockMask) -> torch.Tensor:
@@ -203,6 +227,8 @@ class DFlashAttention(nn.Module):
         rope = kernels.pick(kernels.apply_rope, self.kernels, q.device)
         k = rope(k, cos, sin)
         q = rope(q, cos[num_ctx:], sin[num_ctx:])
+        if self.sp_group is not None:
+            k, v = gather_context(k, v, num_ctx, self.sp_group)
         out = masked_attention(q, k, v, mask, scale=self.head_dim ** -0.5)
         return self.o_proj(out.reshape(num_q, self.num_heads * self.head_dim))
 
@@ -251,6 +277,15 @@ class DFlashDraft(nn.Module):
         """normal(0, std) linears, ones for every norm (`eagle3.init_draft_weights`)."""
         init_draft_weights(self, generator, std)
 
+    @property
+    def sp_group(self):
+        """The sequence-parallel group (None: off); see the module docstring."""
+        return self.layers[0].self_attn.sp_group
+
+    def use_sequence_parallel(self, group) -> None:
+        for layer in self.layers:
+            layer.self_attn.sp_group = group
+
     def project_context(self, target_hidden_TKH: torch.Tensor) -> torch.Tensor:
         """[T, K*H] concatenated target layer outputs -> context features [T, H]
         (sglang `project_target_hidden`: hidden_norm(fc(.)))."""
@@ -266,7 +301,8 @@ class DFlashDraft(nn.Module):
         RoPE positions; ctx_TH: `project_context` output, or with `project` the raw target
         features [T, K*H] it is computed from here; ctx_positions_T: its positions;
         mask: bool [M, T + M] (True = may attend; keys ordered [context; block tokens]) or a
-        flex BlockMask over the same [M, T + M] grid.
+        flex BlockMask over the same [M, T + M] grid. With sequence parallelism ctx_TH and
+        ctx_positions_T are this rank's chunk, and T in the mask is the whole micro-batch's.
         """
         if project:
             ctx_TH = self.project_context(ctx_TH)

@@ -19,8 +19,15 @@ Conventions (T tokens of S sequences packed back to back; `seq_lens` on the host
                  loss_mask[a_j + k] * exp(-(k - 1) / gamma); 0 when a_j + k leaves the
                  sequence or the anchor is padding. "Counted" = weight > 0.
 
+Sequence parallelism (colocate/sequence_parallel.py): a trainer holds rows [start, end) of
+the micro-batch (input_ids and loss_mask with a halo of B - 1 rows past `end`: the labels of
+a block anchored at end - 1). `BlockLayout.build(..., chunk=(start, end))` keeps the blocks
+anchored in the chunk and reads those rows; the context keys stay the whole micro-batch's
+(the draft gathers them from the group), so the mask above is unchanged.
+
 Everything except `draw_anchors` (host, CPU generator) runs on the device without host
-synchronisation; `seq_lens` stays on the host and goes to the device once.
+synchronisation; `seq_lens` and the anchors stay on the host (the per-block tables are
+built there) and go to the device once.
 """
 
 from __future__ import annotations
@@ -99,6 +106,9 @@ class BlockLayout:
     """[T + M] int32 sequence id of each context key, -1 on block keys."""
     kv_block: torch.Tensor
     """[T + M] int32 block id of each block key, -1 on context keys."""
+    offset: int = 0
+    """Packed index of row 0 of the per-token tensors read (a sequence-parallel chunk's
+    start; 0 without)."""
 
     @property
     def num_blocks(self) -> int:
@@ -110,33 +120,37 @@ class BlockLayout:
 
     @classmethod
     def build(cls, seq_lens: torch.Tensor | Sequence[int], anchors: torch.Tensor,
-              block_size: int, device: torch.device | None = None) -> BlockLayout:
+              block_size: int, device: torch.device | None = None,
+              chunk: Sequence[int] | None = None) -> BlockLayout:
+        """chunk: (start, end) of this trainer's rows under sequence parallelism (module
+        docstring); None: every block, rows from 0."""
         lens = _lens(seq_lens)
         num_seqs, num_anchors = anchors.shape
         assert num_seqs == len(lens) and min(lens) > 0, (anchors.shape, lens)
         device = anchors.device if device is None else device
-        lens_S = torch.tensor(lens, dtype=torch.long)
-        starts_S = to_device(lens_S.cumsum(0) - lens_S, device)
-        lens_S = to_device(lens_S, device)
-        anchors = anchors.to(device)
-        valid = (anchors >= 0).flatten()
-        anchor = (starts_S[:, None] + anchors.clamp(min=0)).flatten()
-        seq_end = (starts_S + lens_S)[:, None].expand(num_seqs, num_anchors).flatten()
-        doc_B = torch.arange(num_seqs, device=device).repeat_interleave(num_anchors)
-        block_B = torch.arange(num_seqs * num_anchors, device=device)
+        blocks = _blocks(lens, anchors.cpu())
+        offset = 0
+        if chunk is not None:
+            offset = int(chunk[0])
+            blocks = _blocks_in_chunk(blocks, offset, int(chunk[1]))
+        anchor, valid, seq_end, doc_B = to_device(blocks, device)
+        valid = valid.bool()
+        block_B = torch.arange(anchor.numel(), device=device)
 
         def per_query(values_B: torch.Tensor, padded: int) -> torch.Tensor:
             return torch.where(valid, values_B, padded).repeat_interleave(block_size).int()
         num_ctx = sum(lens)
+        lens_S = to_device(torch.tensor(lens, dtype=torch.long), device)
         kv_doc_T = torch.arange(num_seqs, device=device).repeat_interleave(lens_S, output_size=num_ctx)
-        num_q = num_seqs * num_anchors * block_size
+        num_q = anchor.numel() * block_size
         return cls(block_size=block_size, num_ctx=num_ctx, anchor=anchor, valid=valid,
                    seq_end=seq_end,
                    q_doc=per_query(doc_B, -2), q_limit=per_query(anchor, -1),
                    q_block=per_query(block_B, -2),
                    kv_doc=torch.cat([kv_doc_T, kv_doc_T.new_full((num_q,), -1)]).int(),
                    kv_block=torch.cat([block_B.new_full((num_ctx,), -1),
-                                       block_B.repeat_interleave(block_size)]).int())
+                                       block_B.repeat_interleave(block_size)]).int(),
+                   offset=offset)
 
     def mask_mod(self) -> Callable:
         """flex mask_mod(b, h, q_idx, kv_idx) -> bool; also evaluated densely by `dense_mask`."""
@@ -170,9 +184,9 @@ class BlockLayout:
         """(token ids [M], RoPE positions [M]) of the blocks: x[a_j] then mask tokens."""
         ids_BK = torch.full((self.num_blocks, self.block_size), mask_token_id,
                             dtype=input_ids.dtype, device=input_ids.device)
-        ids_BK[:, 0] = torch.where(self.valid, input_ids[self.anchor], mask_token_id)
+        ids_BK[:, 0] = torch.where(self.valid, input_ids[self.anchor_rows], mask_token_id)
         offsets = torch.arange(self.block_size, device=positions.device, dtype=positions.dtype)
-        positions_BK = positions[self.anchor][:, None] + offsets
+        positions_BK = positions[self.anchor_rows][:, None] + offsets
         return ids_BK.flatten(), positions_BK.flatten()
 
     def labels_and_weights(self, input_ids: torch.Tensor, loss_mask: torch.Tensor,
@@ -180,18 +194,50 @@ class BlockLayout:
         """(labels [NB, B-1] int64, weights [NB, B-1] float32) for block positions 1..B-1;
         labels are 0 where the weight is 0 (never read)."""
         counted = self.counted(loss_mask)
-        index = (self.anchor[:, None] + self._offsets()).clamp(max=self.num_ctx - 1)
-        labels = torch.where(counted, input_ids[index].long(), 0)
+        labels = torch.where(counted, input_ids[self._label_rows(input_ids)].long(), 0)
         return labels, counted.float() * position_weights(self.block_size, gamma, counted.device)
 
     def counted(self, loss_mask: torch.Tensor) -> torch.Tensor:
         """[NB, B-1] bool: block position k has a trained label inside its sequence."""
         index = self.anchor[:, None] + self._offsets()
         inside = self.valid[:, None] & (index < self.seq_end[:, None])
-        return inside & loss_mask.bool()[index.clamp(max=self.num_ctx - 1)]
+        return inside & loss_mask.bool()[self._label_rows(loss_mask)]
+
+    @property
+    def anchor_rows(self) -> torch.Tensor:
+        """[NB] row of each block's anchor in the per-token tensors read (from `offset`)."""
+        return self.anchor - self.offset
+
+    def _label_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """[NB, B-1] rows of block positions 1..B-1 in `tensor`, clamped inside it (a row
+        clamped there is never counted: its label lies past its sequence's end)."""
+        return (self.anchor_rows[:, None] + self._offsets()).clamp(max=tensor.shape[0] - 1)
 
     def _offsets(self) -> torch.Tensor:
         return torch.arange(1, self.block_size, device=self.anchor.device)
+
+
+def _blocks(lens: list[int], anchors: torch.Tensor) -> torch.Tensor:
+    """[4, S * N] int64 host table of every block j = s * N + n: its packed anchor index
+    (its sequence's start when padded), valid (0/1), its sequence's packed end, and s."""
+    num_seqs, num_anchors = anchors.shape
+    lens_S = torch.tensor(lens, dtype=torch.long)
+    starts_S = lens_S.cumsum(0) - lens_S
+    return torch.stack([(starts_S[:, None] + anchors.clamp(min=0)).flatten(),
+                        (anchors >= 0).long().flatten(),
+                        (starts_S + lens_S).repeat_interleave(num_anchors),
+                        torch.arange(num_seqs).repeat_interleave(num_anchors)])
+
+
+def _blocks_in_chunk(blocks: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """The valid blocks of `_blocks`' table anchored in [start, end); when there are none,
+    one padded block at `start` (it trains nothing, but the rank still runs the draft, and
+    so the collectives inside it, like the rest of its group)."""
+    anchor, valid = blocks[0], blocks[1].bool()
+    kept = blocks[:, valid & (anchor >= start) & (anchor < end)]
+    if kept.shape[1]:
+        return kept
+    return torch.tensor([[start], [0], [start + 1], [0]], dtype=torch.long)
 
 
 def position_weights(block_size: int, gamma: float,

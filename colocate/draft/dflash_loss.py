@@ -83,7 +83,8 @@ def dflash_forward(model: DFlashDraft, embed_weight: torch.Tensor,
                    gamma: float, block_size: int | None = None,
                    label_totals: torch.Tensor | None = None,
                    chunk_tokens: int = 2048,
-                   accepted_T: torch.Tensor | None = None) -> DraftStepResult:
+                   accepted_T: torch.Tensor | None = None,
+                   sp_chunk: Sequence[int] | None = None) -> DraftStepResult:
     """DFlash loss and statistics of one packed micro-step.
 
     embed_weight [V, H], lm_head_weight [V, H]: the target's, frozen (never get gradient);
@@ -96,11 +97,18 @@ def dflash_forward(model: DFlashDraft, embed_weight: torch.Tensor,
     accepted_T [T] int64: when given, each valid anchor's accepted drafts are written at its
     packed index (what a verify cycle with tokens committed through the anchor accepts:
     `metrics.replay_serving`'s input).
+
+    Sequence parallelism (colocate/sequence_parallel.py): sp_chunk = (start, end), this
+    trainer's rows of the micro-batch: target_hidden and positions are the chunk's rows,
+    input_ids, loss_mask (and accepted_T) rows from `start` with the halo; seq_lens and the
+    anchors are the whole micro-batch's (with its padding sequence). The blocks anchored in
+    the chunk are trained here, and the draft gathers the context of the group.
     """
+    assert (sp_chunk is None) == (model.sp_group is None), "a chunk needs the group's context"
     arch = model.arch
     block_size = arch.block_size if block_size is None else block_size
     device = input_ids.device
-    layout = BlockLayout.build(seq_lens, anchors, block_size, device)
+    layout = BlockLayout.build(seq_lens, anchors, block_size, device, chunk=sp_chunk)
     mask = layout.flex_mask() if use_flex(model.attention, device) else layout.dense_mask()
 
     block_ids_M, block_positions_M = layout.block_inputs(input_ids, positions, arch.mask_token_id)
@@ -126,6 +134,6 @@ def dflash_forward(model: DFlashDraft, embed_weight: torch.Tensor,
         lead_B = hits_BK.long().cumprod(1).sum(1)  # drafts a verify would accept
         sim = torch.stack([(layout.valid * (1 + lead_B)).sum(), layout.valid.sum()])
         if accepted_T is not None:
-            accepted_T[layout.anchor[layout.valid]] = lead_B[layout.valid]
+            accepted_T[layout.anchor_rows[layout.valid]] = lead_B[layout.valid]
     return DraftStepResult(loss=loss, ce_sum=ce_sum, hits=hits_BK.sum(0),
                         counted=counted_BK.sum(0), sim=sim)

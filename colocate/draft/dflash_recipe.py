@@ -2,9 +2,9 @@
 
 Reads K target layers (sglang's default spread, K = 5) and no final hidden state: the labels
 are the trained tokens themselves. Per micro-batch the engine draws the anchors (block
-starts) from (seed, step, micro-step, pair) and ships them in the message's meta, so the
-step's loss denominator is known before the first backward and a resumed run draws the same
-blocks. Served by sglang's DFLASH (`DFlashDraftModel`). The model, blocks, loss and export
+starts) from (seed, step, micro-step, data shard) and ships them in the message's meta, so
+the step's loss denominator is known before the first backward, and a resumed run and the
+engines of a sequence-parallel group draw the same blocks. Served by sglang's DFLASH (`DFlashDraftModel`). The model, blocks, loss and export
 live in colocate/draft/dflash.py, dflash_blocks.py, dflash_loss.py and colocate/export_dflash.py.
 """
 
@@ -20,6 +20,7 @@ from colocate.draft.attention import seq_bounds_from_lens
 from colocate.draft.dflash_loss import dflash_forward
 from colocate.draft.loss import seq_end_per_token
 from colocate.draft.recipe import DraftRecipe, DraftStepResult, FrozenTarget, StepKey
+from colocate.sequence_parallel import summarize_whole
 
 NUM_CONTEXT_LAYERS = 5
 """Target layers DFlash reads by default (sglang's and the paper's choice)."""
@@ -41,9 +42,13 @@ def resolve_mask_token_id(configured: int, target_path: str, vocab_size: int) ->
     return vocab_size - 1
 
 
-def padded_anchors(rows: list[list[int]], num_anchors: int) -> torch.Tensor:
-    """[S, num_anchors] int64, -1 padded, from the meta's per-sequence valid anchors."""
-    out = torch.full((len(rows), num_anchors), -1, dtype=torch.long)
+def padded_anchors(rows: list[list[int]], num_anchors: int,
+                   num_sequences: int | None = None) -> torch.Tensor:
+    """[S, num_anchors] int64, -1 padded, from the meta's per-sequence valid anchors;
+    num_sequences: S when more than the rows (a sequence-parallel chunk's seq_lens end
+    with a padding sequence, which has no anchors)."""
+    num_sequences = len(rows) if num_sequences is None else num_sequences
+    out = torch.full((num_sequences, num_anchors), -1, dtype=torch.long)
     for s, row in enumerate(rows):
         out[s, :len(row)] = torch.tensor(row, dtype=torch.long)
     return out
@@ -106,11 +111,18 @@ class DFlashRecipe(DraftRecipe):
         d = self.cfg.draft
         if meta.get("split") == "val":
             return self._replay(model, frozen, feats, meta)
-        anchors = padded_anchors(meta["anchors"], d.num_anchors)
+        seq_lens = meta["seq_lens"]
+        anchors = padded_anchors(meta["anchors"], d.num_anchors, len(seq_lens))
         return dflash_forward(model, frozen.embed, frozen.lm_head, feats["aux_hidden"],
                               feats["input_ids"], feats["loss_mask"], feats["positions"],
-                              meta["seq_lens"], anchors, gamma=d.block_decay,
-                              label_totals=label_totals)
+                              seq_lens, anchors, gamma=d.block_decay,
+                              label_totals=label_totals, sp_chunk=meta.get("sp_chunk"))
+
+    @property
+    def sp_halo(self) -> int:
+        # A block anchored at the chunk's last row reads the ids and loss mask of the
+        # block_size - 1 rows after it (its labels); the anchors need no more (drawn whole).
+        return self.cfg.draft.block_size - 1
 
     @torch.no_grad()
     def _replay(self, model: DFlashDraft, frozen: FrozenTarget, feats: dict, meta: dict):
@@ -118,23 +130,30 @@ class DFlashRecipe(DraftRecipe):
         forward (training's shapes), then serving replayed exactly: each reply's verify
         cycles start where the last one stopped, as sglang's DFLASH decodes the target's
         own answers. (Training's sim_accept_length averages randomly drawn blocks instead,
-        which overstates what is served.) The other statistics sum over every block."""
+        which overstates what is served.) The other statistics sum over every block.
+
+        With sequence parallelism every trainer of the group runs the same passes (the
+        anchors are the whole micro-batch's; each trains those in its chunk) and the
+        replay walks the whole micro-batch, counted once per group."""
         d = self.cfg.draft
         rows, seq_lens = meta["anchors"], meta["seq_lens"]
         accepted_T = torch.zeros_like(feats["input_ids"], dtype=torch.long)
         parts = []
         for start in range(0, max([len(row) for row in rows] + [1]), d.num_anchors):
             anchors = padded_anchors([row[start:start + d.num_anchors] for row in rows],
-                                     d.num_anchors)
+                                     d.num_anchors, len(seq_lens))
             parts.append(dflash_forward(
                 model, frozen.embed, frozen.lm_head, feats["aux_hidden"], feats["input_ids"],
                 feats["loss_mask"], feats["positions"], seq_lens, anchors,
-                gamma=d.block_decay, accepted_T=accepted_T))
+                gamma=d.block_decay, accepted_T=accepted_T, sp_chunk=meta.get("sp_chunk")))
         seq_end_T = seq_end_per_token(seq_bounds_from_lens(seq_lens), accepted_T.device)
+        num_rows = feats["positions"].shape[0]  # the chunk's: ids and mask carry a halo
+        sim = summarize_whole(
+            lambda accepted, mask: metrics.replay_serving(accepted, mask, seq_end_T),
+            [accepted_T[:num_rows], feats["loss_mask"][:num_rows]], model.sp_group)
         return DraftStepResult(
             loss=sum(p.loss for p in parts), ce_sum=sum(p.ce_sum for p in parts),
-            hits=sum(p.hits for p in parts), counted=sum(p.counted for p in parts),
-            sim=metrics.replay_serving(accepted_T, feats["loss_mask"], seq_end_T))
+            hits=sum(p.hits for p in parts), counted=sum(p.counted for p in parts), sim=sim)
 
     def train_flops_per_token(self, geom, seq_len: int, num_layers: int) -> float:
         d = self.cfg.draft

@@ -16,6 +16,7 @@ from colocate.draft.arch import DraftArch
 from colocate.draft.eagle3 import Eagle3Draft
 from colocate.draft.loss import eagle3_unroll, label_counts, target_distribution
 from colocate.draft.recipe import DraftRecipe, FrozenTarget, StepKey
+from colocate.sequence_parallel import check_heads
 
 
 def eagle3_layer_ids(num_layers: int) -> list[int]:
@@ -88,6 +89,12 @@ class Eagle3Recipe(DraftRecipe):
     def sp_halo(self) -> int:
         # Step k at index t reads the token and teacher row t + 1 + k and the mask at t + 2 + k.
         return self.cfg.draft.unroll_steps + 1
+
+    def check_sequence_parallel(self, target_config) -> None:
+        # Ulysses gives each trainer a share of the draft's heads, which are the target's.
+        heads = target_config.num_attention_heads
+        check_heads(heads, getattr(target_config, "num_key_value_heads", None) or heads,
+                    self.cfg.train.sp_size)
 
     def train_flops_per_token(self, geom, seq_len: int, num_layers: int) -> float:
         d = self.cfg.draft

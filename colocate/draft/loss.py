@@ -37,7 +37,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from colocate import metrics
@@ -47,7 +46,7 @@ from colocate.draft.eagle3 import Eagle3Draft, KVCache
 from colocate.draft.kernels import upcast
 from colocate.draft.recipe import DraftStepResult
 from colocate.hostcopy import to_device
-from colocate.sequence_parallel import gather_rows
+from colocate.sequence_parallel import summarize_whole
 
 
 @dataclass
@@ -225,15 +224,10 @@ def eagle3_unroll(draft: Eagle3Draft, embed_weight: torch.Tensor, aux_hidden: to
     denom = (counted if label_totals is None else label_totals).to(ce_sum.dtype).clamp(min=1)
     loss = sum(position_decay ** k * ce_sum[k] / denom[k] for k in range(unroll_steps))
     with torch.no_grad():
-        hits_KT, mask_T = torch.stack(hit_rows), loss_mask[:num_tokens]
-        group = draft.sp_group
-        if group is None:
-            sim = metrics.sim_accept_sums(hits_KT, mask_T, seq_end_T)
-        else:  # the serving walk crosses chunks: replay it on the whole micro-batch, once
-            rows_TK = torch.cat([hits_KT, mask_T[None]]).T.to(torch.uint8).contiguous()
-            whole = gather_rows(rows_TK, group).T
-            sim = (metrics.sim_accept_sums(whole[:-1].bool(), whole[-1].bool(), seq_end_all)
-                   if dist.get_rank(group) == 0 else torch.zeros(2, dtype=torch.int64,
-                                                                 device=device))
+        # The serving walk crosses chunks: with sequence parallelism it replays the whole
+        # micro-batch, counted once per group.
+        sim = summarize_whole(
+            lambda hits_TK, mask_T: metrics.sim_accept_sums(hits_TK.T, mask_T, seq_end_all),
+            [torch.stack(hit_rows).T, loss_mask[:num_tokens]], draft.sp_group)
     return DraftStepResult(loss=loss, ce_sum=ce_sum, hits=torch.stack(hits), counted=counted,
                         sim=sim)

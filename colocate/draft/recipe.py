@@ -11,6 +11,8 @@ run's recipe (`recipe_for(cfg)`):
                   build_model / shard       the draft module and its FSDP2 wrapping
                   forward(...)              loss (with grad) and the stats vector
                   summary(values)           loss and metrics from a reduced stats vector
+    sequence      sp_halo                   rows a chunk carries past its end (engine too)
+    parallelism   check_sequence_parallel   what train.sp_size asks of the draft's shape
     export        export(...)               the checkpoint layout sglang serves
                   served_algorithm          sglang's speculative_algorithm for it
     warm start    export_config(...)        the config.json this run's export writes
@@ -71,11 +73,13 @@ class StepKey:
     seed: int
     step: int
     micro: int
-    pair: int
+    shard: int
+    """The data shard (`Topology.dp_index`), not the pair: the pairs of a sequence-parallel
+    group pack the same micro-batches and must draw the same anchors for them."""
 
     def generator(self) -> torch.Generator:
         # Mixed through fixed odd multipliers so neighbouring keys do not share streams.
-        mixed = (self.seed * 1_000_003 + self.step * 8_191 + self.micro * 131 + self.pair) % 2**63
+        mixed = (self.seed * 1_000_003 + self.step * 8_191 + self.micro * 131 + self.shard) % 2**63
         return torch.Generator().manual_seed(mixed)
 
 
@@ -138,6 +142,10 @@ class DraftRecipe(ABC):
         """Rows past a sequence-parallel chunk's end this recipe reads (input_ids, loss_mask,
         last_hidden); see colocate/sequence_parallel.py."""
         raise NotImplementedError(f"draft.method={self.method} has no sequence parallelism")
+
+    def check_sequence_parallel(self, target_config) -> None:
+        """ValueError naming train.sp_size when this draft of `target_config` cannot split
+        over train.sp_size trainers (checked at start-up, before any group exists)."""
 
     @abstractmethod
     def build_model(self, target_config, draft_vocab_size: int,

@@ -127,14 +127,11 @@ def _read_run_dir_and_target(cfg):
     recipe = recipe_for(cfg)
     aux = recipe.layer_ids(target_config.num_hidden_layers)
     check_init_config(cfg, recipe, target_config, aux)  # draft.init_from, before any group
-    if cfg.train.sp_size > 1:  # the draft has the target's heads
+    if cfg.train.sp_size > 1:
         from colocate.config import ConfigError
-        from colocate.sequence_parallel import check_heads
 
-        heads = target_config.num_attention_heads
         try:
-            check_heads(heads, getattr(target_config, "num_key_value_heads", None) or heads,
-                        cfg.train.sp_size)
+            recipe.check_sequence_parallel(target_config)
         except ValueError as e:
             raise ConfigError(str(e)) from None
     return done, target_config, aux

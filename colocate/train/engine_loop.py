@@ -63,7 +63,7 @@ def prepare_data(cfg: Config, tokenizer, target_vocab_size: int):
 
 
 def pack_step(stream: DataStream, num_micro_steps: int, recipe: DraftRecipe, *, seed: int,
-              step: int, pair: int) -> list[tuple[MicroBatch, dict]]:
+              step: int, shard: int) -> list[tuple[MicroBatch, dict]]:
     """The next optimizer step's micro-batches, each with its message meta.
 
     Packed up front (host work only) because the trainer's loss divides by N_k, the counted
@@ -74,11 +74,11 @@ def pack_step(stream: DataStream, num_micro_steps: int, recipe: DraftRecipe, *, 
     step_ids_crc32, a fingerprint of the step's tokens (the first pair's lands in
     metrics.jsonl: two runs trained on the same tokens show the same column); online
     decode's running totals; and whatever the draft recipe plans for the micro-batch
-    (DFlash: its anchors, drawn from (seed, step, micro-step, pair), so a resumed run draws
-    the same).
+    (DFlash: its anchors, drawn from (seed, step, micro-step, data shard), so a resumed run
+    and the pairs of a sequence-parallel group draw the same).
     """
     batches = [stream.next_micro_batch() for _ in range(num_micro_steps)]
-    plans = [recipe.plan_batch(b, StepKey(seed=seed, step=step, micro=i, pair=pair))
+    plans = [recipe.plan_batch(b, StepKey(seed=seed, step=step, micro=i, shard=shard))
              for i, b in enumerate(batches)]
     totals = torch.stack([counts for _, counts in plans]).sum(0).tolist()
     crc = 0
@@ -217,14 +217,14 @@ def _stream_to_trainer(cfg: Config, topo: Topology, session: PairSession, engine
                 send(None, {})
         else:
             for batch, meta in pack_step(stream, cfg.train.micro_steps, recipe, seed=cfg.run.seed,
-                                         step=step, pair=topo.dp_index):
+                                         step=step, shard=topo.dp_index):
                 send(batch, meta)
         if validates_after(step, every=cfg.train.val_every_steps, last_step=cfg.last_step):
             for i, batch in enumerate(val_batches):
                 # Held-out anchors are drawn once per batch (step -1): every validation
                 # scores the same positions, so its numbers compare across steps.
                 extra, _ = recipe.plan_batch(batch, StepKey(seed=cfg.run.seed, step=-1, micro=i,
-                                                            pair=topo.dp_index))
+                                                            shard=topo.dp_index))
                 send(batch, dict(split="val", val_last=i == len(val_batches) - 1,
                                  seq_lens=batch.seq_lens.tolist(), **extra))
     ring.close()

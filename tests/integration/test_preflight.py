@@ -58,3 +58,14 @@ def test_a_good_config_passes_without_torch(tiny_assets, tmp_path):
     assert (f"colocate check: error: draft.init_from {export}/config.json: architectures "
             "['Qwen3ForCausalLM'], not [LlamaForCausalLMEagle3]; draft.method=eagle3 "
             "warm-starts from a LlamaForCausalLMEagle3 export" in bad.stderr)
+
+
+def test_dflash_with_sequence_parallelism_passes(tiny_assets, tmp_path):
+    # Refused until DFlash trained under train.sp_size > 1; now only the geometry is checked.
+    proc = subprocess.run(
+        [sys.executable, "-m", "colocate", "check", "--config", CONFIG, "--nproc", "4", "--gpus",
+         "0", *tiny_overrides(tiny_assets, str(tmp_path / "run"), "draft.method=dflash",
+                              "train.sp_size=2")],
+        cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("colocate check: ok (dflash, 60 steps"), proc.stdout

@@ -1,7 +1,7 @@
-"""Ulysses sequence parallelism end to end, on CPU with torchrun: train.sp_size=2 on 4 pairs
-trains exactly what sp_size=1 on 2 pairs trains (the same 2 data shards), stopped and
-resumed; bad combinations are refused at start-up naming the key; a killed trainer of an
-SP group ends the job within the timeout, naming it."""
+"""Sequence parallelism end to end, on CPU with torchrun: train.sp_size=2 on 4 pairs trains
+exactly what sp_size=1 on 2 pairs trains (the same 2 data shards), stopped and resumed, for
+Eagle3 and DFlash; bad combinations are refused at start-up naming the key; a killed trainer
+of an SP group ends the job within the timeout, naming it."""
 
 import os
 import signal
@@ -11,6 +11,7 @@ import pytest
 
 from tests.integration.test_faults import start, wait_for_step, worker_pid
 from tests.integration.test_train import metrics, tiny_overrides, torchrun_train
+from tests.integration.test_train_dflash import _overrides as dflash_overrides
 
 # Validation too: the pairs of an SP group score their shared held-out share together.
 COMMON = ["train.max_steps=6", "draft.unroll_steps=3", "train.log_every_s=0", "data.holdout=8",
@@ -43,6 +44,34 @@ def test_sp2_on_four_pairs_equals_sp1_on_two_and_resumes_exactly(tiny_assets, tm
     # Every token counted once (the engines of a group send their chunk's share).
     assert [r["tokens"] for r in rows] == [r["tokens"] for r in reference]
     assert [r["step_ids_crc32"] for r in rows] == [r["step_ids_crc32"] for r in reference]
+
+
+DFLASH_COMMON = ["train.max_steps=4", "train.log_every_s=0", "data.holdout=8",
+                 "train.val_every_steps=2"]
+
+
+def test_dflash_sp2_on_four_pairs_equals_sp1_on_two_and_resumes_exactly(tiny_assets, tmp_path):
+    """DFlash: the engines of a group draw the same anchors (from the data shard), each
+    trainer trains those in its chunk and gathers the group's context; one short run each
+    (4 steps, validating after 2 and 4), the sp run stopped at step 2 and resumed."""
+    reference_dir, run_dir = str(tmp_path / "sp1"), str(tmp_path / "sp2")
+    proc = torchrun_train(dflash_overrides(tiny_assets, reference_dir, *DFLASH_COMMON), nproc=4)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    overrides = dflash_overrides(tiny_assets, run_dir, *DFLASH_COMMON, "train.sp_size=2")
+    first = torchrun_train([*overrides, "train.stop_at_step=2"], nproc=8, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = torchrun_train(overrides, nproc=8, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stderr
+    rows, reference = metrics(run_dir), metrics(reference_dir)
+    assert [r["step"] for r in rows] == [r["step"] for r in reference] == list(range(1, 5))
+    for key in ("loss", "grad_norm", "acc_0", "acc_2", "sim_accept_length", "val_loss",
+                "val_sim_accept_length"):
+        assert [r.get(key) for r in rows] == pytest.approx([r.get(key) for r in reference],
+                                                           rel=1e-5, abs=1e-7), key
+    for key in ("tokens", "labels", "step_ids_crc32"):
+        assert [r[key] for r in rows] == [r[key] for r in reference], key
+    assert reference[1]["val_sim_accept_length"] > 1  # validation ran and replayed replies
 
 
 @pytest.mark.parametrize("nproc,sp,message", [

@@ -52,7 +52,7 @@ def test_dflash_loss_falls_and_block_accuracy_rises(dflash_runs):
 def test_dflash_resume_is_exact(dflash_runs):
     straight, resumed = (metrics(d) for d in dflash_runs)
     assert [r["step"] for r in resumed] == list(range(1, 9))
-    # Same anchors (drawn from seed, step, micro-step, pair) and same data after the resume.
+    # Same anchors (drawn from seed, step, micro-step, data shard) and same data after the resume.
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in straight],
                                                          rel=1e-6, abs=1e-6)
     assert [r["labels"] for r in resumed] == [r["labels"] for r in straight]

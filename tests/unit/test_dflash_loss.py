@@ -282,7 +282,7 @@ def test_validation_replays_serving_exactly():
     micro = MicroBatch(input_ids=data["input_ids"], positions=data["positions"],
                        loss_mask=mask, seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
                        indices=torch.arange(2), epoch=0, start_state={}, end_state={})
-    meta, _ = recipe.plan_batch(micro, StepKey(seed=0, step=-1, micro=0, pair=0))
+    meta, _ = recipe.plan_batch(micro, StepKey(seed=0, step=-1, micro=0, shard=0))
     assert meta["anchors"] == [list(range(4, 13)), list(range(3, 10))]  # every valid one
     feats = dict(aux_hidden=data["target_hidden"], input_ids=data["input_ids"],
                  loss_mask=mask, positions=data["positions"])

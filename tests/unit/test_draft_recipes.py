@@ -38,10 +38,10 @@ def test_each_method_declares_its_layers_and_ring_tensors():
 def test_dflash_anchors_repeat_for_the_same_key_and_change_with_the_step():
     recipe = _recipe("dflash", "draft.num_anchors=4", "draft.block_size=4")
     batch = _batch([20, 13])
-    key = StepKey(seed=3, step=7, micro=1, pair=0)
+    key = StepKey(seed=3, step=7, micro=1, shard=0)
     (a, counts_a), (b, _) = recipe.plan_batch(batch, key), recipe.plan_batch(batch, key)
     assert a == b
-    other, _ = recipe.plan_batch(batch, StepKey(seed=3, step=8, micro=1, pair=0))
+    other, _ = recipe.plan_batch(batch, StepKey(seed=3, step=8, micro=1, shard=0))
     assert other != a
     anchors = padded_anchors(a["anchors"], 4)
     assert anchors.shape == (2, 4) and (anchors >= 0).all()  # both sequences have >= 4 valid

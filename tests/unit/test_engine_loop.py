@@ -15,7 +15,7 @@ def _eagle3(unroll_steps: int):
 
 
 def _pack(stream, num_micro_steps, unroll_steps, step=0):
-    return pack_step(stream, num_micro_steps, _eagle3(unroll_steps), seed=0, step=step, pair=0)
+    return pack_step(stream, num_micro_steps, _eagle3(unroll_steps), seed=0, step=step, shard=0)
 
 
 def test_pack_step_meta_matches_one_batch_at_a_time():

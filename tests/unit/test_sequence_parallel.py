@@ -17,8 +17,8 @@ from transformers import LlamaConfig
 from colocate.config import DraftSection
 from colocate.draft import DraftArch, Eagle3Draft
 from colocate.draft.loss import eagle3_unroll, label_counts, target_distribution
-from colocate.sequence_parallel import (SpChunk, check_heads, chunk_features, heads_to_seq,
-                                        seq_to_heads)
+from colocate.sequence_parallel import (SpChunk, check_heads, chunk_features, gather_rows,
+                                        gather_token_rows, heads_to_seq, seq_to_heads)
 
 SHAPE = dict(hidden_size=32, num_attention_heads=8, num_key_value_heads=4, intermediate_size=48,
              vocab_size=120, num_hidden_layers=4)  # GQA groups of 2, split in 2 or 4
@@ -137,6 +137,38 @@ def test_all_to_all_exchanges_tokens_for_heads_and_back(tmp_path):
     for rank in range(2):
         with open(f"{out}.{rank}") as f:
             assert json.load(f) == {"by_heads": True, "back": True, "grad": True}
+
+
+def _gather_worker(rank: int, init_method: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
+    mine = (torch.arange(6.).view(3, 2) + 10 * rank).requires_grad_()
+    whole = gather_rows(mine, dist.group.WORLD)
+    # Rank r's loss weighs the gathered rows by (r + 1) * (row index + 1): each rank's rows
+    # must get the sum of both ranks' weights, 3 * (row index + 1).
+    weights = (rank + 1) * torch.arange(1., 7.)[:, None].expand(6, 2)
+    (whole * weights).sum().backward()
+    ids, mask = gather_token_rows([torch.tensor([[1, 2], [3, 4]]) + 10 * rank,
+                                   torch.tensor([True, rank == 1])], dist.group.WORLD)
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump({"whole": whole.tolist(), "grad": mine.grad.tolist(), "ids": ids.tolist(),
+                   "mask": mask.tolist(), "dtypes": [str(ids.dtype), str(mask.dtype)]}, f)
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+def test_gather_rows_gathers_in_rank_order_and_reduce_scatters_the_gradient(tmp_path):
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "result")
+    mp.spawn(_gather_worker, args=(f"file://{tmp_path / 'rendezvous'}", out), nprocs=2)
+    for rank in range(2):
+        with open(f"{out}.{rank}") as f:
+            got = json.load(f)
+        assert got["whole"] == [[0, 1], [2, 3], [4, 5], [10, 11], [12, 13], [14, 15]]
+        assert got["grad"] == [[3 * (3 * rank + i + 1)] * 2 for i in range(3)]
+        assert got["ids"] == [[1, 2], [3, 4], [11, 12], [13, 14]]
+        assert got["mask"] == [True, False, True, True]
+        assert got["dtypes"] == ["torch.int64", "torch.bool"]
 
 
 def test_chunk_geometry_pads_with_one_sequence_and_zero_halo_rows():
