@@ -4,8 +4,9 @@ Reads K target layers (sglang's default spread, K = 5) and no final hidden state
 are the trained tokens themselves. Per micro-batch the engine draws the anchors (block
 starts) from (seed, step, micro-step, data shard) and ships them in the message's meta, so
 the step's loss denominator is known before the first backward, and a resumed run and the
-engines of a sequence-parallel group draw the same blocks. Served by sglang's DFLASH (`DFlashDraftModel`). The model, blocks, loss and export
-live in colocate/draft/dflash.py, dflash_blocks.py, dflash_loss.py and colocate/export_dflash.py.
+engines of a sequence-parallel group draw the same blocks. Served by sglang's DFLASH
+(`DFlashDraftModel`). The model, blocks, loss and export live in colocate/draft/dflash.py,
+dflash_blocks.py, dflash_loss.py and colocate/export_dflash.py.
 """
 
 from __future__ import annotations

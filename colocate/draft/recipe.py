@@ -160,9 +160,10 @@ class DraftRecipe(ABC):
     def forward(self, model: torch.nn.Module, frozen: FrozenTarget,
                 feats: dict[str, torch.Tensor], meta: dict, *,
                 label_totals: torch.Tensor | None = None, timer=None):
-        """One micro-step's forward, no backward: a `DraftStepResult`. `feats`: the ring tensors; `meta`: the message's meta (seq_lens and what
-        `plan_batch` added); `label_totals`: the step's [K] counts (None: this micro-step's
-        own); `timer`: a PhaseTimer to mark sub-phases on (e.g. "teacher")."""
+        """One micro-step's forward, no backward: a `DraftStepResult`. `feats`: the ring
+        tensors; `meta`: the message's meta (seq_lens and what `plan_batch` added);
+        `label_totals`: the step's [K] counts (None: this micro-step's own); `timer`: a
+        PhaseTimer to mark sub-phases on (e.g. "teacher")."""
 
     @abstractmethod
     def train_flops_per_token(self, geom, seq_len: int, num_layers: int) -> float:
