@@ -26,24 +26,39 @@ def reference(tiny_assets, tmp_path_factory):
     return metrics(run_dir)
 
 
-def test_sp2_on_four_pairs_equals_sp1_on_two_and_resumes_exactly(tiny_assets, tmp_path,
-                                                                  reference):
-    run_dir = str(tmp_path / "run")
-    overrides = tiny_overrides(tiny_assets, run_dir, *COMMON, "train.sp_size=2")
-    first = torchrun_train([*overrides, "train.stop_at_step=3"], nproc=8, timeout=300)
+def stopped_and_resumed_sp2(overrides: list[str], run_dir: str, stop_at_step: int) -> list[dict]:
+    """train.sp_size=2 on 4 pairs, stopped at `stop_at_step` and resumed: the metrics rows of
+    `run_dir` (the overrides' run.dir)."""
+    overrides = [*overrides, "train.sp_size=2"]
+    first = torchrun_train([*overrides, f"train.stop_at_step={stop_at_step}"], nproc=8,
+                           timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     second = torchrun_train(overrides, nproc=8, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stderr
-    rows = metrics(run_dir)
-    assert [r["step"] for r in rows] == [r["step"] for r in reference] == list(range(1, 7))
+    return metrics(run_dir)
+
+
+def assert_trains_like(rows: list[dict], reference: list[dict], num_steps: int,
+                       exact: tuple[str, ...]) -> None:
+    """Step by step, the statistics equal within rel 1e-5 and the `exact` keys equal."""
+    assert [r["step"] for r in rows] == [r["step"] for r in reference] == \
+        list(range(1, num_steps + 1))
     for key in ("loss", "grad_norm", "acc_0", "acc_2", "sim_accept_length", "val_loss",
                 "val_sim_accept_length"):
         assert [r.get(key) for r in rows] == pytest.approx([r.get(key) for r in reference],
                                                            rel=1e-5, abs=1e-7), key
+    for key in exact:
+        assert [r[key] for r in rows] == [r[key] for r in reference], key
+
+
+def test_sp2_on_four_pairs_equals_sp1_on_two_and_resumes_exactly(tiny_assets, tmp_path,
+                                                                  reference):
+    run_dir = str(tmp_path / "run")
+    rows = stopped_and_resumed_sp2(tiny_overrides(tiny_assets, run_dir, *COMMON), run_dir,
+                                   stop_at_step=3)
     # Every token counted once (the engines of a group send their chunk's share).
-    assert [r["tokens"] for r in rows] == [r["tokens"] for r in reference]
-    assert [r["step_ids_crc32"] for r in rows] == [r["step_ids_crc32"] for r in reference]
+    assert_trains_like(rows, reference, 6, exact=("tokens", "step_ids_crc32"))
 
 
 DFLASH_COMMON = ["train.max_steps=4", "train.log_every_s=0", "data.holdout=8",
@@ -54,23 +69,14 @@ def test_dflash_sp2_on_four_pairs_equals_sp1_on_two_and_resumes_exactly(tiny_ass
     """DFlash: the engines of a group draw the same anchors (from the data shard), each
     trainer trains those in its chunk and gathers the group's context; one short run each
     (4 steps, validating after 2 and 4), the sp run stopped at step 2 and resumed."""
-    reference_dir, run_dir = str(tmp_path / "sp1"), str(tmp_path / "sp2")
+    reference_dir = str(tmp_path / "sp1")
     proc = torchrun_train(dflash_overrides(tiny_assets, reference_dir, *DFLASH_COMMON), nproc=4)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    overrides = dflash_overrides(tiny_assets, run_dir, *DFLASH_COMMON, "train.sp_size=2")
-    first = torchrun_train([*overrides, "train.stop_at_step=2"], nproc=8, timeout=300)
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = torchrun_train(overrides, nproc=8, timeout=300)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "resumed from" in second.stderr
-    rows, reference = metrics(run_dir), metrics(reference_dir)
-    assert [r["step"] for r in rows] == [r["step"] for r in reference] == list(range(1, 5))
-    for key in ("loss", "grad_norm", "acc_0", "acc_2", "sim_accept_length", "val_loss",
-                "val_sim_accept_length"):
-        assert [r.get(key) for r in rows] == pytest.approx([r.get(key) for r in reference],
-                                                           rel=1e-5, abs=1e-7), key
-    for key in ("tokens", "labels", "step_ids_crc32"):
-        assert [r[key] for r in rows] == [r[key] for r in reference], key
+    reference = metrics(reference_dir)
+    run_dir = str(tmp_path / "sp2")
+    rows = stopped_and_resumed_sp2(dflash_overrides(tiny_assets, run_dir, *DFLASH_COMMON),
+                                   run_dir, stop_at_step=2)
+    assert_trains_like(rows, reference, 4, exact=("tokens", "labels", "step_ids_crc32"))
     assert reference[1]["val_sim_accept_length"] > 1  # validation ran and replayed replies
 
 

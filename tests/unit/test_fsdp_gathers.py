@@ -5,8 +5,6 @@ Eagle3 unroll calls its layer several times per micro-step."""
 from __future__ import annotations
 
 import collections
-import json
-import os
 
 import torch
 import torch.distributed as dist
@@ -19,6 +17,7 @@ from colocate.draft.recipe import FrozenTarget, recipe_for
 from colocate.progress import PhaseTimer
 from colocate.train.target_tensors import dummy_embed_and_head
 from colocate.train.trainer import build_sharded_draft, micro_step
+from tests.gloo_ranks import finish_rank, run_ranks
 
 SHAPE = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
              intermediate_size=48, vocab_size=96, num_hidden_layers=4, rms_norm_eps=1e-6)
@@ -77,20 +76,11 @@ def _two_rank_step(rank: int, init_method: str, out: str) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         per_step.append(gathers["all_gather"])
-    with open(f"{out}.{rank}", "w") as f:
-        json.dump({"groups": groups, "gathers_per_step": per_step, "losses": losses}, f)
-    dist.destroy_process_group()
-    os._exit(0)  # no interpreter teardown: gloo can abort there (see colocate/__main__.py)
+    finish_rank(out, rank, {"groups": groups, "gathers_per_step": per_step, "losses": losses})
 
 
 def test_each_sharded_group_is_gathered_once_per_optimizer_step(tmp_path):
-    import torch.multiprocessing as mp
-
-    out = str(tmp_path / "result")
-    mp.spawn(_two_rank_step, args=(f"file://{tmp_path / 'rendezvous'}", out), nprocs=2)
-    for rank in range(2):
-        with open(f"{out}.{rank}") as f:
-            got = json.load(f)
+    for got in run_ranks(_two_rank_step, 2, tmp_path):
         # Before: the unrolled layer was gathered UNROLL times on every micro-step.
         assert got["gathers_per_step"] == [got["groups"]] * 2 == [2, 2], got
         assert got["losses"][1] < got["losses"][0]  # step 2 trained on the updated weights

@@ -6,8 +6,6 @@ and tests/unit/test_draft_flex.py holds the two paths equal on whatever bounds t
 
 from __future__ import annotations
 
-import json
-import os
 
 import pytest
 import torch
@@ -19,6 +17,7 @@ from colocate.draft import DraftArch, Eagle3Draft
 from colocate.draft.loss import eagle3_unroll, label_counts, target_distribution
 from colocate.sequence_parallel import (SpChunk, check_heads, chunk_features, gather_rows,
                                         gather_token_rows, heads_to_seq, seq_to_heads)
+from tests.gloo_ranks import finish_rank, run_ranks
 
 SHAPE = dict(hidden_size=32, num_attention_heads=8, num_key_value_heads=4, intermediate_size=48,
              vocab_size=120, num_hidden_layers=4)  # GQA groups of 2, split in 2 or 4
@@ -84,24 +83,14 @@ def _worker(rank: int, init_method: str, out: str, attention: str, world: int) -
               "hits": reference.hits.tolist(), "counted": reference.counted.tolist(),
               "sim": reference.sim.tolist(),
               **{f"grad.{n}": g.double().tolist() for n, g in ref_grads.items()}}
-    with open(f"{out}.{rank}", "w") as f:
-        json.dump({"summed": summed, "expect": expect, "chunk": [start, end],
-                   "rows": feats["input_ids"].numel()}, f)
-    dist.destroy_process_group()
-    os._exit(0)  # no interpreter teardown: gloo can abort there (see colocate/__main__.py)
+    finish_rank(out, rank, {"summed": summed, "expect": expect, "chunk": [start, end],
+                            "rows": feats["input_ids"].numel()})
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_chunks_equal_the_whole_micro_batch(tmp_path, world, attention="loop"):
-    import torch.multiprocessing as mp
-
-    out = str(tmp_path / "result")
-    mp.spawn(_worker, args=(f"file://{tmp_path / 'rendezvous'}", out, attention, world),
-             nprocs=world)
     size = -(-sum(SEQ_LENS) // world)
-    for rank in range(world):
-        with open(f"{out}.{rank}") as f:
-            got = json.load(f)
+    for rank, got in enumerate(run_ranks(_worker, world, tmp_path, attention, world)):
         assert got["chunk"] == [rank * size, (rank + 1) * size]
         assert got["rows"] == size + UNROLL + 1  # the chunk and its halo
         assert got["summed"].keys() == got["expect"].keys()
@@ -120,23 +109,16 @@ def _all_to_all_worker(rank: int, init_method: str, out: str) -> None:
     by_heads = seq_to_heads(mine, dist.group.WORLD)
     back = heads_to_seq(by_heads, dist.group.WORLD)
     (by_heads * (rank + 1)).sum().backward()
-    with open(f"{out}.{rank}", "w") as f:
-        json.dump({"by_heads": torch.equal(by_heads, whole[:, 2 * rank:2 * rank + 2]),
-                   "back": torch.equal(back, mine),
-                   "grad": torch.equal(mine.grad, torch.cat([torch.ones(3, 2, 2),
-                                                             2 * torch.ones(3, 2, 2)], 1))}, f)
-    dist.destroy_process_group()
-    os._exit(0)
+    finish_rank(out, rank, {
+        "by_heads": torch.equal(by_heads, whole[:, 2 * rank:2 * rank + 2]),
+        "back": torch.equal(back, mine),
+        "grad": torch.equal(mine.grad, torch.cat([torch.ones(3, 2, 2), 2 * torch.ones(3, 2, 2)],
+                                                 1))})
 
 
 def test_all_to_all_exchanges_tokens_for_heads_and_back(tmp_path):
-    import torch.multiprocessing as mp
-
-    out = str(tmp_path / "result")
-    mp.spawn(_all_to_all_worker, args=(f"file://{tmp_path / 'rendezvous'}", out), nprocs=2)
-    for rank in range(2):
-        with open(f"{out}.{rank}") as f:
-            assert json.load(f) == {"by_heads": True, "back": True, "grad": True}
+    for got in run_ranks(_all_to_all_worker, 2, tmp_path):
+        assert got == {"by_heads": True, "back": True, "grad": True}
 
 
 def _gather_worker(rank: int, init_method: str, out: str) -> None:
@@ -149,21 +131,13 @@ def _gather_worker(rank: int, init_method: str, out: str) -> None:
     (whole * weights).sum().backward()
     ids, mask = gather_token_rows([torch.tensor([[1, 2], [3, 4]]) + 10 * rank,
                                    torch.tensor([True, rank == 1])], dist.group.WORLD)
-    with open(f"{out}.{rank}", "w") as f:
-        json.dump({"whole": whole.tolist(), "grad": mine.grad.tolist(), "ids": ids.tolist(),
-                   "mask": mask.tolist(), "dtypes": [str(ids.dtype), str(mask.dtype)]}, f)
-    dist.destroy_process_group()
-    os._exit(0)
+    finish_rank(out, rank, {"whole": whole.tolist(), "grad": mine.grad.tolist(),
+                            "ids": ids.tolist(), "mask": mask.tolist(),
+                            "dtypes": [str(ids.dtype), str(mask.dtype)]})
 
 
 def test_gather_rows_gathers_in_rank_order_and_reduce_scatters_the_gradient(tmp_path):
-    import torch.multiprocessing as mp
-
-    out = str(tmp_path / "result")
-    mp.spawn(_gather_worker, args=(f"file://{tmp_path / 'rendezvous'}", out), nprocs=2)
-    for rank in range(2):
-        with open(f"{out}.{rank}") as f:
-            got = json.load(f)
+    for rank, got in enumerate(run_ranks(_gather_worker, 2, tmp_path)):
         assert got["whole"] == [[0, 1], [2, 3], [4, 5], [10, 11], [12, 13], [14, 15]]
         assert got["grad"] == [[3 * (3 * rank + i + 1)] * 2 for i in range(3)]
         assert got["ids"] == [[1, 2], [3, 4], [11, 12], [13, 14]]

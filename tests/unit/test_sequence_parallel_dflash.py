@@ -6,8 +6,6 @@ training and for validation's serving replay, through the recipe as the trainer 
 
 from __future__ import annotations
 
-import json
-import os
 
 import pytest
 import torch
@@ -19,6 +17,7 @@ from colocate.draft.dflash_blocks import block_label_counts
 from colocate.draft.dflash_recipe import DFlashRecipe, padded_anchors
 from colocate.draft.recipe import FrozenTarget, StepKey
 from colocate.sequence_parallel import SpChunk, chunk_features
+from tests.gloo_ranks import finish_rank, run_ranks
 from tests.unit.test_dflash_loss import head_weights
 from tests.unit.test_dflash_model import H, V, make_draft, qwen3_config
 
@@ -95,24 +94,14 @@ def _worker(rank: int, init_method: str, out: str, world: int, attention: str) -
                                   **{n: g.tolist() for n, g in have_grads.items()}},
                          "want": {"stats": want.tolist(),
                                   **{n: g.tolist() for n, g in want_grads.items()}}}
-    with open(f"{out}.{rank}", "w") as f:
-        json.dump(report, f)
-    dist.destroy_process_group()
-    os._exit(0)  # no interpreter teardown: gloo can abort there (see colocate/__main__.py)
+    finish_rank(out, rank, report)
 
 
 # The dense mask (loop) on 2 and 4 ranks; the flex BlockMask over the gathered context on 2.
 @pytest.mark.parametrize("world,attention", [(2, "loop"), (4, "loop"), (2, "flex")])
 def test_chunks_train_what_the_whole_micro_batch_trains(tmp_path, world, attention):
-    import torch.multiprocessing as mp
-
-    out = str(tmp_path / "result")
-    mp.spawn(_worker, args=(f"file://{tmp_path / 'rendezvous'}", out, world, attention),
-             nprocs=world)
     size = -(-sum(SEQ_LENS) // world)
-    for rank in range(world):
-        with open(f"{out}.{rank}") as f:
-            got = json.load(f)
+    for rank, got in enumerate(run_ranks(_worker, world, tmp_path, world, attention)):
         assert got["chunk"] == [rank * size, (rank + 1) * size]
         assert got["rows"] == size + BLOCK - 1  # the chunk and its halo
         for split in ("train", "val"):
