@@ -191,7 +191,7 @@ class DraftTrainer:
             recipe, target_config, len(draft_ids), aux_layer_ids, topo.trainer_mesh(), dtype,
             device, init=init)
         model = self.model
-        if topo.sp_group is not None:  # Ulysses all-to-all around the draft's attention
+        if topo.sp_group is not None:  # Eagle3's all-to-all, DFlash's context gather
             model.use_sequence_parallel(topo.sp_group)
         self.num_trainers = dist.get_world_size(topo.role_group)  # FSDP2 averages over these
 
