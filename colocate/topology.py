@@ -214,7 +214,7 @@ class Topology:
     role_group: dist.ProcessGroup      # NCCL on GPU, gloo on CPU; this role's ranks only
     role_cpu_group: dist.ProcessGroup  # gloo twin for CPU metadata
     mps_status: object | None = None   # colocate.mps.MpsStatus; None on CPU
-    mps_handle: object | None = None   # colocate.mps_daemon.DaemonHandle on the node rank that started it
+    mps_handle: object | None = None   # mps_daemon.DaemonHandle on the rank that started it
     sp_size: int = 1                   # train.sp_size: pairs that share each micro-batch
     sp_group: dist.ProcessGroup | None = None  # trainers: this one's SP group (None: sp_size 1)
 
