@@ -80,7 +80,9 @@ say "step 2 logged; SIGTERM to the batch script (as --signal=B:TERM before the t
 scancel --batch --signal=TERM "$job"
 
 # 5. Wait for the requeued job to finish. slurmctld holds a requeued job back for two
-#    minutes (its eligible time); once it is pending again, make it eligible now.
+#    minutes (its eligible time); once it is pending again, make it eligible in 5 s. Not
+#    "now": slurmd refuses a credential issued in the second it revoked the job's last one
+#    ("Job credential revoked"), which failed this test once.
 released=0
 until [ "$(restarts)" -ge 1 ] 2>/dev/null && [ "$(state)" = COMPLETED ]; do
   case "$(state)" in
@@ -91,7 +93,7 @@ until [ "$(restarts)" -ge 1 ] 2>/dev/null && [ "$(state)" = COMPLETED ]; do
     fail "job $job completed without being requeued: the SIGTERM did not stop it"
   fi
   if [ "$released" = 0 ] && [ "$(restarts)" -ge 1 ] 2>/dev/null && [ "$(state)" = PENDING ]; then
-    scontrol update JobId="$job" StartTime=now && released=1
+    scontrol update JobId="$job" StartTime=now+5 && released=1
   fi
   ((SECONDS < deadline)) || fail "timed out after ${timeout_s}s waiting for job $job (state $(state), restarts $(restarts))"
   sleep 2
