@@ -121,11 +121,14 @@ def check_sm_shares(section: MpsSection) -> list[str]:
         out.append(f"mps.trainer_sm_percent ({t}) + mps.engine_sm_percent ({e}) = {t + e} < 100: "
                    f"{100 - t - e}% of the SMs stay idle; raise one of them (sums above 100 are "
                    "fine)")
-    if t < 100:
-        # Seen once, not yet explained: docs/gpu-logs/online-h200/trainer-sm-cap/.
-        out.append(f"mps.trainer_sm_percent ({t}) < 100: on an H200 (2026-12-01) capped "
-                   "trainers computed wrong steps (NaN gradients at 70, a loss of exactly 0 at "
-                   "50); check yours with tests/gpu/run_sm_cap.sh, or keep 100")
+    for key, value in (("mps.trainer_sm_percent", t), ("mps.engine_sm_percent", e)):
+        if value < 100:
+            # cuBLAS returned wrong bf16 GEMMs under a cap (docs/gpu-logs/online-h200/
+            # trainer-sm-cap/); colocate/gemm_check.py stops such a rank at start-up.
+            out.append(f"{key} ({value}) < 100: on an H200 the GEMM library computed wrong "
+                       "results under MPS SM caps of 60, 70 and 80; each capped rank checks its "
+                       "model's GEMM shapes against float64 at start-up and stops if one is "
+                       "wrong. 100 (the default) is safe")
     return out
 
 

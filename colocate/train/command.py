@@ -62,6 +62,14 @@ def main(args: argparse.Namespace) -> int:
     topo = init_topology(device=cfg.run.device, timeout_s=cfg.run.startup_timeout_s, mps=cfg.mps,
                          sp_size=cfg.train.sp_size)
     info = topo.info
+    # Before any role work, now that CUDA runs under this role's MPS limits: a capped rank
+    # must compute its GEMMs right (gemm_check.py). Settled like the stages above, so every
+    # rank stops at once instead of the peers waiting out the start-up timeout.
+    try:
+        _check_gemms_under_sm_cap(cfg, topo, target_config, aux)
+    except Exception as e:  # noqa: BLE001 - settled below
+        error = e
+    agreement.settle(error, "checking the GEMMs under the MPS SM cap", info)
     # From here SIGTERM / SIGINT stop at the next step boundary with a checkpoint (replacing
     # the MPS owner's exit-on-SIGTERM: the graceful path ends in atexit just the same).
     from colocate.train.signals import RUN, STOP
@@ -135,6 +143,26 @@ def _read_run_dir_and_target(cfg):
         except ValueError as e:
             raise ConfigError(str(e)) from None
     return done, target_config, aux
+
+
+def _check_gemms_under_sm_cap(cfg, topo, target_config, aux) -> None:
+    """This rank's role under an MPS SM cap below 100: check the GEMM shapes its model runs
+    (a target layer's and the draft's) against float64; raises ConfigError when wrong."""
+    from colocate import gemm_check
+
+    role = topo.role.value
+    sm_percent = getattr(cfg.mps, f"{role}_sm_percent")
+    mps_active = bool(topo.mps_status is not None and topo.mps_status.active)
+    if sm_percent >= 100 or not mps_active or topo.device.type != "cuda":
+        return  # uncapped: skip building the shapes too
+    tokens = cfg.data.tokens_per_micro_step
+    if topo.is_trainer:  # sequence parallel: each trainer of the group runs 1/sp_size of them
+        tokens = -(-tokens // cfg.train.sp_size)
+    shapes = gemm_check.model_gemm_shapes(
+        target_config, tokens, draft_vocab_size=cfg.draft.draft_vocab_size,
+        draft_intermediate_size=cfg.draft.intermediate_size, num_aux=len(aux))
+    gemm_check.check_sm_cap(role, sm_percent, mps_active=mps_active, device=topo.device,
+                            shapes=shapes)
 
 
 def failure_summary(how: str) -> str | None:

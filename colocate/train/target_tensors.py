@@ -58,18 +58,28 @@ def load_embed_and_head(path: str, *, tie_word_embeddings: bool, dtype: torch.dt
     return embed.requires_grad_(False), head.requires_grad_(False)
 
 
+_DUMMY_CHUNK_ELEMENTS = 1 << 26
+"""float32 elements drawn per host chunk (256 MiB)."""
+
+
 def dummy_embed_and_head(vocab_size: int, hidden_size: int, *, seed: int, dtype: torch.dtype,
                          device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded random (embed, lm_head) for target.load_format=dummy.
 
     The engine puts the same embedding into its randomly initialised target, so trainer and
-    engine agree on the target they pretend to share. Drawn on `device` (an 8B target's
-    1.2 GB tables in milliseconds); values depend on the device's generator, which both
-    sides of a pair share.
+    engine agree on the target they pretend to share. Drawn on the host: CUDA's generator
+    lays its stream out over a grid sized by the SM count the process sees, so a trainer
+    under an MPS SM cap would draw other tables than its uncapped engine (seen on an H200).
     """
-    g = torch.Generator(device=device).manual_seed(seed)
-    embed = torch.empty(vocab_size, hidden_size, dtype=torch.float32, device=device)
-    head = torch.empty_like(embed)
-    embed.normal_(0.0, 0.02, generator=g)
-    head.normal_(0.0, 0.02, generator=g)
-    return embed.to(dtype).requires_grad_(False), head.to(dtype).requires_grad_(False)
+    g = torch.Generator().manual_seed(seed)
+    rows = max(1, _DUMMY_CHUNK_ELEMENTS // max(1, hidden_size))
+
+    def table() -> torch.Tensor:
+        out = torch.empty(vocab_size, hidden_size, dtype=dtype, device=device)
+        for start in range(0, vocab_size, rows):
+            chunk = torch.empty(min(rows, vocab_size - start), hidden_size)
+            out[start:start + len(chunk)] = chunk.normal_(0.0, 0.02, generator=g).to(dtype)
+        return out.requires_grad_(False)
+
+    embed = table()
+    return embed, table()

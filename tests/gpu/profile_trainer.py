@@ -51,16 +51,18 @@ KINDS = [  # kernel name pattern -> kind, first match wins
 
 
 def micro_step_inputs(seq_lens: list[int], shape: dict, device: torch.device, seed: int) -> dict:
-    gen = torch.Generator(device=device).manual_seed(seed)
+    # Drawn on the host: CUDA's generator output depends on the SM count the process sees,
+    # and run_sm_cap.sh compares runs under different MPS SM caps.
+    gen = torch.Generator().manual_seed(seed)
     num_tokens, hidden = sum(seq_lens), shape["hidden_size"]
     return dict(
         feats=dict(
-            aux_hidden=torch.randn(num_tokens, NUM_AUX * hidden, device=device, generator=gen,
-                                   dtype=torch.bfloat16),
-            last_hidden=torch.randn(num_tokens, hidden, device=device, generator=gen,
-                                    dtype=torch.bfloat16),
-            input_ids=torch.randint(0, shape["vocab_size"], (num_tokens,), device=device,
-                                    generator=gen),
+            aux_hidden=torch.randn(num_tokens, NUM_AUX * hidden, generator=gen,
+                                   dtype=torch.bfloat16).to(device),
+            last_hidden=torch.randn(num_tokens, hidden, generator=gen,
+                                    dtype=torch.bfloat16).to(device),
+            input_ids=torch.randint(0, shape["vocab_size"], (num_tokens,),
+                                    generator=gen).to(device),
             loss_mask=torch.ones(num_tokens, dtype=torch.bool, device=device),
             positions=torch.cat([torch.arange(n, device=device) for n in seq_lens]),
         ),
@@ -213,7 +215,7 @@ def main() -> int:
     embed, head = dummy_embed_and_head(shape["vocab_size"], shape["hidden_size"], seed=0,
                                        dtype=torch.bfloat16, device=device)
     torch.manual_seed(0)  # the same draft vocabulary in every run (--save / --reference)
-    draft_ids = torch.randperm(shape["vocab_size"], device=device)[:DRAFT_VOCAB].sort().values
+    draft_ids = torch.randperm(shape["vocab_size"])[:DRAFT_VOCAB].sort().values.to(device)
     geom = metrics.Geometry.from_hf_config(LlamaConfig(**shape))
     flops_per_token = metrics.draft_train_flops_per_token(
         geom, args.seq_len, draft_vocab_size=DRAFT_VOCAB, unroll_steps=args.unroll)

@@ -325,10 +325,12 @@ def test_activate_sets_pipe_dir_and_role_limits(fake):
 
 def test_sm_share_checks():
     assert mps.check_sm_shares(MpsSection()) == []  # 100 + 100: work-conserving default
-    assert mps.check_sm_shares(MpsSection(trainer_sm_percent=100, engine_sm_percent=60)) == []
-    [msg] = mps.check_sm_shares(MpsSection(trainer_sm_percent=70, engine_sm_percent=60))
-    assert "trainer_sm_percent (70) < 100" in msg and "run_sm_cap.sh" in msg
-    msg, _ = mps.check_sm_shares(MpsSection(trainer_sm_percent=30, engine_sm_percent=40))
+    # A cap on either role: its GEMMs are checked at start-up (gemm_check.py); say so.
+    [msg] = mps.check_sm_shares(MpsSection(trainer_sm_percent=100, engine_sm_percent=60))
+    assert "mps.engine_sm_percent (60) < 100" in msg and "checks its model's GEMM" in msg
+    trainer, engine = mps.check_sm_shares(MpsSection(trainer_sm_percent=70, engine_sm_percent=60))
+    assert "mps.trainer_sm_percent (70) < 100" in trainer and "engine_sm_percent (60)" in engine
+    msg, _, _ = mps.check_sm_shares(MpsSection(trainer_sm_percent=30, engine_sm_percent=40))
     assert "30% of the SMs stay idle" in msg
     [msg] = mps.check_sm_shares(MpsSection(mode="off", engine_sm_percent=50))
     assert "mps.engine_sm_percent is ignored" in msg

@@ -1,0 +1,235 @@
+"""Are this GPU's bf16 GEMMs right? A start-up check for ranks under an MPS SM cap.
+
+On an H200 (torch 2.11, cu130), as an MPS client with CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=70,
+cuBLAS returned a plain bf16 4096x4096x4096 `x @ w.T` and its two backward GEMMs with a
+relative error of 0.3-0.4 against float64: wrong, silently. Which shapes fail depends on the
+cap (at the Qwen3-8B shapes: many at 60, 70 and 80, none at 50 and 90). A capped rank
+therefore runs the GEMMs its model will run, at the model's shapes, before any real work:
+
+    shapes = model_gemm_shapes(target_config, tokens=cfg.data.tokens_per_micro_step)
+    check_sm_cap("trainer", 70, mps_active=True, device=dev, shapes=shapes)  # raises if wrong
+
+Each shape (tokens, in_features, out_features) is checked the way autograd issues a linear
+layer: forward y = x @ w.T, backward dx = dy @ w and dw = dy.T @ x. The device computes
+whole results (the GEMM library picks its kernel by shape, so the shape must be the real
+one); the host recomputes in float64 only a few sampled rows of each, plus one projection
+of all its rows onto random weights, which keeps the check to seconds even at lm_head sizes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple, Sequence
+
+import torch
+
+from colocate.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+MAX_TOKENS = 16384
+"""Rows checked per shape at most: kernels are picked by shape class, and the host copies of
+x grow with the rows."""
+TEACHER_CHUNK_TOKENS = 2048
+"""Rows per chunk of the trainer's full-vocabulary teacher head (draft/loss.py)."""
+_HOST_CHUNK_ELEMENTS = 1 << 25  # float64 elements per host chunk (256 MiB)
+
+Matmul = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class GemmShape(NamedTuple):
+    tokens: int
+    in_features: int
+    out_features: int
+    name: str = ""
+    """Which layers use it (for messages only)."""
+
+    def __str__(self) -> str:
+        where = f" ({self.name})" if self.name else ""
+        return f"{self.tokens}x{self.in_features}->{self.out_features}{where}"
+
+
+@dataclass(frozen=True)
+class GemmFailure:
+    shape: GemmShape
+    gemm: str
+    """forward y = x @ w.T, backward dx = dy @ w or backward dw = dy.T @ x."""
+    rel_error: float
+    """Relative L2 error against float64, the worse of the sampled rows' and the projection's;
+    NaN when the result had NaN."""
+
+    def __str__(self) -> str:
+        return f"{self.gemm} at {self.shape}: relative L2 error {self.rel_error:.3g}"
+
+
+GEMMS = ("forward y = x @ w.T", "backward dx = dy @ w", "backward dw = dy.T @ x")
+
+
+# --------------------------------------------------------------------------- the shapes
+
+
+def model_gemm_shapes(hf_config: Any, tokens: int, *, draft_vocab_size: int | None = None,
+                      draft_intermediate_size: int = 0, num_aux: int = 3) -> list[GemmShape]:
+    """The linear-layer shapes a target layer and the draft layers run on `tokens` rows.
+
+    `hf_config`: the target's HF config (or any object with hidden_size, intermediate_size,
+    num_attention_heads, vocab_size and optionally num_key_value_heads, head_dim).
+    `draft_vocab_size`: the draft lm_head's rows (clamped to the target vocabulary; None:
+    the target's). `draft_intermediate_size`: draft.intermediate_size (0: the target's).
+    `num_aux`: target hidden states concatenated into the draft's fc. Shapes used by several
+    layers appear once."""
+    if hasattr(hf_config, "get_text_config"):  # multimodal configs nest the language model
+        hf_config = hf_config.get_text_config()
+    rows = max(1, min(int(tokens), MAX_TOKENS))
+    hidden = int(hf_config.hidden_size)
+    heads = int(hf_config.num_attention_heads)
+    head_dim = int(getattr(hf_config, "head_dim", None) or hidden // heads)
+    kv_heads = int(getattr(hf_config, "num_key_value_heads", None) or heads)
+    q, kv = heads * head_dim, kv_heads * head_dim
+    vocab = int(hf_config.vocab_size)
+    draft_vocab = min(vocab, draft_vocab_size or vocab)
+    named = [
+        (rows, hidden, q, "q_proj"), (rows, hidden, kv, "k_proj, v_proj"),
+        (rows, q, hidden, "o_proj"),
+        (rows, 2 * hidden, q, "Eagle3 q_proj"), (rows, 2 * hidden, kv, "Eagle3 k_proj, v_proj"),
+        (rows, num_aux * hidden, hidden, "draft fc"),
+        (rows, hidden, draft_vocab, "draft lm_head"),
+        (min(rows, TEACHER_CHUNK_TOKENS), hidden, vocab, "target lm_head"),
+    ]
+    for inter, who in ((int(hf_config.intermediate_size), ""),
+                       (draft_intermediate_size, "draft ")):
+        if inter:
+            named += [(rows, hidden, inter, f"{who}gate_proj, up_proj"),
+                      (rows, inter, hidden, f"{who}down_proj")]
+    merged: dict[tuple[int, int, int], list[str]] = {}
+    for t, k, n, name in named:
+        merged.setdefault((t, k, n), []).append(name)
+    return [GemmShape(t, k, n, ", ".join(names)) for (t, k, n), names in merged.items()]
+
+
+# --------------------------------------------------------------------------- the check
+
+
+def check_gemms(shapes: Sequence[tuple[int, int, int]], device: torch.device | str, *,
+                sample_rows: int = 8, tol: float = 2e-2, seed: int = 0,
+                matmul: Matmul = torch.matmul) -> list[GemmFailure]:
+    """Run each shape's three GEMMs on `device` in bf16 and compare `sample_rows` rows of
+    each result, and a projection of all its rows, with float64 on the host; returns the
+    failures (empty: every relative L2 error within `tol`).
+
+    `matmul` is the device GEMM under test (tests pass a broken one). bf16 inputs with
+    float32 accumulation land near 2e-3 here; the H200's wrong results were near 0.3."""
+    device = torch.device(device)
+    failures = []
+    for index, shape in enumerate(shapes):
+        shape = GemmShape(*shape)
+        errors = gemm_errors(shape, device, sample_rows=sample_rows, seed=seed + index,
+                             matmul=matmul)
+        for gemm, err in zip(GEMMS, errors):
+            if not err <= tol:  # NaN compares False: a NaN result fails
+                failures.append(GemmFailure(shape, gemm, err))
+    if device.type == "cuda":
+        # The engine sizes its KV cache from free memory: give the check's blocks back.
+        torch.cuda.empty_cache()
+    return failures
+
+
+def gemm_errors(shape: tuple[int, int, int], device: torch.device, *, sample_rows: int = 8,
+                seed: int = 0, matmul: Matmul = torch.matmul) -> tuple[float, float, float]:
+    """The relative L2 error of each of the GEMMS at `shape`: the worse of its sampled rows'
+    and its projection's (NaN if either is)."""
+    t, k, n = shape[:3]
+    # Inputs are drawn on the device: drawing 10^8 numbers on the host would cost seconds.
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*size: int, scale: float = 1.0) -> torch.Tensor:
+        # Scaled so that every result stays near unit size.
+        return torch.randn(*size, generator=gen, device=device, dtype=torch.bfloat16) * scale
+
+    x_TK, w_NK, dy_TN = randn(t, k), randn(n, k, scale=k ** -0.5), randn(t, n)
+    y_TN = matmul(x_TK, w_NK.T)
+    dx_TK = matmul(dy_TN, w_NK)
+    dw_NK = matmul(dy_TN.T, x_TK)
+
+    # Sampled rows miss a wrong tile elsewhere, so each result is also projected onto
+    # random row weights (v^T y against (v^T x) w^T): one more row to compare, which sees
+    # every row. The device applies the weights with elementwise and reduction kernels,
+    # not the GEMM library under test.
+    v_T = torch.randn(t, generator=gen, device=device)
+    u_N = torch.randn(n, generator=gen, device=device)
+
+    def project(weights: torch.Tensor, m: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        return (weights.unsqueeze(1 - dim) * m.float()).sum(dim)
+
+    picker = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(t, generator=picker)[:sample_rows]      # of y and dx
+    out_rows = torch.randperm(n, generator=picker)[:sample_rows]  # of dw
+    rows_dev, out_rows_dev = rows.to(device), out_rows.to(device)
+    x_host, w_host = x_TK.cpu(), w_NK.cpu()
+
+    def host(*parts: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p.cpu().double().reshape(-1, p.shape[-1]) for p in parts])
+
+    # Each reference is one host GEMM: the sampled rows plus the projection's row (last).
+    y_ref = _host_mm(w_host, host(x_host[rows], project(v_T, x_TK)).T).T
+    dx_ref = _host_mm(host(dy_TN[rows_dev], project(v_T, dy_TN)), w_host)
+    dw_ref = _host_mm(host(dy_TN[:, out_rows_dev].T, project(u_N, dy_TN, dim=1)), x_host)
+    got = (host(y_TN[rows_dev], project(v_T, y_TN)), host(dx_TK[rows_dev], project(v_T, dx_TK)),
+           host(dw_NK[out_rows_dev], project(u_N, dw_NK)))
+    return tuple(_worst(_rel(g[:-1], r[:-1]), _rel(g[-1], r[-1]))
+                 for g, r in zip(got, (y_ref, dx_ref, dw_ref)))
+
+
+def _host_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in float64, the large operand converted a chunk of its (contiguous) rows at a
+    time: a float64 copy of a whole lm_head would be gigabytes."""
+    if a.numel() >= b.numel():  # chunks of output rows
+        chunk = max(1, _HOST_CHUNK_ELEMENTS // max(1, a.shape[1]))
+        b = b.double()
+        return torch.cat([a[start:start + chunk].double() @ b
+                          for start in range(0, a.shape[0], chunk)])
+    chunk = max(1, _HOST_CHUNK_ELEMENTS // max(1, b.shape[1]))  # chunks of the inner dim
+    out = torch.zeros(a.shape[0], b.shape[1], dtype=torch.float64)
+    for start in range(0, b.shape[0], chunk):
+        out += a[:, start:start + chunk].double() @ b[start:start + chunk].double()
+    return out
+
+
+def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got - ref).norm() / ref.norm().clamp(min=1e-30)).item()  # NaN in, NaN out
+
+
+def _worst(a: float, b: float) -> float:
+    return a if a != a else b if b != b else max(a, b)  # NaN wins: built-in max may drop it
+
+
+# --------------------------------------------------------------------------- start-up
+
+
+def check_sm_cap(role: str, sm_percent: int, *, mps_active: bool, device: torch.device | str,
+                 shapes: Sequence[tuple[int, int, int]], check: Callable[..., list] = check_gemms
+                 ) -> None:
+    """Start-up hook: a rank whose role runs under an MPS SM cap checks its GEMM shapes.
+
+    Does nothing at 100 (the default), without MPS (the cap is then not applied) and off
+    CUDA. Raises ConfigError naming mps.<role>_sm_percent, the first failure and the fix
+    when a GEMM is wrong; logs the shapes' count and the time when all pass. `check` is
+    `check_gemms` (tests inject failures)."""
+    device = torch.device(device)
+    if sm_percent >= 100 or not mps_active or device.type != "cuda":
+        return
+    key = f"mps.{role}_sm_percent"
+    start = time.perf_counter()
+    failures = check(shapes, device)
+    took = time.perf_counter() - start
+    if failures:
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        raise ConfigError(
+            f"{key}={sm_percent}: the GPU's GEMM library computed wrong results under this "
+            f"MPS SM cap: {failures[0]}{more}, against float64 on the host (measured on an "
+            f"H200: caps of 60, 70 and 80 gave wrong bf16 GEMMs). Set {key}=100 (the default); "
+            "tests/gpu/gemm_cap_probe.py checks other caps on this GPU")
+    log.info("%s=%d: %d GEMM shapes (x3: forward and both backward) agree with float64 "
+             "under the MPS SM cap (%.1f s)", key, sm_percent, len(shapes), took)
