@@ -73,7 +73,7 @@ def dummy_causal_lm(path: str, dtype: torch.dtype, attn_implementation: str,
     input embedding is the trainer's (`dummy_embed_and_head`), so both sides agree."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from colocate.train.target_tensors import dummy_embed_and_head
+    from colocate.target import dummy_embed_and_head
 
     check_model_dir(path, need_weights=False)
     config = AutoConfig.from_pretrained(path, local_files_only=True)

@@ -258,7 +258,7 @@ class SGLangTargetEngine(TargetEngine):
     def _seed_dummy_embedding(self, model, seed: int) -> None:
         """The trainer's seeded embedding (`dummy_embed_and_head`) into sglang's dummy model,
         this rank's VocabParallelEmbedding shard only; padding rows zeroed."""
-        from colocate.train.target_tensors import dummy_embed_and_head
+        from colocate.target import dummy_embed_and_head
 
         text = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
             else model.config

@@ -32,7 +32,7 @@ from colocate.train import agreement, faults, signals
 from colocate.train.health import NonFiniteGuard
 from colocate.train.pair_session import PairSession
 from colocate.train.schedule import lr_at, validates_after
-from colocate.train.target_tensors import dummy_embed_and_head, load_embed_and_head
+from colocate.target import dummy_embed_and_head, load_embed_and_head
 from colocate.train.warm_start import apply_init_weights, load_init_weights
 from colocate.transport import PeerError
 

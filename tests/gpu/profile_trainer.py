@@ -35,7 +35,7 @@ from colocate.draft import label_counts
 from colocate.draft.recipe import FrozenTarget, recipe_for
 from colocate.progress import PhaseTimer, peak_gib, phase_seconds
 from colocate.train.health import NonFiniteGuard
-from colocate.train.target_tensors import dummy_embed_and_head
+from colocate.target import dummy_embed_and_head
 from colocate.train.trainer import build_sharded_draft, clip_and_step, make_optimizer, micro_step
 from draft_shapes import DRAFT_VOCAB, NUM_AUX, QWEN3_8B, REL_TOL, mismatches
 

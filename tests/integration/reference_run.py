@@ -17,7 +17,7 @@ from colocate.engine import build_engine, resolve_aux_layer_ids
 from colocate.target import load_tokenizer
 from colocate.train.engine_loop import prepare_data
 from colocate.train.schedule import lr_at
-from colocate.train.target_tensors import load_embed_and_head
+from colocate.target import load_embed_and_head
 
 
 class DictWriter:

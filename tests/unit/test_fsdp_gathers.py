@@ -15,7 +15,7 @@ from colocate.config import load_config
 from colocate.draft import label_counts
 from colocate.draft.recipe import FrozenTarget, recipe_for
 from colocate.progress import PhaseTimer
-from colocate.train.target_tensors import dummy_embed_and_head
+from colocate.target import dummy_embed_and_head
 from colocate.train.trainer import build_sharded_draft, micro_step
 from tests.gloo_ranks import finish_rank, run_ranks
 

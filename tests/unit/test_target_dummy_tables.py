@@ -3,8 +3,8 @@ engine that see different SM counts (an MPS SM cap) still share the same target.
 
 import torch
 
-from colocate.train import target_tensors
-from colocate.train.target_tensors import dummy_embed_and_head
+from colocate import target
+from colocate.target import dummy_embed_and_head
 
 
 def test_dummy_tables_are_the_host_generators_draw_whatever_the_chunking(monkeypatch):
@@ -16,7 +16,7 @@ def test_dummy_tables_are_the_host_generators_draw_whatever_the_chunking(monkeyp
     assert torch.equal(embed, whole[:vocab]) and torch.equal(head, whole[vocab:])
     assert embed.dtype == torch.bfloat16 and not embed.requires_grad
     # Another chunk size (as for a wide target) draws the same numbers.
-    monkeypatch.setattr(target_tensors, "_DUMMY_CHUNK_ELEMENTS", 48 * hidden)
+    monkeypatch.setattr(target, "_DUMMY_CHUNK_ELEMENTS", 48 * hidden)
     again = dummy_embed_and_head(vocab, hidden, seed=3, dtype=torch.bfloat16,
                                  device=torch.device("cpu"))
     assert torch.equal(again[0], embed) and torch.equal(again[1], head)
