@@ -24,6 +24,7 @@ import zlib
 import torch
 import torch.distributed as dist
 
+from colocate.bench.hooks import engine_feed
 from colocate.config import Config
 from colocate.data import (DataError, DataStream, TokenizedDataset, load_or_build_tokenized,
                            load_or_build_vocab)
@@ -180,28 +181,23 @@ def _stream_to_trainer(cfg: Config, topo: Topology, session: PairSession, engine
                                  slot_bytes=engine.slot_bytes(budget, budget, chunk),
                                  device=topo.device,
                                  name=f"colocate-{topo.job_token}-pair{info.pair_index}")
-    replay: list[tuple[dict, dict]] = []  # bench.engine=replay: captured micro-steps
+    feed = engine_feed(cfg.bench)  # a run prefills every micro-step; bench hooks may not
     busy = BusyClock(topo.device)  # prefill time, read without syncing the engine's stream
     clock_start = time.monotonic()  # the engine's own timeline, for its wait/prefill shares
     num_sent = 0
 
     def send(batch: MicroBatch | None, meta: dict) -> None:
-        """One ring message: `batch` prefilled (None: the next replayed micro-step)."""
+        """One ring message: `batch` prefilled (None: the feed fills it without the target)."""
         nonlocal num_sent
         writer = ring.acquire()
         if batch is None:
-            tensors, replayed = replay[num_sent % len(replay)]
-            for name, tensor in tensors.items():
-                writer.put(name, tensor)
-            writer.meta.update(replayed)
+            feed.replay_into(writer)
         else:
             writer.meta.update(meta)  # first: a chunked prefill pads its seq_lens
             busy.begin()
             engine.prefill(batch, writer, budget=budget, chunk=chunk)
             busy.end()
-            if cfg.bench.engine == "replay" and len(replay) < cfg.bench.replay_micro_steps:
-                replay.append(({k: v.clone() for k, v in writer.views().items()},
-                               dict(writer.meta)))
+            feed.after_prefill(writer)
         writer.meta.update(engine_wait_s=ring.stats.wait_s, engine_peak_gib=peak_gib(topo.device),
                            engine_prefill_s=busy.read(),
                            engine_clock_s=time.monotonic() - clock_start)
@@ -212,13 +208,12 @@ def _stream_to_trainer(cfg: Config, topo: Topology, session: PairSession, engine
             session.enter_steady_state()
 
     for step in range(start["start_step"], cfg.last_step):
-        if cfg.bench.engine == "replay" and len(replay) == cfg.bench.replay_micro_steps:
-            for _ in range(cfg.train.micro_steps):
-                send(None, {})
-        else:
-            for batch, meta in pack_step(stream, cfg.train.micro_steps, recipe, seed=cfg.run.seed,
-                                         step=step, shard=topo.dp_index):
-                send(batch, meta)
+        def pack(step: int = step):
+            return pack_step(stream, cfg.train.micro_steps, recipe, seed=cfg.run.seed,
+                             step=step, shard=topo.dp_index)
+
+        for batch, meta in feed.step_batches(pack, cfg.train.micro_steps):
+            send(batch, meta)
         if validates_after(step, every=cfg.train.val_every_steps, last_step=cfg.last_step):
             for i, batch in enumerate(val_batches):
                 # Held-out anchors are drawn once per batch (step -1): every validation

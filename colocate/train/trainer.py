@@ -17,13 +17,13 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 
+from colocate.bench.hooks import trainer_work
 from colocate.config import Config, ConfigError, TrainSection
 from colocate.draft.recipe import DraftRecipe, FrozenTarget, recipe_for
 from colocate.engine import resolve_target_dtype
 from colocate.exit_codes import Interrupted
 from colocate.hostcopy import to_device
-from colocate.metrics import (MetricsLog, colocated_flops_per_token, counts_both_flops,
-                              peak_flops, stats_length)
+from colocate.metrics import MetricsLog, colocated_flops_per_token, counts_both_flops, peak_flops
 from colocate.progress import PhaseTimer, Progress, peak_gib
 from colocate.topology import Topology
 from colocate.trackers import open_trackers
@@ -250,11 +250,11 @@ class DraftTrainer:
 
     def train(self) -> None:
         t = self.cfg.train
-        discard = self.cfg.bench.trainer == "discard"
+        work = trainer_work(self.cfg.bench, self, self.recipe.num_positions, self.topo.device)
         # Step-time breakdown of the first trainer (the one that writes metrics.jsonl).
         self.timer = PhaseTimer(self.topo.device, enabled=self.topo.is_first)
         self.timer.mark("start")
-        guard = NonFiniteGuard(t.max_nonfinite_steps, self.topo.device)
+        self.guard = NonFiniteGuard(t.max_nonfinite_steps, self.topo.device)
         signals.RUN.step = self.start_step
         for step in range(self.start_step, self.cfg.last_step):
             lr = lr_at(step, lr=t.lr, warmup_steps=t.warmup_steps, max_steps=t.total_steps,
@@ -270,17 +270,7 @@ class DraftTrainer:
                     raise PeerError(f"{self.session.rank_name}: the engine ended the stream at "
                                     f"step {step} micro-step {micro}, before the last step")
                 with delivery:
-                    if discard:  # bench.trainer=discard: measure the engine alone
-                        stats = torch.zeros(stats_length(self.recipe.num_positions),
-                                            dtype=torch.float64, device=self.topo.device)
-                    else:
-                        if micro == 0:
-                            label_totals = self.step_label_totals(delivery.meta)
-                        stats = micro_step(
-                            self.recipe, self.model, self.frozen, delivery.tensors,
-                            delivery.meta, label_totals=label_totals,
-                            num_trainers=self.num_trainers,
-                            last=micro == t.micro_steps - 1, timer=self.timer)
+                    stats = work.learn(delivery, micro, last=micro == t.micro_steps - 1)
                     tokens += delivery.meta["num_tokens"]
                     engine_wait = delivery.meta["engine_wait_s"]
                     engine_peak = delivery.meta["engine_peak_gib"]
@@ -290,9 +280,7 @@ class DraftTrainer:
                 self.progress.micro(step, micro, step_tokens=tokens,
                                     trainer_wait_s=self.ring.stats.wait_s,
                                     engine_wait_s=engine_wait)
-            grad_norm = torch.zeros((), device=self.topo.device) if discard else \
-                clip_and_step(self.model, self.optimizer, self.topo.role_group, t.grad_clip,
-                              guard, step, self.topo.is_first)
+            grad_norm = work.optimizer_step(step)
             self.timer.mark("optimizer")
             validate = validates_after(step, every=t.val_every_steps, last_step=self.cfg.last_step)
             val_stats = self.validate(step) if validate else None
@@ -321,10 +309,24 @@ class DraftTrainer:
             signals.RUN.step = step + 1
             if step + 1 < self.cfg.last_step and signals.STOP.agreed(self.topo.role_cpu_group):
                 self.stop_early(step + 1, saved=saved)
-        guard.finish()
+        self.guard.finish()
         if self.cfg.last_step > self.start_step:
             self.save(self.cfg.last_step)
         self.progress.finish(self.metrics.last)
+
+    def learn(self, delivery, micro: int, last: bool) -> torch.Tensor:
+        """Forward and backward of one delivered micro-step (`train`'s work unless a bench
+        hook stands in: colocate/bench/hooks.py); its stats vector."""
+        if micro == 0:
+            self._label_totals = self.step_label_totals(delivery.meta)
+        return micro_step(self.recipe, self.model, self.frozen, delivery.tensors, delivery.meta,
+                          label_totals=self._label_totals, num_trainers=self.num_trainers,
+                          last=last, timer=self.timer)
+
+    def optimizer_step(self, step: int) -> torch.Tensor:
+        """Clip and step (health.py's guard may skip it); the gradient norm."""
+        return clip_and_step(self.model, self.optimizer, self.topo.role_group,
+                             self.cfg.train.grad_clip, self.guard, step, self.topo.is_first)
 
     def stop_early(self, step: int, *, saved: bool) -> None:
         """A stop signal (signals.py): checkpoint at this step boundary, end the engine's
