@@ -37,6 +37,10 @@ def main(args: argparse.Namespace) -> int:
     # then fails every node in seconds, naming the rank, instead of leaving the other nodes
     # waiting for it in a collective.
     cfg, error = None, None
+    if "WORLD_SIZE" in os.environ:  # started by a launcher: end with it
+        from colocate.train.signals import stop_when_launcher_dies
+
+        stop_when_launcher_dies()
     try:
         cfg = load_config(args.config, args.overrides)
         cfg.check_training()

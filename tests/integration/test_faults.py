@@ -206,3 +206,33 @@ def _flatten(tree, prefix=""):
             yield from _flatten(v, f"{prefix}{i}.")
     else:
         yield prefix.rstrip("."), tree
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_sigkill_of_torchrun_stops_its_workers_with_a_checkpoint(tiny_assets, tmp_path):
+    # Nothing forwards a stop from a SIGKILLed agent: its workers get SIGTERM from the kernel
+    # (PR_SET_PDEATHSIG) and stop as on any SIGTERM, instead of training on unsupervised.
+    run_dir = str(tmp_path / "run")
+    overrides = tiny_overrides(tiny_assets, run_dir, "train.max_steps=2000",
+                               "draft.unroll_steps=2", "train.log_every_s=0")
+    proc = start(overrides)
+    wait_for_step(proc, run_dir, 2)
+    workers = [worker_pid(proc, rank) for rank in range(4)]
+    os.kill(proc.pid, signal.SIGKILL)
+    # The workers write to torchrun's pipes: they close when the last worker has exited.
+    _, err = proc.communicate(timeout=120)
+    assert not [pid for pid in workers if _alive(pid)], err[-3000:]
+    stopped = len(metrics(run_dir))
+    assert 2 <= stopped < 2000
+    lines = [l for l in err.splitlines() if l.startswith("colocate train:")]
+    assert len(lines) == 1 and lines[0].startswith(
+        f"colocate train: stopped by SIGTERM (checkpoint written) at step {stopped}/2000"), \
+        err[-4000:]
+    assert os.path.isdir(os.path.join(run_dir, "checkpoints", f"step_{stopped:06d}"))
