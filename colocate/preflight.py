@@ -30,6 +30,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="dotted overrides, as for colocate train")
 
 
+def sp_size_problem(nproc_per_node: int, sp_size: int) -> str | None:
+    """Why train.sp_size cannot run with --nproc-per-node (None: it can). An SP group is
+    sp_size consecutive pairs on one node (its all-to-alls stay inside)."""
+    gpus_per_node = nproc_per_node // 2
+    if sp_size <= 1 or gpus_per_node % sp_size == 0:
+        return None
+    divisors = [d for d in range(1, gpus_per_node + 1) if gpus_per_node % d == 0]
+    return (f"train.sp_size: {sp_size} does not divide the {gpus_per_node} GPU(s) per node "
+            f"(--nproc-per-node {nproc_per_node}, a trainer and an engine per GPU): a "
+            f"sequence-parallel group must lie on one node; use one of {divisors}")
+
+
 def check_launch(nproc: int | None, gpus: int | None, device: str, sp_size: int = 1) -> None:
     """The geometry topology.py enforces at start-up, checked from the launcher's numbers."""
     if nproc is None:
@@ -38,10 +50,9 @@ def check_launch(nproc: int | None, gpus: int | None, device: str, sp_size: int 
         raise ConfigError(f"--nproc-per-node {nproc}: colocate runs a trainer and an engine "
                           "per GPU; use an even number >= 2 (twice the GPUs per node; NPROC=4 "
                           "on CPU)")
-    if (nproc // 2) % sp_size:  # topology.validate_sp_size says it at start-up, in full
-        raise ConfigError(f"train.sp_size: {sp_size} does not divide the {nproc // 2} GPU(s) "
-                          f"per node (--nproc-per-node {nproc}): a sequence-parallel group must "
-                          "lie on one node")
+    problem = sp_size_problem(nproc, sp_size)  # what topology.py refuses at start-up
+    if problem:
+        raise ConfigError(problem)
     if gpus is None:
         return
     if device == "cuda" and gpus == 0:

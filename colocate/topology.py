@@ -163,14 +163,11 @@ def validate_pairs(info: RankInfo, nodes: list[str], local_ranks: list[int]) -> 
 
 
 def validate_sp_size(info: RankInfo, sp_size: int) -> None:
-    """An SP group is sp_size consecutive pairs on one node (its all-to-alls stay inside)."""
-    gpus_per_node = info.local_world_size // 2
-    if sp_size > 1 and gpus_per_node % sp_size:
-        divisors = [d for d in range(1, gpus_per_node + 1) if gpus_per_node % d == 0]
-        raise TopologyError(
-            f"train.sp_size: {sp_size} does not divide the {gpus_per_node} GPU(s) per node "
-            f"(--nproc-per-node {info.local_world_size}, a trainer and an engine per GPU): a "
-            f"sequence-parallel group must lie on one node; use one of {divisors}")
+    from colocate.preflight import sp_size_problem  # one rule for the launcher and start-up
+
+    problem = sp_size_problem(info.local_world_size, sp_size)
+    if problem:
+        raise TopologyError(problem)
 
 
 def sp_groups(info: RankInfo, sp_size: int) -> list[list[int]]:

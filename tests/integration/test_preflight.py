@@ -23,7 +23,8 @@ def launch(*args, nproc=4):
     ([], 3, "--nproc-per-node 3: colocate runs a trainer and an engine per GPU; use an even "
             "number >= 2"),
     (["train.sp_size=2"], 6, "train.sp_size: 2 does not divide the 3 GPU(s) per node "
-                             "(--nproc-per-node 6)"),
+                             "(--nproc-per-node 6, a trainer and an engine per GPU): a "
+                             "sequence-parallel group must lie on one node; use one of [1, 3]"),
     (["data.path=nowhere.jsonl"], 4, f"data.path nowhere.jsonl (looked for "
                                      f"{REPO}/nowhere.jsonl; relative paths resolve from the "
                                      f"working directory {REPO}): no such file"),
