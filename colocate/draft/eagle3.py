@@ -40,6 +40,27 @@ from colocate.draft.attention import ttt_attention
 from colocate.draft.flex import ttt_flex_attention, use_flex
 from colocate.sequence_parallel import heads_to_seq, seq_to_heads
 
+class Carried:
+    """The unroll's running hidden state, handed to the draft's FSDP2 units inside a plain
+    object so that FSDP2 registers no post-backward hook on it.
+
+    Every unroll step calls each unit again. FSDP2 reduce-scatters a unit's gradients in the
+    post-backward hook of the first call whose input gradient backward reaches, and again in
+    its final callback for the calls after it: two reduce-scatters per optimizer step
+    (tests/unit/test_fsdp_gathers.py counted them). With no hooked input, the final
+    callback reduces each unit once, with every step's gradient in it.
+    """
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+
+def uncarry(hidden: torch.Tensor | Carried) -> torch.Tensor:
+    return hidden.tensor if isinstance(hidden, Carried) else hidden
+
+
 class KVCache:
     """Keys/values of the unroll steps so far, one (k, v) pair per step.
 
@@ -153,8 +174,10 @@ class Eagle3DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, eps, kernels)
         self.mlp = Eagle3MLP(arch, kernels)
 
-    def forward(self, embeds_TH: torch.Tensor, hidden_TH: torch.Tensor, positions: torch.Tensor,
-                seq_bounds: list[tuple[int, int]], kv_cache: KVCache) -> torch.Tensor:
+    def forward(self, embeds_TH: torch.Tensor, hidden_TH: torch.Tensor | Carried,
+                positions: torch.Tensor, seq_bounds: list[tuple[int, int]],
+                kv_cache: KVCache) -> torch.Tensor:
+        hidden_TH = uncarry(hidden_TH)
         x_T2H = torch.cat([self.input_layernorm(embeds_TH), self.hidden_norm(hidden_TH)], dim=-1)
         h = hidden_TH + self.self_attn(x_T2H, positions, seq_bounds, kv_cache)
         return h + self.mlp(self.post_attention_layernorm(h))
@@ -191,20 +214,22 @@ class Eagle3Draft(nn.Module):
     def use_sequence_parallel(self, group) -> None:
         self.midlayer.self_attn.sp_group = group
 
-    def forward(self, embeds_TH: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
-                seq_bounds: list[tuple[int, int]], kv_cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, embeds_TH: torch.Tensor, hidden: torch.Tensor | Carried,
+                positions: torch.Tensor, seq_bounds: list[tuple[int, int]],
+                kv_cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
         """Run unroll step k = len(kv_cache) (appends its keys/values to `kv_cache`).
 
         embeds_TH: [T, H] target embeddings of the input tokens of this step.
         hidden: step 0 (empty cache): aux hidden states [T, num_aux * H], projected by `fc`;
-            later steps: the previous step's output [T, H].
+            later steps: the previous step's output [T, H]; either may come `Carried`.
         positions: [T] per-sequence positions (reset at every sequence start).
         seq_bounds: host-side [start, end) of each packed sequence (with sequence
             parallelism: of the whole micro-batch, whose chunk of T rows this is).
         Returns (hidden_out [T, H] pre-norm, the next step's input; logits [T, Vd]).
         """
+        hidden = uncarry(hidden)
         if not kv_cache:
             hidden = self.fc(hidden.to(self.fc.weight.dtype))
-        hidden_out = self.midlayer(embeds_TH.to(hidden.dtype), hidden, positions, seq_bounds,
-                                   kv_cache)
+        hidden_out = self.midlayer(embeds_TH.to(hidden.dtype), Carried(hidden), positions,
+                                   seq_bounds, kv_cache)
         return hidden_out, self.lm_head(self.norm(hidden_out))

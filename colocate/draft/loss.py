@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from colocate import metrics
 from colocate.draft import kernels
 from colocate.draft.attention import seq_bounds_from_lens
-from colocate.draft.eagle3 import Eagle3Draft, KVCache
+from colocate.draft.eagle3 import Carried, Eagle3Draft, KVCache
 from colocate.draft.kernels import upcast
 from colocate.draft.recipe import DraftStepResult
 from colocate.hostcopy import to_device
@@ -212,7 +212,8 @@ def eagle3_unroll(draft: Eagle3Draft, embed_weight: torch.Tensor, aux_hidden: to
         scored_T = counted_T & target.in_draft[src_T]  # loss positions
 
         embeds_TH = F.embedding(input_ids[src_T], embed_weight)
-        hidden, logits_TV = draft(embeds_TH, hidden, positions, seq_bounds, kv_cache)
+        # Carried: one reduce-scatter per FSDP2 unit and optimizer step (eagle3.Carried).
+        hidden, logits_TV = draft(embeds_TH, Carried(hidden), positions, seq_bounds, kv_cache)
         ce_sums.append(soft_cross_entropy(logits_TV, target, src_T, scored_T.float(),
                                           chunk_tokens, draft.kernels))
         with torch.no_grad():
