@@ -126,9 +126,9 @@ def check_sm_shares(section: MpsSection) -> list[str]:
             # cuBLAS returned wrong bf16 GEMMs under a cap (docs/gpu-logs/online-h200/
             # trainer-sm-cap/); colocate/gemm_check.py stops such a rank at start-up.
             out.append(f"{key} ({value}) < 100: on an H200 the GEMM library computed wrong "
-                       "results under MPS SM caps of 60, 70 and 80; each capped rank checks its "
-                       "model's GEMM shapes against float64 at start-up and stops if one is "
-                       "wrong. 100 (the default) is safe")
+                       "results under MPS SM caps of 60, 70 and 80; each capped rank checks the "
+                       "GEMM shapes its role runs against float64 at start-up and stops if one "
+                       "is wrong (a pass covers those shapes only). 100 (the default) is safe")
     return out
 
 

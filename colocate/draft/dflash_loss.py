@@ -33,6 +33,7 @@ from colocate.draft.dflash_blocks import BlockLayout, position_weights
 from colocate.draft.flex import use_flex
 from colocate.draft.recipe import DraftStepResult
 from colocate.draft.kernels import upcast
+from colocate.draft.loss import LOGIT_CHUNK_TOKENS
 
 
 class _HeadCrossEntropy(torch.autograd.Function):
@@ -82,7 +83,7 @@ def dflash_forward(model: DFlashDraft, embed_weight: torch.Tensor,
                    seq_lens: torch.Tensor | Sequence[int], anchors: torch.Tensor, *,
                    gamma: float, block_size: int | None = None,
                    label_totals: torch.Tensor | None = None,
-                   chunk_tokens: int = 2048,
+                   chunk_tokens: int = LOGIT_CHUNK_TOKENS,
                    accepted_T: torch.Tensor | None = None,
                    sp_chunk: Sequence[int] | None = None) -> DraftStepResult:
     """DFlash loss and statistics of one packed micro-step.

@@ -72,9 +72,15 @@ class TargetDistribution:
         return torch.exp(upcast(self.logits) - self.lse[:, None])
 
 
+LOGIT_CHUNK_TOKENS = 2048
+"""Rows per chunk of full-vocabulary logits ([chunk, V] is what exists at a time): the
+teacher's here, DFlash's loss (dflash_loss.py), and the GEMM shapes gemm_check.py checks."""
+
+
 @torch.no_grad()
 def target_distribution(last_hidden_TH: torch.Tensor, lm_head_weight_VH: torch.Tensor,
-                        draft_ids: torch.Tensor, chunk_tokens: int = 2048) -> TargetDistribution:
+                        draft_ids: torch.Tensor,
+                        chunk_tokens: int = LOGIT_CHUNK_TOKENS) -> TargetDistribution:
     """Frozen target head on the final-norm hidden states, softmax over the draft vocabulary.
 
     Full-vocab logits exist for `chunk_tokens` rows at a time only ([chunk, V] is the memory

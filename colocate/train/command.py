@@ -26,6 +26,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if "WORLD_SIZE" in os.environ:  # started by a launcher: end with it (first of all:
+        from colocate.failures import stop_when_launcher_dies  # the imports take seconds)
+
+        stop_when_launcher_dies()
     from colocate.topology import (close_topology, init_default_group, init_topology,
                                    leave_default_group)
     from colocate.train import agreement
@@ -37,10 +41,6 @@ def main(args: argparse.Namespace) -> int:
     # then fails every node in seconds, naming the rank, instead of leaving the other nodes
     # waiting for it in a collective.
     cfg, error = None, None
-    if "WORLD_SIZE" in os.environ:  # started by a launcher: end with it
-        from colocate.train.signals import stop_when_launcher_dies
-
-        stop_when_launcher_dies()
     try:
         cfg = load_config(args.config, args.overrides)
         cfg.check_training()
@@ -150,23 +150,24 @@ def _read_run_dir_and_target(cfg):
 
 
 def _check_gemms_under_sm_cap(cfg, topo, target_config, aux) -> None:
-    """This rank's role under an MPS SM cap below 100: check the GEMM shapes its model runs
-    (a target layer's and the draft's) against float64; raises ConfigError when wrong."""
+    """This rank's role under an MPS SM cap below 100: check the GEMM shapes it runs against
+    float64 (gemm_check.py decides whether the check applies); raises ConfigError if wrong."""
     from colocate import gemm_check
 
     role = topo.role.value
-    sm_percent = getattr(cfg.mps, f"{role}_sm_percent")
-    mps_active = bool(topo.mps_status is not None and topo.mps_status.active)
-    if sm_percent >= 100 or not mps_active or topo.device.type != "cuda":
-        return  # uncapped: skip building the shapes too
     tokens = cfg.data.tokens_per_micro_step
-    if topo.is_trainer:  # sequence parallel: each trainer of the group runs 1/sp_size of them
-        tokens = -(-tokens // cfg.train.sp_size)
-    shapes = gemm_check.model_gemm_shapes(
-        target_config, tokens, draft_vocab_size=cfg.draft.draft_vocab_size,
-        draft_intermediate_size=cfg.draft.intermediate_size, num_aux=len(aux))
-    gemm_check.check_sm_cap(role, sm_percent, mps_active=mps_active, device=topo.device,
-                            shapes=shapes)
+    if topo.is_trainer:
+        # Sequence parallel: each trainer of the group runs 1/sp_size of the rows.
+        shapes = lambda: gemm_check.trainer_gemm_shapes(  # noqa: E731
+            target_config, -(-tokens // cfg.train.sp_size),
+            draft_vocab_size=cfg.draft.draft_vocab_size,
+            draft_intermediate_size=cfg.draft.intermediate_size, num_aux=len(aux))
+    else:
+        shapes = lambda: gemm_check.engine_gemm_shapes(  # noqa: E731
+            target_config, tokens, tp_size=cfg.engine.tp_size)
+    gemm_check.check_sm_cap(role, getattr(cfg.mps, f"{role}_sm_percent"),
+                            mps_active=bool(topo.mps_status and topo.mps_status.active),
+                            device=topo.device, shapes=shapes)
 
 
 def failure_summary(how: str) -> str | None:

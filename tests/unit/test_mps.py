@@ -327,7 +327,7 @@ def test_sm_share_checks():
     assert mps.check_sm_shares(MpsSection()) == []  # 100 + 100: work-conserving default
     # A cap on either role: its GEMMs are checked at start-up (gemm_check.py); say so.
     [msg] = mps.check_sm_shares(MpsSection(trainer_sm_percent=100, engine_sm_percent=60))
-    assert "mps.engine_sm_percent (60) < 100" in msg and "checks its model's GEMM" in msg
+    assert "mps.engine_sm_percent (60) < 100" in msg and "checks the GEMM shapes its role runs" in msg
     trainer, engine = mps.check_sm_shares(MpsSection(trainer_sm_percent=70, engine_sm_percent=60))
     assert "mps.trainer_sm_percent (70) < 100" in trainer and "engine_sm_percent (60)" in engine
     msg, _, _ = mps.check_sm_shares(MpsSection(trainer_sm_percent=30, engine_sm_percent=40))
