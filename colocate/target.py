@@ -136,11 +136,27 @@ def dummy_embed_and_head(vocab_size: int, hidden_size: int, *, seed: int, dtype:
                          device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded random (embed, lm_head) for target.load_format=dummy.
 
-    The engine puts the same embedding into its randomly initialised target, so trainer and
-    engine agree on the target they pretend to share. Drawn on the host: CUDA's generator
-    lays its stream out over a grid sized by the SM count the process sees, so a trainer
-    under an MPS SM cap would draw other tables than its uncapped engine (seen on an H200).
+    The engine puts the same embedding into its randomly initialised target (`dummy_embed`,
+    the same first table), so trainer and engine agree on the target they pretend to share.
+    Drawn on the host: CUDA's generator lays its stream out over a grid sized by the SM
+    count the process sees, so a trainer under an MPS SM cap would draw other tables than
+    its uncapped engine (seen on an H200).
     """
+    embed, head = _dummy_tables(vocab_size, hidden_size, 2, seed=seed, dtype=dtype,
+                                device=device)
+    return embed, head
+
+
+def dummy_embed(vocab_size: int, hidden_size: int, *, seed: int, dtype: torch.dtype,
+                device: torch.device) -> torch.Tensor:
+    """The embedding of `dummy_embed_and_head`, without drawing the lm_head (engines)."""
+    [embed] = _dummy_tables(vocab_size, hidden_size, 1, seed=seed, dtype=dtype, device=device)
+    return embed
+
+
+def _dummy_tables(vocab_size: int, hidden_size: int, count: int, *, seed: int,
+                  dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """`count` [V, H] tables of N(0, 0.02), one stream from `seed`, in order."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -153,5 +169,4 @@ def dummy_embed_and_head(vocab_size: int, hidden_size: int, *, seed: int, dtype:
             out[start:start + len(chunk)] = chunk.normal_(0.0, 0.02, generator=g).to(dtype)
         return out.requires_grad_(False)
 
-    embed = table()
-    return embed, table()
+    return [table() for _ in range(count)]

@@ -70,10 +70,10 @@ def dummy_causal_lm(path: str, dtype: torch.dtype, attn_implementation: str,
                     device: torch.device, seed: int) -> nn.Module:
     """target.load_format=dummy: the architecture of path/config.json with random weights,
     initialised directly on `device` (an 8B model in seconds, no checkpoint needed). The
-    input embedding is the trainer's (`dummy_embed_and_head`), so both sides agree."""
+    input embedding is the trainer's (`target.dummy_embed`), so both sides agree."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from colocate.target import dummy_embed_and_head
+    from colocate.target import dummy_embed
 
     check_model_dir(path, need_weights=False)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
@@ -82,8 +82,8 @@ def dummy_causal_lm(path: str, dtype: torch.dtype, attn_implementation: str,
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, **{_dtype_kwarg(): dtype})
     text = config.get_text_config()
-    embed, _ = dummy_embed_and_head(text.vocab_size, text.hidden_size, seed=seed, dtype=dtype,
-                                    device=device)
+    embed = dummy_embed(text.vocab_size, text.hidden_size, seed=seed, dtype=dtype,
+                        device=device)
     with torch.no_grad():
         model.get_input_embeddings().weight.copy_(embed)
     return model

@@ -256,15 +256,14 @@ class SGLangTargetEngine(TargetEngine):
         return runner
 
     def _seed_dummy_embedding(self, model, seed: int) -> None:
-        """The trainer's seeded embedding (`dummy_embed_and_head`) into sglang's dummy model,
+        """The trainer's seeded embedding (`target.dummy_embed`) into sglang's dummy model,
         this rank's VocabParallelEmbedding shard only; padding rows zeroed."""
-        from colocate.target import dummy_embed_and_head
+        from colocate.target import dummy_embed
 
         text = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
             else model.config
-        embed, head = dummy_embed_and_head(int(text.vocab_size), int(text.hidden_size),
-                                           seed=seed, dtype=self._dtype, device=self._device)
-        del head
+        embed = dummy_embed(int(text.vocab_size), int(text.hidden_size), seed=seed,
+                            dtype=self._dtype, device=self._device)
         layer = model.model.embed_tokens
         weight = layer.weight
         idx = getattr(layer, "shard_indices", None)
@@ -274,7 +273,7 @@ class SGLangTargetEngine(TargetEngine):
             weight.zero_()
             weight[: end - start].copy_(embed[start:end])
         del embed
-        torch.cuda.empty_cache()  # the fp32 draw is transient; sglang profiles free memory next
+        torch.cuda.empty_cache()  # the whole table is transient; sglang profiles free memory next
 
     def _setup_capture(self, configured_ids, default_layer_ids=None) -> None:
         model = self._runner.model

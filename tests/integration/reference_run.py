@@ -14,10 +14,9 @@ from colocate.config import Config
 from colocate.data import DataStream
 from colocate.draft import DraftArch, Eagle3Draft, eagle3_unroll, target_distribution
 from colocate.engine import build_engine, resolve_aux_layer_ids
-from colocate.target import load_tokenizer
 from colocate.train.engine_loop import prepare_data
 from colocate.train.schedule import lr_at
-from colocate.target import load_embed_and_head
+from colocate.target import load_embed_and_head, load_tokenizer
 
 
 class DictWriter:

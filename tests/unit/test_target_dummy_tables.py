@@ -4,7 +4,7 @@ engine that see different SM counts (an MPS SM cap) still share the same target.
 import torch
 
 from colocate import target
-from colocate.target import dummy_embed_and_head
+from colocate.target import dummy_embed, dummy_embed_and_head
 
 
 def test_dummy_tables_are_the_host_generators_draw_whatever_the_chunking(monkeypatch):
@@ -20,6 +20,9 @@ def test_dummy_tables_are_the_host_generators_draw_whatever_the_chunking(monkeyp
     again = dummy_embed_and_head(vocab, hidden, seed=3, dtype=torch.bfloat16,
                                  device=torch.device("cpu"))
     assert torch.equal(again[0], embed) and torch.equal(again[1], head)
+    # The engines draw the embedding alone: the same table.
+    assert torch.equal(dummy_embed(vocab, hidden, seed=3, dtype=torch.bfloat16,
+                                   device=torch.device("cpu")), embed)
     other = dummy_embed_and_head(vocab, hidden, seed=4, dtype=torch.bfloat16,
                                  device=torch.device("cpu"))
     assert not torch.equal(other[0], embed)
