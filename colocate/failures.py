@@ -12,13 +12,18 @@ delay a follower could tie with the real cause and win by having the lower rank.
 
 from __future__ import annotations
 
+import ctypes
 import json
+import logging
 import os
 import shlex
+import signal
 import sys
 import time
 
 FOLLOWER_DELAY_S = 60
+
+log = logging.getLogger(__name__)
 
 
 def write_error_file(message: str, *, root_cause: bool, traceback_text: str | None = None
@@ -60,3 +65,30 @@ def resume_hint() -> str:
     where = "--standalone" if nodes == 1 else f"--nnodes {nodes} (same rendezvous)"
     return (f"resume with the same command: torchrun {where} --nproc-per-node "
             f"{os.environ['LOCAL_WORLD_SIZE']} -m colocate {args}")
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def stop_when_launcher_dies() -> bool:
+    """Have the kernel send this process SIGTERM when its parent (torchrun's agent, or
+    slurmstepd) dies. A SIGKILLed agent cannot forward a stop, and its workers would train
+    on, holding their GPUs, with nobody left to stop them; with this they stop as on any
+    SIGTERM (a checkpoint at the step boundary, train/signals.py). The signal follows the
+    parent *thread* that started us: torchrun starts its workers from its main thread.
+    Call it first: a parent that dies before the request leaves no signal to send, which
+    is checked but only against the parent seen at the call. Linux only; returns whether
+    it is set."""
+    if not sys.platform.startswith("linux"):
+        return False
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    except (OSError, AttributeError) as e:
+        log.debug("no parent-death signal: %s", e)
+        return False
+    if os.getppid() != parent:  # the parent died before the request: no signal will come
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True

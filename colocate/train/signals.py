@@ -17,11 +17,8 @@ ends the run, the first trainer can print one summary line saying how to resume.
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import os
 import signal
-import sys
 import time
 from dataclasses import dataclass
 
@@ -74,29 +71,6 @@ class StopRequest:
 
 
 STOP = StopRequest()
-
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def stop_when_launcher_dies() -> bool:
-    """Have the kernel send this process SIGTERM when its parent (torchrun's agent, or
-    slurmstepd) dies. A SIGKILLed agent cannot forward a stop, and its workers would train
-    on, holding their GPUs, with nobody left to stop them; with this they stop as on any
-    SIGTERM (a checkpoint at the step boundary once STOP is installed). Linux only; returns
-    whether it is set."""
-    if not sys.platform.startswith("linux"):
-        return False
-    parent = os.getppid()
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
-    except (OSError, AttributeError) as e:
-        log.debug("no parent-death signal: %s", e)
-        return False
-    if os.getppid() != parent:  # the parent died before the request: no signal will come
-        os.kill(os.getpid(), signal.SIGTERM)
-    return True
 
 
 @dataclass

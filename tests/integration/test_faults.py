@@ -226,9 +226,15 @@ def test_sigkill_of_torchrun_stops_its_workers_with_a_checkpoint(tiny_assets, tm
     wait_for_step(proc, run_dir, 2)
     workers = [worker_pid(proc, rank) for rank in range(4)]
     os.kill(proc.pid, signal.SIGKILL)
-    # The workers write to torchrun's pipes: they close when the last worker has exited.
-    _, err = proc.communicate(timeout=120)
-    assert not [pid for pid in workers if _alive(pid)], err[-3000:]
+    try:
+        # The workers write to torchrun's pipes: they close when the last worker has exited.
+        _, err = proc.communicate(timeout=120)
+        survivors = [pid for pid in workers if _alive(pid)]
+    finally:
+        for pid in workers:  # survivors (the failure this test is for) must not linger
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert not survivors, err[-3000:]
     stopped = len(metrics(run_dir))
     assert 2 <= stopped < 2000
     lines = [l for l in err.splitlines() if l.startswith("colocate train:")]
