@@ -65,7 +65,8 @@ class Replay:
         return [(None, {})] * micro_steps if self.replaying else pack()
 
     def after_prefill(self, writer) -> None:
-        if not self.replaying:
+        # Held-out micro-steps are not training ones: never replay them as such.
+        if not self.replaying and writer.meta.get("split") != "val":
             self.captured.append(({k: v.clone() for k, v in writer.views().items()},
                                   dict(writer.meta)))
 

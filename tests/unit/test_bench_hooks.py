@@ -45,6 +45,20 @@ def test_replay_resends_copies_of_the_first_prefills_in_turn():
     assert sent == [(101, 0), (102, 0), (1, 0), (2, 0), (1, 0), (2, 0)]
 
 
+def test_replay_never_captures_a_held_out_micro_step():
+    feed = Replay(capacity=1)
+    held_out, train = Slot(), Slot()
+    held_out.meta["split"] = "val"
+    held_out.put("x", torch.tensor([7]))
+    feed.after_prefill(held_out)
+    assert not feed.replaying
+    train.put("x", torch.tensor([8]))
+    feed.after_prefill(train)
+    replayed = Slot()
+    feed.replay_into(replayed)
+    assert feed.replaying and replayed.tensors["x"].item() == 8
+
+
 def test_a_run_prefills_every_micro_step_and_discard_reports_zeros():
     feed = engine_feed(BenchSection())
     assert isinstance(feed, Prefill)
