@@ -78,9 +78,8 @@ class NonFiniteGuard:
                 f"the gradient norm was exactly 0 for {self.zero_in_a_row} optimizer steps in a "
                 f"row, up to step {step + 1}: the trainer computes nothing from its data (the "
                 "loss does not depend on the draft's weights). Seen once on an H200 with "
-                "mps.trainer_sm_percent=50 (not explained; the start-up GEMM check covers the "
-                "model's main shapes, not every kernel): keep mps.trainer_sm_percent and "
-                "mps.engine_sm_percent at 100; "
+                "mps.trainer_sm_percent=50 and dummy weights, not explained: keep "
+                "mps.trainer_sm_percent and mps.engine_sm_percent at 100; "
                 "train.max_nonfinite_steps sets the limit")
         if not skipped:
             self.in_a_row = 0
