@@ -100,41 +100,50 @@ class Result:
         return f"{self.mode.label} {self.tag}" if self.tag else self.mode.label
 
 
-def summarize(mode: Mode, rows: list[dict], warmup: int, gpus: int = 1) -> Result:
+def summarize(mode: Mode, rows: list[dict], warmup: int, gpus: int = 1,
+              engine_lead: int = 0) -> Result:
     """Steady-state numbers from metrics.jsonl rows (cumulative counters are differenced).
 
     Each side's shares are taken on its own timeline: the trainer's waits and phases over
-    the trainer's step time, the engine's wait and prefill over the engine's clock between
-    the same two messages. (The engine runs up to K messages ahead: on the trainer's
-    timeline its counters would include the trainer's warm-up.) Tokens/s come from the
-    trainer's steps, except engine-alone, where the trainer discards instantly and
+    the trainer's step time, the engine's wait and prefill over the engine's clock. A row
+    carries the engine's counters as of the step's last message, which the engine sent up
+    to K messages (`engine_lead` steps: ceil(K / micro-steps)) before the trainer took it;
+    so the engine's window starts `engine_lead` rows later than the trainer's, or its first
+    messages would count the slot waits the trainer's warm-up caused. Tokens/s come from
+    the trainer's steps, except engine-alone, where the trainer discards instantly and
     messages buffered at the window's start would inflate its rate: that row uses the
-    engine's clock.
+    engine's clock over the engine's window.
     """
     if len(rows) <= warmup:
         return Result(mode, error=f"only {len(rows)} steps, need more than --warmup {warmup}",
                       gpus=gpus)
     before, timed = rows[warmup - 1] if warmup else None, rows[warmup:]
     seconds = sum(r["step_s"] for r in timed)
+    start = warmup - 1 + engine_lead  # the row the engine's window starts after
+    if start >= len(rows) - 1:  # too short a window to shift: the trainer's
+        start = warmup - 1
+    engine_before, engine_rows = (rows[start] if start >= 0 else None), rows[start + 1:]
     engine_seconds = timed[-1].get("engine_clock_s", 0.0) - (
-        before.get("engine_clock_s", 0.0) if before else 0.0)
+        engine_before.get("engine_clock_s", 0.0) if engine_before else 0.0)
     if engine_seconds <= 0:  # metrics from before the engine clock existed
-        engine_seconds = seconds
+        engine_seconds, engine_before, engine_rows = seconds, before, timed
 
-    def delta(key: str) -> float:
-        return timed[-1][key] - (before[key] if before else 0.0)
+    def delta(key: str, since: dict | None = before) -> float:
+        return timed[-1][key] - (since[key] if since else 0.0)
 
     tokens = sum(r["tokens"] for r in timed) / gpus  # metrics count every trainer's tokens
+    engine_tokens = sum(r["tokens"] for r in engine_rows) / gpus
     # Online decode: the first pair's engine counts its own answers; every pair decodes alike.
     decode = delta("decode_tokens") / seconds if "decode_tokens" in timed[-1] else 0.0
     buffered = decode_buffered(before, timed[-1]) if "decode_ahead" in timed[-1] else 0.0
-    breakdown = {"engine prefill": delta("engine_prefill_s") / engine_seconds}
+    breakdown = {"engine prefill": delta("engine_prefill_s", engine_before) / engine_seconds}
     for phase in PHASES:
         breakdown[f"trainer {phase}"] = sum(r.get(f"{phase}_s", 0.0) for r in timed) / seconds
     return Result(mode, breakdown=breakdown,
-                  tokens_per_s=tokens / (engine_seconds if mode.work == "engine" else seconds),
+                  tokens_per_s=(engine_tokens / engine_seconds if mode.work == "engine"
+                                else tokens / seconds),
                   trainer_wait=delta("trainer_wait_s") / seconds,
-                  engine_wait=delta("engine_wait_s") / engine_seconds,
+                  engine_wait=delta("engine_wait_s", engine_before) / engine_seconds,
                   handoff=delta("handoff_s") / seconds, trainer_gib=timed[-1]["trainer_peak_gib"],
                   engine_gib=timed[-1]["engine_peak_gib"], decode_tokens_per_s=decode,
                   decode_buffered=buffered, gpus=gpus)
@@ -159,6 +168,13 @@ def row_tag(sweep: str, gpus: int, several_counts: bool) -> str:
     if several_counts or gpus > 1:
         parts.append(f"gpus={gpus}")
     return " ".join(parts)
+
+
+def engine_lead_steps(args: argparse.Namespace, mode: Mode, sweep: str = "") -> int:
+    """Optimizer steps the engine runs ahead of the trainer: ceil(slots / micro-steps)."""
+    cfg = load_config(args.config, [*args.overrides, *([sweep] if sweep else []),
+                                    *mode.overrides])
+    return -(-cfg.transport.num_slots // cfg.train.micro_steps)
 
 
 def run_mode(mode: Mode, args: argparse.Namespace, workdir: str, device: str,
@@ -195,7 +211,8 @@ def run_mode(mode: Mode, args: argparse.Namespace, workdir: str, device: str,
         return Result(mode, error=(lines[-1] if lines else f"exit {proc.returncode}")[:160],
                       tag=tag, gpus=gpus)
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        result = summarize(mode, [json.loads(line) for line in f], args.warmup, gpus)
+        result = summarize(mode, [json.loads(line) for line in f], args.warmup, gpus,
+                           engine_lead=engine_lead_steps(args, mode, sweep))
     result.tag = tag
     return result
 

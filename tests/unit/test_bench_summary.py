@@ -77,3 +77,37 @@ def test_online_rows_say_how_much_of_the_window_was_answered_before_it():
     table = format_table([r], {"engine": 1e9, "trainer": 1e9}, None, "cpu")
     assert ("the target generated 333 tok/s per engine while training; 25% of the records "
             "trained in the window were answered before it began (a longer window") in table
+
+
+def test_the_engines_window_starts_as_many_steps_later_as_it_runs_ahead():
+    # The engine runs 2 steps ahead: the 50 s it waited for slots while the trainer warmed
+    # up reach the rows 2 steps after the warm-up (step index 2 here, warmup=1).
+    data = rows(engine_clock_per_step=2.0, warmup_engine_wait=0.5)
+    for _ in range(2):
+        data.append(dict(data[-1]))
+    for i, row in enumerate(data):  # 6 rows; clocks 60, 62, 64+50, ... prefill 1 s a row
+        row.update(engine_clock_s=60.0 + 2.0 * i + (50.0 if i >= 2 else 0.0),
+                   engine_wait_s=0.5 * i + (50.0 if i >= 2 else 0.0),
+                   engine_prefill_s=1.0 * (i + 1))
+    naive = summarize(MODE["k3"], data, warmup=1)
+    assert naive.engine_wait == pytest.approx((2.5 + 50.0) / 60.0)  # the warm-up's wait in
+    r = summarize(MODE["k3"], data, warmup=1, engine_lead=2)
+    # The engine's window: rows 3..5 after row 2: 1.5 s wait, 3 s prefill over 6 s.
+    assert r.engine_wait == pytest.approx(1.5 / 6.0)
+    assert r.breakdown["engine prefill"] == pytest.approx(3.0 / 6.0)
+    assert r.trainer_wait == naive.trainer_wait  # the trainer's window is unchanged
+    engine_alone = summarize(MODE["engine"], data, warmup=1, engine_lead=2)
+    assert engine_alone.tokens_per_s == pytest.approx(3000 / 6.0)  # the engine's window's
+    short = summarize(MODE["k3"], data[:3], warmup=1, engine_lead=2)  # nothing left to shift
+    assert short.engine_wait == pytest.approx((1.0 + 50.0) / 54.0)
+
+
+def test_engine_lead_is_the_slots_over_the_micro_steps(tmp_path):
+    import argparse
+
+    from colocate.bench.train import engine_lead_steps
+
+    args = argparse.Namespace(config=None, overrides=["train.micro_steps=2"])
+    assert engine_lead_steps(args, MODE["k3"]) == 2  # ceil(3 / 2)
+    assert engine_lead_steps(args, MODE["k2"]) == 1
+    assert engine_lead_steps(args, MODE["k2"], sweep="train.micro_steps=1") == 2
