@@ -27,6 +27,7 @@ import torch
 
 from colocate.config import ConfigError
 from colocate.draft.loss import LOGIT_CHUNK_TOKENS
+from colocate.metrics import Geometry
 
 log = logging.getLogger(__name__)
 
@@ -70,17 +71,6 @@ GEMMS = ("forward y = x @ w.T", "backward dx = dy @ w", "backward dw = dy.T @ x"
 # --------------------------------------------------------------------------- the shapes
 
 
-def _dims(hf_config: Any) -> tuple[int, int, int, int, int]:
-    """(hidden, q width, k/v width, intermediate, vocab) of a target's HF config."""
-    if hasattr(hf_config, "get_text_config"):  # multimodal configs nest the language model
-        hf_config = hf_config.get_text_config()
-    hidden, heads = int(hf_config.hidden_size), int(hf_config.num_attention_heads)
-    head_dim = int(getattr(hf_config, "head_dim", None) or hidden // heads)
-    kv_heads = int(getattr(hf_config, "num_key_value_heads", None) or heads)
-    return (hidden, heads * head_dim, kv_heads * head_dim, int(hf_config.intermediate_size),
-            int(hf_config.vocab_size))
-
-
 def _row_counts(tokens: int) -> list[int]:
     """A full micro-step and a half one: packing leaves micro-steps short of the budget, and
     which GEMMs went wrong under a cap depended on the row count."""
@@ -100,8 +90,10 @@ def engine_gemm_shapes(hf_config: Any, tokens: int, *, tp_size: int = 1) -> list
     """The forward GEMMs of a target layer as an engine runs them on `tokens` rows: the
     projections one by one (hf) and fused (sglang: q/k/v in one, gate/up in one), each
     split over `tp_size` GPUs."""
-    hidden, q, kv, inter, _ = _dims(hf_config)
-    q, kv, inter = q // tp_size, kv // tp_size, inter // tp_size
+    g = Geometry.from_hf_config(hf_config)
+    hidden = g.hidden_size
+    q, kv = g.num_heads * g.head_dim // tp_size, g.num_kv_heads * g.head_dim // tp_size
+    inter = g.intermediate_size // tp_size
     named = []
     for rows in _row_counts(tokens):
         named += [(rows, hidden, q, "q_proj", False), (rows, hidden, kv, "k_proj, v_proj", False),
@@ -122,8 +114,9 @@ def trainer_gemm_shapes(hf_config: Any, tokens: int, *, draft_vocab_size: int | 
 
     `draft_vocab_size`: the Eagle3 lm_head's rows (clamped to the target vocabulary; None:
     the target's). `draft_intermediate_size`: draft.intermediate_size (0: the target's)."""
-    hidden, q, kv, inter, vocab = _dims(hf_config)
-    inter = draft_intermediate_size or inter
+    g = Geometry.from_hf_config(hf_config)
+    hidden, q, kv = g.hidden_size, g.num_heads * g.head_dim, g.num_kv_heads * g.head_dim
+    inter, vocab = draft_intermediate_size or g.intermediate_size, g.vocab_size
     draft_vocab = min(vocab, draft_vocab_size or vocab)
     named = []
     for rows in _row_counts(tokens):

@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     blas = " ".join(f"{k}={os.environ[k]}" for k in BLAS_ENVS if k in os.environ) or "none"
     print(f"MPS SM cap {os.environ.get('CUDA_MPS_ACTIVE_THREAD_PERCENTAGE', 'none')}, "
           f"{sms} SMs reported, torch {torch.__version__}, BLAS env {blas}", flush=True)
-    dims = SimpleNamespace(hidden_size=args.hidden, intermediate_size=args.intermediate,
+    dims = SimpleNamespace(num_hidden_layers=1,  # not used by the shapes; Geometry reads it
+                           hidden_size=args.hidden, intermediate_size=args.intermediate,
                            num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
                            head_dim=args.head_dim, vocab_size=args.vocab)
     shapes = (gemm_check.engine_gemm_shapes(dims, args.tokens) if args.role == "engine" else

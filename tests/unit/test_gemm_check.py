@@ -17,8 +17,9 @@ from colocate.draft.loss import LOGIT_CHUNK_TOKENS
 from colocate.gemm_check import GEMMS, GemmFailure, GemmShape
 
 FORWARD, GRAD_X, GRAD_W = GEMMS
-TINY = SimpleNamespace(hidden_size=64, intermediate_size=160, num_attention_heads=4,
-                       num_key_value_heads=2, head_dim=16, vocab_size=300)
+TINY = SimpleNamespace(num_hidden_layers=1, hidden_size=64, intermediate_size=160,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                       vocab_size=300)
 
 
 def wrong_when(result_shape: tuple[int, int], spoil):
@@ -70,8 +71,9 @@ def test_nan_is_a_failure():
     assert [f.gemm for f in failures] == [GRAD_X] and math.isnan(failures[0].error)
 
 
-QWEN3_8B = SimpleNamespace(hidden_size=4096, intermediate_size=12288, num_attention_heads=32,
-                           num_key_value_heads=8, head_dim=128, vocab_size=151936)
+QWEN3_8B = SimpleNamespace(num_hidden_layers=36, hidden_size=4096, intermediate_size=12288,
+                           num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                           vocab_size=151936)
 
 
 def test_trainer_shapes_cover_the_draft_once_at_two_row_counts():
