@@ -430,6 +430,11 @@ class BenchSection:
         _require(self.replay_micro_steps >= 1, "bench.replay_micro_steps", "must be >= 1")
 
 
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3", "fp8_e5m2")
+"""generate.kv_cache_dtype values: sglang's names for the KV caches its attention backends
+store without per-model scales."""
+
+
 @dataclass(kw_only=True)
 class GenerateSection:
     """`colocate generate`: regenerate a dataset's assistant turns with the target."""
@@ -467,9 +472,19 @@ class GenerateSection:
     """Online decode with greedy answers (temperature 0): answers kept in host memory, up
     to this many MB per engine (5 bytes per token), and reused by later epochs instead of
     decoded again (greedy answers do not change between epochs). 0: decode every epoch."""
+    kv_cache_dtype: str = "auto"
+    """sglang: the decoding engine's KV cache, auto (the target's dtype) or fp8_e4m3 /
+    fp8_e5m2: half the bytes per cached token, so twice the answers in flight in the same
+    memory and half the KV reads per decode step (online decode's batch is bound by them).
+    The answers are then those of a target served with an fp8 KV cache, which can differ
+    from a bf16-cached target's; the features are prefilled at the target's dtype either way."""
     cuda_graph: bool = False
     """sglang: capture CUDA graphs for decode (faster; the offline bundle's verified
     configuration runs without them)."""
+    cuda_graph_max_batch: int = 0
+    """sglang with generate.cuda_graph: the largest decode batch captured as a graph (larger
+    batches decode eagerly). 0: sglang's default for the GPU (256 on an H200 at tp 1); raise
+    it with the answers in flight (generate.chunk_records, the KV cache's room)."""
     thinking: bool = True
     """true: replies keep reasoning text as the model writes it. false: render prompts with
     data.chat_template_kwargs.enable_thinking=false (templates with that switch, e.g.
@@ -494,6 +509,10 @@ class GenerateSection:
         _require(self.keep_greedy_mb >= 0, "generate.keep_greedy_mb",
                  f"got {self.keep_greedy_mb}; use 0 (off) or a size in MB")
         _require(self.tp_size >= 1, "generate.tp_size", f"got {self.tp_size}; must be >= 1")
+        _require(self.cuda_graph_max_batch >= 0, "generate.cuda_graph_max_batch",
+                 f"got {self.cuda_graph_max_batch}; use 0 (sglang's default) or a batch size")
+        _require(self.kv_cache_dtype in KV_CACHE_DTYPES, "generate.kv_cache_dtype",
+                 f"got {self.kv_cache_dtype!r}; use one of {', '.join(KV_CACHE_DTYPES)}")
 
 
 @dataclass(kw_only=True)

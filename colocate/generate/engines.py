@@ -123,6 +123,10 @@ def build_generator(cfg: "Config", sampling: Sampling, pad_id: int,
     log.info("generate: %s engine on %s, %s", backend.engine, backend.device.type,
              str(backend.dtype).removeprefix("torch."))
     if backend.engine == "hf":
+        if gen.kv_cache_dtype != "auto":
+            raise ValueError(f"generate.kv_cache_dtype={gen.kv_cache_dtype}: the hf engine "
+                             "caches at the target's dtype; use generate.kv_cache_dtype=auto "
+                             "or generate.engine=sglang")
         return HFGenerator(cfg.target.path, sampling=sampling, device=device or backend.device,
                            dtype=backend.dtype, batch_size=gen.batch_size, pad_id=pad_id,
                            load_format=cfg.target.load_format, seed=cfg.run.seed)
@@ -130,7 +134,9 @@ def build_generator(cfg: "Config", sampling: Sampling, pad_id: int,
         return SGLangGenerator(cfg.target.path, sampling=sampling, dtype=backend.dtype,
                                tp_size=gen.tp_size, mem_fraction=gen.mem_fraction or 0.85,
                                seed=cfg.run.seed, batch_size=gen.batch_size,
-                               load_format=cfg.target.load_format, cuda_graph=gen.cuda_graph)
+                               load_format=cfg.target.load_format, cuda_graph=gen.cuda_graph,
+                               kv_cache_dtype=gen.kv_cache_dtype,
+                               cuda_graph_max_batch=gen.cuda_graph_max_batch)
     if gen.tp_size != 1:
         raise ValueError("generate.tp_size: online decode answers on each engine's own GPU; "
                          "use generate.tp_size=1 with data.source=generate")
@@ -145,7 +151,8 @@ def build_generator(cfg: "Config", sampling: Sampling, pad_id: int,
         path=cfg.target.path, sampling=sampling, dtype=backend.dtype, tp_size=1,
         mem_fraction=static_mem_fraction(share, total, free), seed=cfg.run.seed,
         batch_size=gen.batch_size, load_format=cfg.target.load_format,
-        cuda_graph=gen.cuda_graph, gpu=device.index),
+        cuda_graph=gen.cuda_graph, kv_cache_dtype=gen.kv_cache_dtype,
+        cuda_graph_max_batch=gen.cuda_graph_max_batch, gpu=device.index),
         timeout_s=cfg.run.startup_timeout_s, who=f"the engine on {device}")
 
 
@@ -221,8 +228,10 @@ class SGLangGenerator:
 
     def __init__(self, path: str, *, sampling: Sampling, dtype: torch.dtype, tp_size: int,
                  mem_fraction: float, seed: int, batch_size: int, load_format: str = "auto",
-                 cuda_graph: bool = False, gpu: int | None = None):
-        """`gpu`: one replica on that GPU only (online decode); else every visible GPU."""
+                 cuda_graph: bool = False, kv_cache_dtype: str = "auto",
+                 cuda_graph_max_batch: int = 0, gpu: int | None = None):
+        """`gpu`: one replica on that GPU only (online decode); else every visible GPU.
+        `kv_cache_dtype`, `cuda_graph_max_batch`: generate.* of the same names."""
         from colocate.engine.sglang_env import offline_engine_env, offline_engine_kwargs
 
         num_gpus = torch.cuda.device_count() if gpu is None else 1
@@ -238,9 +247,12 @@ class SGLangGenerator:
         extra = {"enable_deterministic_inference": True} if sampling.temperature > 0 else {}
         if gpu is not None:
             extra["base_gpu_id"] = gpu
+        if cuda_graph and cuda_graph_max_batch:
+            extra["cuda_graph_max_bs_decode"] = cuda_graph_max_batch
         self.engine = sglang.Engine(**offline_engine_kwargs(
             path, dtype=dtype, mem_fraction=mem_fraction, seed=seed, cuda_graph=cuda_graph,
-            load_format=load_format, tp_size=tp_size, dp_size=num_gpus // tp_size, **extra))
+            load_format=load_format, tp_size=tp_size, dp_size=num_gpus // tp_size,
+            kv_cache_dtype=kv_cache_dtype, **extra))
         self.sampling = sampling
         self.batch_size = batch_size
         log.info("sglang engine: %d GPU(s), tp_size %d x dp_size %d", num_gpus, tp_size,

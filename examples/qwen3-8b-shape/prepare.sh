@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Make what run.yaml points at: a target dir (this config.json + the tiny tokenizer) and a
-# JSONL of long conversations (~2000 tokens each) built from the tiny bundled ones.
+# JSONL of RECORDS (default 256) long conversations (~2000 tokens each) built from the tiny
+# bundled ones.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 python examples/tiny/build.py --out examples/tiny >/dev/null
 mkdir -p runs/qwen3-8b-shape-target
 cp examples/qwen3-8b-shape/config.json runs/qwen3-8b-shape-target/
 cp examples/tiny/tokenizer/* runs/qwen3-8b-shape-target/
-python - <<'PY'
-import json
+RECORDS=${RECORDS:-256} python - <<'PY'
+import json, os
 src = [json.loads(l) for l in open("examples/tiny/data/conversations.jsonl")]
 def turns(rec):
     if "messages" in rec:
@@ -16,7 +17,7 @@ def turns(rec):
     names = {"human": "user", "gpt": "assistant", "system": "system"}
     return [(names[t["from"]], t["value"]) for t in rec["conversations"]]
 with open("runs/qwen3-8b-shape-data.jsonl", "w") as f:
-    for i in range(256):
+    for i in range(int(os.environ["RECORDS"])):
         replies = []
         j = i
         while sum(len(r) for r in replies) < 4800:  # ~2000 tokens of the tiny tokenizer

@@ -375,6 +375,8 @@ def test_thinking_false_renders_enable_thinking_false(tiny_assets, tiny_tokenize
     ("no_data", "is not a file; point it at a JSONL"),
     ("no_config", "no config.json"),
     ("no_prompt", "no usable prompt"),
+    ("fp8_kv_on_hf", "generate.kv_cache_dtype=fp8_e4m3: the hf engine caches at the target's "
+                     "dtype; use generate.kv_cache_dtype=auto or generate.engine=sglang"),
 ])
 def test_bad_input_is_one_readable_line(tiny_assets, tmp_path, capsys, case, message):
     data = write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": "a"}]}])
@@ -383,8 +385,9 @@ def test_bad_input_is_one_readable_line(tiny_assets, tmp_path, capsys, case, mes
         data = str(tmp_path / "missing.jsonl")
     elif case == "no_config":
         target = str(tmp_path)
+    extra = ["generate.kv_cache_dtype=fp8_e4m3"] if case == "fp8_kv_on_hf" else []
     code = cli.main(["generate", "--config", CONFIG, "--out", str(tmp_path / "o.jsonl"),
-                     "--data", data, f"target.path={target}", "run.device=cpu"])
+                     "--data", data, f"target.path={target}", "run.device=cpu", *extra])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and message in err, err
     assert err.startswith("colocate generate: error: ")
