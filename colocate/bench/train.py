@@ -92,6 +92,7 @@ class Result:
     tag: str = ""  # the --sweep value and GPU count of this row ("" without either)
     decode_tokens_per_s: float = 0.0  # online decode: tokens the target generated
     decode_buffered: float = 0.0  # online decode: share of the window's records answered before it
+    cycle: DecodeCycle | None = None  # online decode: the window's last whole decode cycle
     gpus: int = 1  # one trainer/engine pair per GPU; every rate is per GPU
     sweep: str = ""  # the --sweep override of this row ("" without a sweep)
 
@@ -146,7 +147,41 @@ def summarize(mode: Mode, rows: list[dict], warmup: int, gpus: int = 1,
                   engine_wait=delta("engine_wait_s", engine_before) / engine_seconds,
                   handoff=delta("handoff_s") / seconds, trainer_gib=timed[-1]["trainer_peak_gib"],
                   engine_gib=timed[-1]["engine_peak_gib"], decode_tokens_per_s=decode,
-                  decode_buffered=buffered, gpus=gpus)
+                  decode_buffered=buffered, cycle=last_decode_cycle(rows, warmup, gpus),
+                  gpus=gpus)
+
+
+@dataclass
+class DecodeCycle:
+    """Online decode's steady state: the steps from one answered chunk's arrival to the
+    next's. A window that starts with answers buffered (decoded while the trainer warmed up)
+    shows a rate that lasts only as long as the buffer; a whole cycle, whose trainer waits
+    for the next chunk at its end as it would all run long, does not."""
+
+    first_step: int
+    last_step: int
+    tokens_per_s: float  # trained, per GPU
+    trainer_wait: float  # share of the cycle's step time
+    decode_tokens_per_s: float  # answered by the first pair's engine
+
+
+def last_decode_cycle(rows: list[dict], warmup: int, gpus: int = 1) -> DecodeCycle | None:
+    """The last cycle inside the timed window: the steps after one arrival (a row whose
+    `decode_records` grew) up to and including the next. None without two arrivals there."""
+    if "decode_records" not in rows[-1]:
+        return None
+    arrivals = [i for i in range(max(warmup, 1), len(rows))
+                if rows[i]["decode_records"] > rows[i - 1]["decode_records"]]
+    if len(arrivals) < 2:
+        return None
+    start, end = arrivals[-2], arrivals[-1]
+    cycle = rows[start + 1:end + 1]
+    seconds = sum(r["step_s"] for r in cycle)
+    return DecodeCycle(
+        first_step=start + 2, last_step=end + 1,  # rows are steps 1, 2, ...
+        tokens_per_s=sum(r["tokens"] for r in cycle) / gpus / seconds,
+        trainer_wait=(rows[end]["trainer_wait_s"] - rows[start]["trainer_wait_s"]) / seconds,
+        decode_tokens_per_s=(rows[end]["decode_tokens"] - rows[start]["decode_tokens"]) / seconds)
 
 
 def decode_buffered(before: dict | None, last: dict) -> float:
@@ -283,6 +318,18 @@ def format_table(results: list[Result], flops: dict[str, float], peak: float | N
                          "window were answered before it began"
                          + (" (a longer window shows the steady state)"
                             if online.decode_buffered > 0.1 else ""))
+        if online and online.cycle:
+            c = online.cycle
+            lines.append(f"online decode{' ' + tag if tag else ''}, last whole decode cycle "
+                         f"(steps {c.first_step}-{c.last_step}, chunk arrival to arrival): "
+                         f"{c.tokens_per_s:,.0f} tok/s/GPU trained, trainer wait "
+                         f"{100 * c.trainer_wait:.1f}%, the target generated "
+                         f"{c.decode_tokens_per_s:,.0f} tok/s per engine"
+                         + (f"; {c.tokens_per_s / pregen.tokens_per_s:.2f}x pre-generated"
+                            if pregen and pregen.tokens_per_s else ""))
+        elif online:
+            lines.append(f"online decode{' ' + tag if tag else ''}: no whole decode cycle in "
+                         "the window (two chunk arrivals); run more --steps for the steady state")
         if online and pregen and pregen.tokens_per_s:
             lines.append(f"online / pre-generated{' ' + tag if tag else ''}: "
                          f"{online.tokens_per_s / pregen.tokens_per_s:.2f}x tokens/s; trainer "

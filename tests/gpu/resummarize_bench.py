@@ -1,6 +1,7 @@
 """Re-read a `bench train` work dir (or its tarball from tests/gpu/run_bench.sh) and print
 each mode's engine-side shares and rate twice: as the bench printed them before the engine's
-window was shifted by the steps it runs ahead, and as `summarize` gives them now. CPU only.
+window was shifted by the steps it runs ahead, and as `summarize` gives them now; for an
+online-decode mode, also its last whole decode cycle (the steady state). CPU only.
 
     python tests/gpu/resummarize_bench.py docs/gpu-logs/bench-h200/bench-sglang-h200-16k-work.tar.gz \
         --warmup 4
@@ -44,6 +45,11 @@ def main() -> None:
               f"{100 * old.engine_wait:>11.1f}% -> {100 * new.engine_wait:>5.1f}%"
               f"{100 * old.breakdown['engine prefill']:>11.1f}% -> "
               f"{100 * new.breakdown['engine prefill']:>5.1f}%")
+        if new.cycle:
+            c = new.cycle
+            print(f"  last whole decode cycle, steps {c.first_step}-{c.last_step}: "
+                  f"{c.tokens_per_s:,.0f} tok/s/GPU trained, trainer wait "
+                  f"{100 * c.trainer_wait:.1f}%, decoded {c.decode_tokens_per_s:,.0f} tok/s")
 
 
 if __name__ == "__main__":

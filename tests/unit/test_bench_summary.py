@@ -111,3 +111,35 @@ def test_engine_lead_is_the_slots_over_the_micro_steps(tmp_path):
     assert engine_lead_steps(args, MODE["k3"]) == 2  # ceil(3 / 2)
     assert engine_lead_steps(args, MODE["k2"]) == 1
     assert engine_lead_steps(args, MODE["k2"], sweep="train.micro_steps=1") == 2
+
+
+def test_online_steady_state_is_the_last_whole_decode_cycle():
+    from colocate.bench.train import format_table
+
+    # Six steps of 1000 tokens. Chunks arrive at steps 3 and 6 (decode_records grows there);
+    # the cycle is steps 4-6: 3 s of steps, of which the trainer waited 1.5 s at step 6.
+    data = []
+    for step, (records, step_s, wait) in enumerate(
+            [(10, 5.0, 4.0), (10, 1.0, 4.0), (20, 1.0, 4.0), (20, 0.5, 4.0), (20, 0.5, 4.0),
+             (30, 2.0, 5.5)], start=1):
+        data.append(dict(step_s=step_s, tokens=1000, engine_clock_s=10.0 * step,
+                         engine_wait_s=0.0, engine_prefill_s=1.0, trainer_wait_s=wait,
+                         handoff_s=0.0, trainer_peak_gib=1.0, engine_peak_gib=1.0,
+                         decode_records=records, decode_reused=0, decode_ahead=5,
+                         decode_tokens=records * 100))
+    r = summarize(MODE["online"], data, warmup=1)
+    c = r.cycle
+    assert (c.first_step, c.last_step) == (4, 6)
+    assert c.tokens_per_s == pytest.approx(3000 / 3.0)
+    assert c.trainer_wait == pytest.approx(1.5 / 3.0)
+    assert c.decode_tokens_per_s == pytest.approx(1000 / 3.0)
+    pregen = summarize(MODE["pregen"], [dict(d, tokens=2000) for d in data], warmup=1)
+    table = format_table([pregen, r], {"engine": 1e9, "trainer": 1e9}, None, "cpu")
+    assert ("last whole decode cycle (steps 4-6, chunk arrival to arrival): 1,000 tok/s/GPU "
+            "trained, trainer wait 50.0%, the target generated 333 tok/s per engine; 0.50x "
+            "pre-generated") in table
+    # One arrival in the window is no cycle: the table says so instead of guessing.
+    short = summarize(MODE["online"], data[:5], warmup=1)
+    assert short.cycle is None
+    assert "no whole decode cycle" in format_table([short], {"engine": 1e9, "trainer": 1e9},
+                                                  None, "cpu")
