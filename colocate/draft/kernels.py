@@ -96,14 +96,17 @@ def rope_qk(q_TND: torch.Tensor, k_TND: torch.Tensor, positions: torch.Tensor,
 
 def soft_ce_rows(logits_CV: torch.Tensor, teacher_logits_NV: torch.Tensor,
                  teacher_lse_N: torch.Tensor, src_C: torch.Tensor, weight_C: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss and logits-gradient of sum_c w_c * -sum_v p[src_c, v] * log_softmax(logits_c)_v.
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss and logits-gradient of sum_c w_c * -sum_v p[src_c, v] * log_softmax(logits_c)_v,
+    and each row's argmax (the draft's greedy token, for the hit statistics: computed in
+    the same pass over the logits instead of a separate read of the [C, V] block).
 
     p = exp(teacher_logits - teacher_lse) is formed here, row by row, from the teacher's
     draft-vocabulary logits (never stored as a float32 [T, Vd] tensor). Per row, with
     z = logits and lse = logsumexp(z):  loss = sum(p) * lse - sum(p * z),
     d loss / d z = softmax(z) * sum(p) - p  (sum(p) is 1 unless the teacher rows are
-    renormalised). Returns (loss scalar in float32 or wider, grad in the logits' dtype).
+    renormalised). Returns (loss scalar in float32 or wider, grad in the logits' dtype,
+    [C] int64 argmax).
     """
     z = upcast(logits_CV)
     lse = torch.logsumexp(z, dim=-1, keepdim=True)
@@ -112,4 +115,11 @@ def soft_ce_rows(logits_CV: torch.Tensor, teacher_logits_NV: torch.Tensor,
     w = weight_C[:, None].to(z.dtype)
     loss = (w * (p_sum * lse - (p * z).sum(-1, keepdim=True))).sum()
     grad = w * (torch.exp(z - lse) * p_sum - p)
-    return loss, grad.to(logits_CV.dtype)
+    return loss, grad.to(logits_CV.dtype), z.argmax(-1)
+
+
+def scale(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """x times a 0-d device tensor, in x's dtype. Eager, a 0-d operand sends the multiply
+    to PyTorch's generic (unvectorised) broadcast kernel: 1.3 ms per unroll step on a
+    16k x 32k bf16 gradient on an H200; compiled it is one vectorised pass."""
+    return x * factor.to(x.dtype)

@@ -103,7 +103,8 @@ def target_distribution(last_hidden_TH: torch.Tensor, lm_head_weight_VH: torch.T
 
 
 class _SoftCrossEntropy(torch.autograd.Function):
-    """sum_t w_t * (-sum_v p[src_t, v] * log_softmax(logits_t)_v), chunked over rows when eager.
+    """sum_t w_t * (-sum_v p[src_t, v] * log_softmax(logits_t)_v), chunked over rows when eager;
+    also each row's argmax (no gradient), from the same pass over the logits.
 
     Plain autograd would keep an [T, Vd] float32 log-softmax and the gathered target rows per
     unroll step for backward (7 steps x 16k tokens x 32k vocab x 4 B x 2 = 29 GB). Here the
@@ -115,34 +116,39 @@ class _SoftCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits_TV, target: TargetDistribution, src_T, weight_T, chunk_tokens,
                 kernel_mode):
         rows = kernels.pick(kernels.soft_ce_rows, kernel_mode, logits_TV.device)
+        ctx.kernel_mode = kernel_mode
         if rows is not kernels.soft_ce_rows:
             # Fused: no [rows, Vd] float32 intermediate exists, so one call over all rows
             # (and the gradient it returns is kept as is, not copied into a buffer).
-            loss, grad_TV = rows(logits_TV, target.logits, target.lse, src_T, weight_T)
-            ctx.save_for_backward(grad_TV)
-            return loss
-        grad_TV = torch.empty_like(logits_TV)
-        loss = torch.zeros((), dtype=upcast(logits_TV).dtype, device=logits_TV.device)
-        for start in range(0, logits_TV.shape[0], chunk_tokens):
-            end = min(start + chunk_tokens, logits_TV.shape[0])
-            chunk_loss, grad_TV[start:end] = rows(logits_TV[start:end], target.logits,
-                                                  target.lse, src_T[start:end],
-                                                  weight_T[start:end])
-            loss = loss + chunk_loss
+            loss, grad_TV, top_T = rows(logits_TV, target.logits, target.lse, src_T, weight_T)
+        else:
+            grad_TV = torch.empty_like(logits_TV)
+            top_T = torch.empty(logits_TV.shape[0], dtype=torch.long, device=logits_TV.device)
+            loss = torch.zeros((), dtype=upcast(logits_TV).dtype, device=logits_TV.device)
+            for start in range(0, logits_TV.shape[0], chunk_tokens):
+                end = min(start + chunk_tokens, logits_TV.shape[0])
+                chunk_loss, grad_TV[start:end], top_T[start:end] = rows(
+                    logits_TV[start:end], target.logits, target.lse, src_T[start:end],
+                    weight_T[start:end])
+                loss = loss + chunk_loss
         ctx.save_for_backward(grad_TV)
-        return loss
+        ctx.mark_non_differentiable(top_T)
+        return loss, top_T
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, grad_top):
+        del grad_top  # an index: no gradient
         (grad_TV,) = ctx.saved_tensors
-        return grad_TV * grad_loss.to(grad_TV.dtype), None, None, None, None, None
+        scale = kernels.pick(kernels.scale, ctx.kernel_mode, grad_TV.device)
+        return scale(grad_TV, grad_loss), None, None, None, None, None
 
 
 def soft_cross_entropy(logits_TV: torch.Tensor, target: TargetDistribution, src_T: torch.Tensor,
                        weight_T: torch.Tensor, chunk_tokens: int = 4096,
-                       kernel_mode: str = "eager") -> torch.Tensor:
-    """Weighted soft cross-entropy of logits row t against the target's row src_t.
+                       kernel_mode: str = "eager") -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted soft cross-entropy of logits row t against the target's row src_t, and
+    [T] int64 argmax of each logits row (no gradient).
 
     Scalar in float32 (float64 for float64 logits); gradient only to the logits.
     kernel_mode: `draft.kernels` (see `colocate.draft.kernels`).
@@ -220,10 +226,11 @@ def eagle3_unroll(draft: Eagle3Draft, embed_weight: torch.Tensor, aux_hidden: to
         embeds_TH = F.embedding(input_ids[src_T], embed_weight)
         # Carried: one reduce-scatter per FSDP2 unit and optimizer step (eagle3.Carried).
         hidden, logits_TV = draft(embeds_TH, Carried(hidden), positions, seq_bounds, kv_cache)
-        ce_sums.append(soft_cross_entropy(logits_TV, target, src_T, scored_T.float(),
-                                          chunk_tokens, draft.kernels))
+        ce_k, draft_top_T = soft_cross_entropy(logits_TV, target, src_T, scored_T.float(),
+                                                 chunk_tokens, draft.kernels)
+        ce_sums.append(ce_k)
         with torch.no_grad():
-            hit_T = (logits_TV.argmax(-1) == target.top[src_T]) & scored_T
+            hit_T = (draft_top_T == target.top[src_T]) & scored_T
             hit_rows.append(hit_T)
             hits.append(hit_T.sum())
         counts.append(counted_T.sum())

@@ -68,6 +68,8 @@ def test_soft_ce_compiled_equals_eager(rows):
         logits, teacher, lse, src, weight)
     torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(compiled[1].float(), eager[1].float(), rtol=1e-2, atol=1e-4)
+    assert torch.equal(compiled[2], eager[2])
+    assert torch.equal(eager[2], logits.argmax(-1))  # the draft's greedy token per row
     # And both against plain autograd of the definition, in float32.
     ref_logits = logits.float().requires_grad_(True)
     p = torch.softmax(teacher.float(), -1)[src]
@@ -93,6 +95,22 @@ def test_unroll_compiled_equals_eager():
     torch.testing.assert_close(comp.loss, eager.loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(comp.ce_sum, eager.ce_sum, rtol=1e-5, atol=1e-5)
     assert torch.equal(comp.counted, eager.counted)
+    assert torch.equal(comp.hits, eager.hits)
     for name, grad in eager_grads.items():
         torch.testing.assert_close(comp_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
+
+
+def test_scale_compiled_equals_eager_and_the_plain_product():
+    gen = torch.Generator().manual_seed(4)
+    grad = torch.randn(13, 50, generator=gen).bfloat16()
+    factor = torch.tensor(0.37, dtype=torch.float32)  # a 0-d tensor, as autograd passes it
+    eager = kernels.scale(grad, factor)
+    compiled = kernels.pick(kernels.scale, "compiled", torch.device("cpu"))(grad, factor)
+    assert eager.dtype == compiled.dtype == torch.bfloat16
+    assert torch.equal(eager, grad * factor.bfloat16())
+    # Inductor multiplies by the float32 factor (it does not emulate the cast's rounding):
+    # equal up to bf16 rounding, and closer to the exact product.
+    exact = grad.double() * 0.37
+    torch.testing.assert_close(compiled.double(), exact, rtol=8e-3, atol=0)
+    assert (compiled.double() - exact).abs().sum() <= (eager.double() - exact).abs().sum()

@@ -86,7 +86,8 @@ def test_soft_cross_entropy_matches_autograd(chunk_tokens):
     target_p = torch.softmax(teacher_logits, dim=-1)
     src = torch.randint(0, 12, (10,), generator=gen)
     weight = torch.rand(10, generator=gen)
-    ours = soft_cross_entropy(logits, target, src, weight, chunk_tokens)
+    ours, top = soft_cross_entropy(logits, target, src, weight, chunk_tokens)
+    assert torch.equal(top, logits.detach().argmax(-1)) and not top.requires_grad
     (grad_ours,) = torch.autograd.grad(3.0 * ours, logits)
     ref = (weight * -(target_p[src] * torch.log_softmax(logits, -1)).sum(-1)).sum()
     (grad_ref,) = torch.autograd.grad(3.0 * ref, logits)
