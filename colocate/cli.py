@@ -42,7 +42,7 @@ def _commands() -> dict[str, tuple[str, str]]:
     }
 
 
-# The config sections each command reads (every key is documented in colocate/config.py).
+# The config sections each command reads (every key is documented in colocate/config/).
 _CONFIG_KEYS = {
     "train": "run, target, engine, data, draft, train, checkpoint, mps, transport and "
              "eval.every_steps / eval.at_end",
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, (module_name, help_text) in _commands().items():
         keys = _CONFIG_KEYS.get(name)
         epilog = (f"config keys: {keys}; set them in --config YAML or as key=value "
-                  "overrides (every key is documented in colocate/config.py)") if keys else None
+                  "overrides (every key is documented in colocate/config/)") if keys else None
         command = sub.add_parser(name, help=help_text, epilog=epilog,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
         if name == chosen:

@@ -2,7 +2,7 @@
 localhost), each acting as one node with one trainer/engine pair, as a cluster runs them.
 
 A node's own view of the filesystem is its working directory: relative paths resolve from
-it (config.py), so an agent started in another directory sees what a node without the shared
+it (`describe_path` in colocate/config/parse.py), so an agent started in another directory sees what a node without the shared
 mount (or with its own copy of a file) sees, through the same code path.
 """
 

@@ -28,7 +28,7 @@ def test_help_imports_no_command_and_no_torch():
 def test_command_help_names_its_config_keys_without_torch():
     out, modules = colocate_importing("train", "--help")
     assert "config keys: run, target, engine, data, draft, train, checkpoint" in out
-    assert "colocate/config.py" in out and "torch" not in modules
+    assert "colocate/config/" in out and "torch" not in modules
     out, _ = colocate_importing("eval", "--help")
     assert "config keys: target, data (holdout, chat_template), eval" in out
 
