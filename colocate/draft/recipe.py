@@ -32,7 +32,7 @@ import torch
 
 from colocate import metrics
 from colocate.sequence_parallel import HALO_FEATURES
-from colocate.transport.layout import Need
+from colocate.transport.layout import Need, feature_needs
 
 
 @dataclass
@@ -83,16 +83,6 @@ class StepKey:
         return torch.Generator().manual_seed(mixed)
 
 
-def base_feature_needs() -> dict[str, Need]:
-    """Tensors every recipe needs: the packed batch itself ("T" tokens, "S" sequences)."""
-    return {
-        "input_ids": Need(torch.int64, ("T",)),
-        "positions": Need(torch.int64, ("T",)),
-        "loss_mask": Need(torch.bool, ("T",)),
-        "seq_lens": Need(torch.int32, ("S",)),
-    }
-
-
 class DraftRecipe(ABC):
     method: ClassVar[str]
     needs_last_hidden: ClassVar[bool]
@@ -127,15 +117,10 @@ class DraftRecipe(ABC):
 
     def feature_needs(self, hidden_size: int, num_layers: int,
                       dtype: torch.dtype) -> dict[str, Need]:
-        needs = base_feature_needs()
-        needs["aux_hidden"] = Need(dtype, ("T", num_layers * hidden_size))
-        if self.needs_last_hidden:
-            needs["last_hidden"] = Need(dtype, ("T", hidden_size))
-        if self.cfg.train.sp_size > 1:  # a chunk of T rows, some with a halo of E - T more
-            for name in HALO_FEATURES:
-                if name in needs:
-                    needs[name] = Need(needs[name].dtype, ("E", *needs[name].shape[1:]))
-        return needs
+        """The ring tensors this recipe trains from (the engine writes exactly these)."""
+        # With sequence parallelism a chunk has T rows, some features a halo beyond them.
+        return feature_needs(hidden_size, num_layers, dtype, last_hidden=self.needs_last_hidden,
+                             halo_features=HALO_FEATURES if self.cfg.train.sp_size > 1 else ())
 
     @property
     def sp_halo(self) -> int:

@@ -58,5 +58,5 @@ def build_engine(cfg: "Config", device: torch.device) -> TargetEngine:
         engine = SGLangTargetEngine(cfg, device, default_layer_ids=recipe.default_layer_ids)
     else:
         raise ValueError(f"engine.backend: got {cfg.engine.backend!r}; use hf or sglang")
-    engine.ship_last_hidden = recipe.needs_last_hidden
+    engine.use_needs(recipe.feature_needs(engine.hidden_size, engine.num_aux, engine.dtype))
     return engine

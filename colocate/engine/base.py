@@ -1,8 +1,8 @@
 """The engine interface: turn one packed micro-batch into the features the draft learns from.
 
 An engine rank runs the target model's prefill on a `MicroBatch` and writes, into one ring
-slot, everything its trainer needs (the wire format; the draft recipe's `feature_needs` is the
-trainer's side):
+slot, everything its trainer needs (the wire format, `transport.layout.feature_needs`, which
+the draft recipe's `feature_needs` returns and the engine writes):
 
     input_ids    int64 [T]              the packed tokens
     positions    int64 [T]              position within its own sequence
@@ -11,7 +11,7 @@ trainer's side):
     aux_hidden   dtype [T, num_aux * H] outputs of layers `aux_layer_ids`, concatenated in
                                         that order (Eagle3's `fc` input)
     last_hidden  dtype [T, H]           the final norm's output (the trainer applies lm_head);
-                                        only when `ship_last_hidden` (Eagle3's teacher)
+                                        only when the recipe needs it (Eagle3's teacher)
 
 `TargetEngine.prefill` owns the checks and the slot layout; a backend only implements
 `_forward`, which fills the two hidden-state views in place on the device.
@@ -37,15 +37,11 @@ import torch
 from colocate.data.packing import MicroBatch, positions_from_lens
 from colocate.hostcopy import to_device
 from colocate.sequence_parallel import HALO_FEATURES, SpChunk, chunk_features, chunk_rows
+from colocate.transport.layout import HALO_DIM, Need, concrete_shapes, feature_needs
 from colocate.transport.ring import SlotWriter, layout_bytes
 
-FEATURE_NAMES = ("input_ids", "positions", "loss_mask", "seq_lens", "aux_hidden", "last_hidden")
+FEATURE_NAMES = tuple(feature_needs(1, 1, torch.float32, last_hidden=True))
 """Tensors of one ring message, in the order the engine writes them."""
-
-# Dtypes of the bookkeeping tensors; the hidden states carry the engine's dtype.
-_INDEX_DTYPES = {"input_ids": torch.int64, "positions": torch.int64, "loss_mask": torch.bool,
-                 "seq_lens": torch.int32}
-
 
 # --------------------------------------------------------------------------- aux layer ids
 
@@ -82,9 +78,21 @@ def resolve_aux_layer_ids(configured: list[int] | None, num_layers: int,
 class TargetEngine(ABC):
     """One small interface for every backend; `prefill` is the only entry point callers use."""
 
-    ship_last_hidden: bool = True
-    """Whether `prefill` writes `last_hidden` (the draft recipe's `needs_last_hidden`; DFlash
-    does without it, which saves a sixth of its slot bytes)."""
+    _needs: dict[str, Need] | None = None  # set by `use_needs`
+
+    def use_needs(self, needs: dict[str, Need]) -> None:
+        """Write exactly the tensors of `needs` (the run's draft recipe's `feature_needs`):
+        e.g. no `last_hidden` for DFlash, which saves a sixth of its slot bytes."""
+        self._needs = needs
+
+    @property
+    def needs(self) -> dict[str, Need]:
+        """What `prefill` writes: the recipe's needs, or (an engine built on its own) every
+        feature, halo features sized for sequence-parallel chunks."""
+        if self._needs is None:
+            self._needs = feature_needs(self.hidden_size, self.num_aux, self.dtype,
+                                        last_hidden=True, halo_features=HALO_FEATURES)
+        return self._needs
 
     # Backends set these six in __init__; callers read them through the properties below.
     _hidden_size: int
@@ -133,13 +141,8 @@ class TargetEngine(ABC):
 
     def _shapes(self, num_tokens: int, num_sequences: int
                 ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        t, h = num_tokens, self.hidden_size
-        shapes = {"input_ids": ((t,), torch.int64), "positions": ((t,), torch.int64),
-                  "loss_mask": ((t,), torch.bool), "seq_lens": ((num_sequences,), torch.int32),
-                  "aux_hidden": ((t, self.num_aux * h), self.dtype)}
-        if self.ship_last_hidden:
-            shapes["last_hidden"] = ((t, h), self.dtype)
-        return shapes
+        return concrete_shapes(self.needs, {"T": num_tokens, "S": num_sequences,
+                                            HALO_DIM: num_tokens})
 
     def slot_bytes(self, tokens_per_micro_step: int, max_sequences: int,
                    chunk: SpChunk | None = None) -> int:
@@ -152,12 +155,8 @@ class TargetEngine(ABC):
                                                     max_sequences + 1).values()))
 
     def _chunk_shapes(self, rows: int, rows_with_halo: int, num_sequences: int):
-        shapes = self._shapes(rows, num_sequences)
-        for name in HALO_FEATURES:
-            if name in shapes:
-                shape, dtype = shapes[name]
-                shapes[name] = ((rows_with_halo, *shape[1:]), dtype)
-        return shapes
+        return concrete_shapes(self.needs, {"T": rows, "S": num_sequences,
+                                            HALO_DIM: rows_with_halo})
 
     # ------------------------------------------------------------------ public entry point
 
@@ -183,7 +182,7 @@ class TargetEngine(ABC):
             on_device[name] = view
         aux_out = writer.alloc("aux_hidden", *shapes["aux_hidden"])
         last_out = (writer.alloc("last_hidden", *shapes["last_hidden"])
-                    if self.ship_last_hidden else None)
+                    if "last_hidden" in shapes else None)
         with torch.no_grad():
             self._forward(on_device["input_ids"], on_device["positions"], on_device["seq_lens"],
                           aux_out, last_out)
@@ -204,7 +203,8 @@ class TargetEngine(ABC):
         parts, (start, end) = chunk_features(host, chunk)
         for name, part in parts.items():
             src = part.pin_memory() if self.device.type == "cuda" else part
-            writer.alloc(name, tuple(part.shape), _INDEX_DTYPES[name]).copy_(src, non_blocking=True)
+            writer.alloc(name, tuple(part.shape), self.needs[name].dtype).copy_(
+                src, non_blocking=True)
         shapes = self._shapes(num_tokens, num_sequences)
         whole = {name: torch.empty(*shapes[name][0], dtype=self.dtype, device=self.device)
                  for name in ("aux_hidden", "last_hidden") if name in shapes}

@@ -60,6 +60,38 @@ class Need:
     shape: tuple[int | str | None, ...]
 
 
+HALO_DIM = "E"
+"""The rows of a sequence-parallel chunk's halo features: its own T rows plus the halo."""
+
+
+def feature_needs(hidden_size: int, num_aux: int, dtype: torch.dtype, *, last_hidden: bool,
+                  halo_features: tuple[str, ...] = ()) -> dict[str, Need]:
+    """The tensors of one micro-step's message, the one definition both sides use: the
+    trainer checks what arrives against it (`DraftRecipe.feature_needs`) and the engine
+    lays out its slot by it (`TargetEngine`). Named dims: "T" tokens (this trainer's rows),
+    "S" sequences, and `HALO_DIM` for `halo_features` (sequence parallelism)."""
+    needs = {
+        "input_ids": Need(torch.int64, ("T",)),
+        "positions": Need(torch.int64, ("T",)),
+        "loss_mask": Need(torch.bool, ("T",)),
+        "seq_lens": Need(torch.int32, ("S",)),
+        "aux_hidden": Need(dtype, ("T", num_aux * hidden_size)),
+    }
+    if last_hidden:
+        needs["last_hidden"] = Need(dtype, ("T", hidden_size))
+    for name in halo_features:
+        if name in needs:
+            needs[name] = Need(needs[name].dtype, (HALO_DIM, *needs[name].shape[1:]))
+    return needs
+
+
+def concrete_shapes(needs: dict[str, Need], dims: dict[str, int]
+                    ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """`needs` with every named dimension replaced by its size in `dims`."""
+    return {name: (tuple(dims[d] if isinstance(d, str) else d for d in need.shape), need.dtype)
+            for name, need in needs.items()}
+
+
 def check_layout(specs: list[TensorSpec], needs: dict[str, Need]) -> list[str]:
     """Problems of `specs` against `needs`, one readable line each (empty: fine)."""
     problems = []

@@ -84,6 +84,29 @@ def fake() -> FakeEngine:
     return FakeEngine(hidden_size=16, num_layers=8, vocab_size=50, seed=3)
 
 
+@pytest.mark.parametrize("method, sp_size", [("eagle3", 1), ("dflash", 1), ("eagle3", 2)])
+def test_the_engine_writes_exactly_what_the_recipe_trains_from(method, sp_size):
+    # One definition of the message (transport.layout.feature_needs): the recipe's needs,
+    # handed to the engine, are what its slot holds; DFlash's has no last_hidden, and with
+    # sequence parallelism the halo features are longer than the chunk.
+    from colocate.config import load_config
+    from colocate.draft.recipe import recipe_for
+    from colocate.sequence_parallel import SpChunk
+
+    recipe = recipe_for(load_config(None, [f"draft.method={method}",
+                                           f"train.sp_size={sp_size}"]))
+    engine = FakeEngine(hidden_size=16, num_layers=8, vocab_size=50, seed=3)
+    needs = recipe.feature_needs(engine.hidden_size, engine.num_aux, engine.dtype)
+    engine.use_needs(needs)
+    batch = make_batch([5, 1, 7], engine.vocab_size)
+    chunk = SpChunk(0, sp_size, recipe.sp_halo) if sp_size > 1 else None
+    writer = slot_writer(engine.slot_bytes(16, 16, chunk))
+    engine.prefill(batch, writer, budget=16, chunk=chunk)
+    assert sorted(s.name for s in writer.specs) == sorted(needs)
+    assert ("last_hidden" in needs) == (method == "eagle3")
+    assert check_layout(writer.specs, needs) == []
+
+
 def test_prefill_writes_every_feature_where_the_trainer_expects_it(fake):
     batch = make_batch([5, 1, 7], fake.vocab_size)
     writer = slot_writer(fake.slot_bytes(16, 16))
