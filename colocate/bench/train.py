@@ -167,7 +167,9 @@ class DecodeCycle:
 
 def last_decode_cycle(rows: list[dict], warmup: int, gpus: int = 1) -> DecodeCycle | None:
     """The last cycle inside the timed window: the steps after one arrival (a row whose
-    `decode_records` grew) up to and including the next. None without two arrivals there."""
+    `decode_records` grew) up to and including the next. None without two arrivals there.
+    Records served from kept greedy answers (`decode_reused`) are no arrivals: nothing is
+    decoded for them, so they have no cycle to measure."""
     if "decode_records" not in rows[-1]:
         return None
     arrivals = [i for i in range(max(warmup, 1), len(rows))
@@ -178,7 +180,8 @@ def last_decode_cycle(rows: list[dict], warmup: int, gpus: int = 1) -> DecodeCyc
     cycle = rows[start + 1:end + 1]
     seconds = sum(r["step_s"] for r in cycle)
     return DecodeCycle(
-        first_step=start + 2, last_step=end + 1,  # rows are steps 1, 2, ...
+        first_step=rows[start + 1].get("step", start + 2),  # rows are steps 1, 2, ...
+        last_step=rows[end].get("step", end + 1),
         tokens_per_s=sum(r["tokens"] for r in cycle) / gpus / seconds,
         trainer_wait=(rows[end]["trainer_wait_s"] - rows[start]["trainer_wait_s"]) / seconds,
         decode_tokens_per_s=(rows[end]["decode_tokens"] - rows[start]["decode_tokens"]) / seconds)

@@ -109,6 +109,9 @@ class GenerateSection:
         require(self.tp_size >= 1, "generate.tp_size", f"got {self.tp_size}; must be >= 1")
         require(self.cuda_graph_max_batch >= 0, "generate.cuda_graph_max_batch",
                  f"got {self.cuda_graph_max_batch}; use 0 (sglang's default) or a batch size")
+        require(self.cuda_graph or not self.cuda_graph_max_batch, "generate.cuda_graph_max_batch",
+                f"{self.cuda_graph_max_batch} has no effect without CUDA graphs; set "
+                "generate.cuda_graph=true, or leave it 0")
         require(self.kv_cache_dtype in KV_CACHE_DTYPES, "generate.kv_cache_dtype",
                  f"got {self.kv_cache_dtype!r}; use one of {', '.join(KV_CACHE_DTYPES)}")
 

@@ -26,7 +26,6 @@ def require(ok: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
-
 class _Loader(yaml.SafeLoader):
     """YAML with only true/false as booleans: YAML 1.1 also reads on/off/yes/no as
     booleans, which would turn `mps.mode: off` into False."""

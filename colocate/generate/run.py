@@ -105,8 +105,8 @@ def prepare(cfg: Config, data_path: str, engine: str | None = None) -> Job:
         raise ConfigError(f"generate.max_new_tokens: {gen.max_new_tokens} leaves no room for a "
                           f"prompt in the target's context of {context} tokens; lower it")
     backend = resolve_backend(cfg)
-    # Answers of another engine, dtype or weight source are other answers: a resumed run
-    # must not splice them together.
+    # Answers of another engine, dtype, KV cache or weight source are other answers: a
+    # resumed run must not splice them together.
     settings = {"engine": engine or backend.engine,
                 "dtype": str(backend.dtype).removeprefix("torch."),
                 "load_format": cfg.target.load_format,
@@ -115,6 +115,8 @@ def prepare(cfg: Config, data_path: str, engine: str | None = None) -> Job:
                 "seed": cfg.run.seed if gen.temperature > 0 else None,
                 "stop_ids": list(stop_ids), "chat_template": renderer.template,
                 "chat_template_kwargs": dict(renderer.kwargs)}
+    if gen.kv_cache_dtype != "auto":  # an fp8-cached target may answer otherwise (absent
+        settings["kv_cache_dtype"] = gen.kv_cache_dtype  # when auto: older parts resume)
     return Job(tokenizer, renderer,
                Sampling(gen.max_new_tokens, gen.temperature, gen.top_p, stop_ids),
                context - gen.max_new_tokens, settings,

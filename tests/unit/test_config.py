@@ -44,6 +44,8 @@ def test_off_stays_a_string_and_only_true_false_are_booleans(tmp_path):
     ("generate.temperature=-1", "generate.temperature: got -1.0"),
     ("generate.mem_fraction=1", "generate.mem_fraction: got 1.0"),
     ("generate.chunk_records=0", "generate.chunk_records: got 0"),
+    ("generate.cuda_graph_max_batch=512", "generate.cuda_graph_max_batch: 512 has no effect "
+     "without CUDA graphs; set generate.cuda_graph=true"),
     ("generate.kv_cache_dtype=fp8", "generate.kv_cache_dtype: got 'fp8'; use one of auto, "
      "fp8_e4m3, fp8_e5m2"),
     ("eval.engine=vllm", "eval.engine: got 'vllm'; use auto, hf, sglang or both"),

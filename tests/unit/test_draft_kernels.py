@@ -100,7 +100,6 @@ def test_unroll_compiled_equals_eager():
         torch.testing.assert_close(comp_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-
 def test_scale_compiled_equals_eager_and_the_plain_product():
     gen = torch.Generator().manual_seed(4)
     grad = torch.randn(13, 50, generator=gen).bfloat16()

@@ -248,6 +248,18 @@ def test_answers_of_another_engine_dtype_or_weights_are_not_resumed(tiny_assets,
                       out_path=out, generator=ScriptedGenerator([]))
 
 
+def test_an_fp8_kv_cache_is_another_setting_and_auto_keeps_old_fingerprints(tiny_assets,
+                                                                             tmp_path):
+    from colocate.generate.run import prepare
+
+    data = head(tiny_assets, tmp_path, 2)
+    target = tiny_assets["target_llama"]
+    auto = prepare(tiny_cfg(target, data), data)
+    fp8 = prepare(tiny_cfg(target, data, "generate.kv_cache_dtype=fp8_e4m3"), data)
+    assert "kv_cache_dtype" not in auto.settings  # parts written before the key resume
+    assert fp8.settings["kv_cache_dtype"] == "fp8_e4m3" and fp8.key != auto.key
+
+
 def test_a_generator_that_loses_replies_stops_the_run(tiny_assets, tmp_path):
     class Short(ScriptedGenerator):
         def generate(self, prompts, seeds, on_batch=None, max_new_tokens=None):
