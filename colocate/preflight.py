@@ -19,6 +19,7 @@ import argparse
 import os
 
 from colocate.config import ConfigError, describe_path, int_arg, load_config
+from colocate.geometry import gpu_count_problem, nproc_problem, sp_size_problem
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,36 +31,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="dotted overrides, as for colocate train")
 
 
-def sp_size_problem(nproc_per_node: int, sp_size: int) -> str | None:
-    """Why train.sp_size cannot run with --nproc-per-node (None: it can). An SP group is
-    sp_size consecutive pairs on one node (its all-to-alls stay inside)."""
-    gpus_per_node = nproc_per_node // 2
-    if sp_size <= 1 or gpus_per_node % sp_size == 0:
-        return None
-    divisors = [d for d in range(1, gpus_per_node + 1) if gpus_per_node % d == 0]
-    return (f"train.sp_size: {sp_size} does not divide the {gpus_per_node} GPU(s) per node "
-            f"(--nproc-per-node {nproc_per_node}, a trainer and an engine per GPU): a "
-            f"sequence-parallel group must lie on one node; use one of {divisors}")
-
-
 def check_launch(nproc: int | None, gpus: int | None, device: str, sp_size: int = 1) -> None:
-    """The geometry topology.py enforces at start-up, checked from the launcher's numbers."""
+    """The rules topology.py enforces at start-up (colocate/geometry.py), from the
+    launcher's numbers."""
     if nproc is None:
         return
-    if nproc < 2 or nproc % 2:
-        raise ConfigError(f"--nproc-per-node {nproc}: colocate runs a trainer and an engine "
-                          "per GPU; use an even number >= 2 (twice the GPUs per node; NPROC=4 "
-                          "on CPU)")
-    problem = sp_size_problem(nproc, sp_size)  # what topology.py refuses at start-up
+    problem = nproc_problem(nproc) or sp_size_problem(nproc, sp_size)
     if problem:
         raise ConfigError(problem)
     if gpus is None:
         return
     if device == "cuda" and gpus == 0:
         raise ConfigError("run.device: cuda, but no GPU is visible; use run.device=cpu")
-    if device != "cpu" and gpus and nproc != 2 * gpus:
-        raise ConfigError(f"--nproc-per-node {nproc} but {gpus} GPU(s) visible: use "
-                          f"NPROC={2 * gpus} (two ranks per GPU), or run.device=cpu")
+    problem = gpu_count_problem(nproc, gpus) if device != "cpu" and gpus else None
+    if problem:
+        raise ConfigError(problem)
 
 
 def _need_file(path: str, key: str, what: str) -> None:

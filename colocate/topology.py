@@ -36,6 +36,8 @@ from enum import Enum
 import torch
 import torch.distributed as dist
 
+from colocate.geometry import gpu_count_problem, nproc_problem, sp_size_problem
+
 log = logging.getLogger(__name__)
 
 
@@ -134,10 +136,9 @@ def validate_world(info: RankInfo) -> None:
         raise TopologyError(
             f"world size {info.world_size} is odd: colocate runs a trainer and an engine per "
             "GPU; use --nproc-per-node 2G (twice the GPUs per node)")
-    if info.local_world_size % 2:
-        raise TopologyError(
-            f"--nproc-per-node {info.local_world_size} is odd: each GPU needs a trainer and an "
-            "engine; use twice the number of GPUs per node")
+    problem = nproc_problem(info.local_world_size)
+    if problem:
+        raise TopologyError(problem)
 
 
 def node_label(host: str, node_rank: int) -> str:
@@ -163,8 +164,6 @@ def validate_pairs(info: RankInfo, nodes: list[str], local_ranks: list[int]) -> 
 
 
 def validate_sp_size(info: RankInfo, sp_size: int) -> None:
-    from colocate.preflight import sp_size_problem  # one rule for the launcher and start-up
-
     problem = sp_size_problem(info.local_world_size, sp_size)
     if problem:
         raise TopologyError(problem)
@@ -177,11 +176,9 @@ def sp_groups(info: RankInfo, sp_size: int) -> list[list[int]]:
 
 
 def validate_gpu_count(info: RankInfo, num_gpus: int) -> None:
-    if num_gpus * 2 != info.local_world_size:
-        raise TopologyError(
-            f"--nproc-per-node {info.local_world_size} but {num_gpus} GPU(s) visible "
-            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}): use "
-            f"--nproc-per-node {2 * num_gpus}, or run on CPU with --device cpu")
+    problem = gpu_count_problem(info.local_world_size, num_gpus)
+    if problem:
+        raise TopologyError(problem)
 
 
 def resolve_device_type(requested: str) -> str:

@@ -32,8 +32,27 @@ def test_odd_world_size_names_the_fix():
 
 
 def test_odd_nproc_per_node_names_the_fix():
-    with pytest.raises(TopologyError, match="--nproc-per-node 3 is odd"):
+    with pytest.raises(TopologyError, match="--nproc-per-node 3: colocate runs a trainer and "
+                                            "an engine per GPU; use an even number >= 2"):
         rank_info_from_env(env(0, 6, 0, 3))
+
+
+@pytest.mark.parametrize("nproc, gpus, sp_size", [(3, None, 1), (6, None, 2), (4, 1, 1)])
+def test_the_launcher_and_start_up_refuse_alike(nproc, gpus, sp_size):
+    # One rule set (colocate/geometry.py): `colocate check` before torchrun and every rank
+    # at start-up give the same message for the same numbers.
+    from colocate.config import ConfigError
+    from colocate.preflight import check_launch
+    from colocate.topology import validate_gpu_count, validate_sp_size, validate_world
+
+    with pytest.raises(ConfigError) as launcher:
+        check_launch(nproc, gpus, "cuda", sp_size)
+    info = RankInfo(0, nproc if nproc % 2 == 0 else 2 * nproc, 0, nproc)
+    with pytest.raises(TopologyError) as start_up:
+        validate_world(info)
+        validate_sp_size(info, sp_size)
+        validate_gpu_count(info, gpus)
+    assert str(start_up.value) == str(launcher.value)
 
 
 def test_missing_torchrun_env():
