@@ -164,6 +164,12 @@ class DecodeCycle:
     trainer_wait: float  # share of the cycle's step time
     decode_tokens_per_s: float  # answered by the first pair's engine
 
+    def describe(self) -> str:
+        return (f"last whole decode cycle (steps {self.first_step}-{self.last_step}, chunk "
+                f"arrival to arrival): {self.tokens_per_s:,.0f} tok/s/GPU trained, trainer wait "
+                f"{100 * self.trainer_wait:.1f}%, the target generated "
+                f"{self.decode_tokens_per_s:,.0f} tok/s per engine")
+
 
 def last_decode_cycle(rows: list[dict], warmup: int, gpus: int = 1) -> DecodeCycle | None:
     """The last cycle inside the timed window: the steps after one arrival (a row whose
@@ -323,11 +329,7 @@ def format_table(results: list[Result], flops: dict[str, float], peak: float | N
                             if online.decode_buffered > 0.1 else ""))
         if online and online.cycle:
             c = online.cycle
-            lines.append(f"online decode{' ' + tag if tag else ''}, last whole decode cycle "
-                         f"(steps {c.first_step}-{c.last_step}, chunk arrival to arrival): "
-                         f"{c.tokens_per_s:,.0f} tok/s/GPU trained, trainer wait "
-                         f"{100 * c.trainer_wait:.1f}%, the target generated "
-                         f"{c.decode_tokens_per_s:,.0f} tok/s per engine"
+            lines.append(f"online decode{' ' + tag if tag else ''}, {c.describe()}"
                          + (f"; {c.tokens_per_s / pregen.tokens_per_s:.2f}x pre-generated"
                             if pregen and pregen.tokens_per_s else ""))
         elif online:

@@ -139,10 +139,12 @@ class TargetEngine(ABC):
     def num_aux(self) -> int:
         return len(self.aux_layer_ids)
 
-    def _shapes(self, num_tokens: int, num_sequences: int
+    def _shapes(self, num_tokens: int, num_sequences: int, rows_with_halo: int | None = None
                 ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Concrete shapes of `needs`; `rows_with_halo`: a sequence-parallel chunk's halo
+        features (None: no halo, they have num_tokens rows like the rest)."""
         return concrete_shapes(self.needs, {"T": num_tokens, "S": num_sequences,
-                                            HALO_DIM: num_tokens})
+                                            HALO_DIM: rows_with_halo or num_tokens})
 
     def slot_bytes(self, tokens_per_micro_step: int, max_sequences: int,
                    chunk: SpChunk | None = None) -> int:
@@ -151,12 +153,8 @@ class TargetEngine(ABC):
         `chunk`, its sequence-parallel chunk of one (plus the padding sequence)."""
         if chunk is None:
             return layout_bytes(list(self._shapes(tokens_per_micro_step, max_sequences).values()))
-        return layout_bytes(list(self._chunk_shapes(*chunk.max_rows(tokens_per_micro_step),
-                                                    max_sequences + 1).values()))
-
-    def _chunk_shapes(self, rows: int, rows_with_halo: int, num_sequences: int):
-        return concrete_shapes(self.needs, {"T": rows, "S": num_sequences,
-                                            HALO_DIM: rows_with_halo})
+        rows, rows_with_halo = chunk.max_rows(tokens_per_micro_step)
+        return layout_bytes(list(self._shapes(rows, max_sequences + 1, rows_with_halo).values()))
 
     # ------------------------------------------------------------------ public entry point
 

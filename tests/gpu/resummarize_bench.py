@@ -46,10 +46,7 @@ def main() -> None:
               f"{100 * old.breakdown['engine prefill']:>11.1f}% -> "
               f"{100 * new.breakdown['engine prefill']:>5.1f}%")
         if new.cycle:
-            c = new.cycle
-            print(f"  last whole decode cycle, steps {c.first_step}-{c.last_step}: "
-                  f"{c.tokens_per_s:,.0f} tok/s/GPU trained, trainer wait "
-                  f"{100 * c.trainer_wait:.1f}%, decoded {c.decode_tokens_per_s:,.0f} tok/s")
+            print(f"  {new.cycle.describe()}")
 
 
 if __name__ == "__main__":
