@@ -75,6 +75,7 @@ class MpsPlan:
     engine_mem_fraction: float = 0.0
     pinned_mem_limit: bool = False
     trainer_priority: str = "normal"
+    engine_priority: str = "normal"
     gpu_mem_bytes: int | None = None
     """Total memory of one GPU (from the probe); needed for the pinned-memory limit."""
 
@@ -114,7 +115,8 @@ def check_sm_shares(section: MpsSection) -> list[str]:
     if section.mode == "off":
         ignored = [k for k, v in (("mps.trainer_sm_percent", t), ("mps.engine_sm_percent", e)) if v != 100]
         ignored += ["mps.pinned_mem_limit"] if section.pinned_mem_limit else []
-        ignored += ["mps.trainer_priority"] if section.trainer_priority != "normal" else []
+        ignored += [f"mps.{role}_priority" for role in ROLES
+                    if getattr(section, f"{role}_priority") != "normal"]
         return [f"{k} is ignored with mps.mode=off" for k in ignored]
     out = []
     if t + e < 100:
@@ -149,6 +151,7 @@ def plan_from_config(section: MpsSection, token: str, *, tmp_dir: str | None = N
         engine_mem_fraction=section.engine_mem_fraction,
         pinned_mem_limit=section.pinned_mem_limit,
         trainer_priority=section.trainer_priority,
+        engine_priority=section.engine_priority,
     )
 
 
@@ -190,7 +193,7 @@ def role_env(plan: MpsPlan, role: str, device: int = 0) -> dict[str, str]:
         return {}
     sm = plan.trainer_sm_percent if role == "trainer" else plan.engine_sm_percent
     env = {SM_ENV: str(sm)}
-    if role == "trainer" and plan.trainer_priority == "low":
+    if getattr(plan, f"{role}_priority") == "low":
         env[PRIORITY_ENV] = "1"
     fraction = plan.trainer_mem_fraction if role == "trainer" else plan.engine_mem_fraction
     if plan.pinned_mem_limit and fraction > 0:

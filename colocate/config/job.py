@@ -40,7 +40,11 @@ class MpsSection:
     trainer_priority: str = "normal"
     """MPS client priority of the trainer ranks (CUDA_MPS_CLIENT_PRIORITY): normal, or low
     (below normal), so that the engine's kernels, e.g. online decode's, go first when both
-    wait. A driver whose MPS lacks client priorities ignores it. Not yet measured."""
+    wait. A driver whose MPS lacks client priorities ignores it. Measured with online
+    decode on an H200 (docs/online.md): both sides got slower."""
+    engine_priority: str = "normal"
+    """The same for the engine ranks: low lets the trainer's kernels go first, for when the
+    trainer is the slower side (docs/gpu-logs/bench-h200/)."""
     trainer_mem_fraction: float = 0.45
     """Cap on the trainer's share of GPU memory (torch.cuda.set_per_process_memory_fraction)."""
     engine_mem_fraction: float = 0.45
@@ -55,8 +59,12 @@ class MpsSection:
     def __post_init__(self):
         require(self.mode in ("auto", "required", "off"), "mps.mode",
                  f"got {self.mode!r}; use auto, required or off")
-        require(self.trainer_priority in ("normal", "low"), "mps.trainer_priority",
-                 f"got {self.trainer_priority!r}; use normal or low")
+        for key in ("trainer_priority", "engine_priority"):
+            v = getattr(self, key)
+            require(v in ("normal", "low"), f"mps.{key}", f"got {v!r}; use normal or low")
+        require(not self.trainer_priority == self.engine_priority == "low", "mps.engine_priority",
+                "trainer and engine both low: only the difference between them matters; set "
+                "one of them back to normal")
         for key in ("trainer_sm_percent", "engine_sm_percent"):
             v = getattr(self, key)
             require(1 <= v <= 100, f"mps.{key}", f"got {v}; use a percentage in 1..100")

@@ -33,6 +33,7 @@ def test_off_stays_a_string_and_only_true_false_are_booleans(tmp_path):
     ("train.max_steps=1.5", "train.max_steps: expected an integer"),
     ("mps.engine_mem_fraction=0.9", "mps.trainer_mem_fraction: trainer (0.45) + engine (0.9)"),
     ("mps.trainer_priority=high", "mps.trainer_priority: got 'high'; use normal or low"),
+    ("mps.engine_priority=lowest", "mps.engine_priority: got 'lowest'; use normal or low"),
     ("data.max_length=4096", "data.tokens_per_micro_step: 2048 is below data.max_length"),
     ("transport.num_slots=0", "transport.num_slots: got 0"),
     ("train.stop_at_step=-1", "train.stop_at_step: got -1"),
@@ -61,6 +62,11 @@ def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")
                        .replace("?", r"\?").replace("+", r"\+")):
         load_config(None, [override])
+
+
+def test_priorities_low_on_both_sides_are_refused():
+    with pytest.raises(ConfigError, match="mps.engine_priority: trainer and engine both low"):
+        load_config(None, ["mps.trainer_priority=low", "mps.engine_priority=low"])
 
 
 def test_exponent_without_a_dot_is_a_number():

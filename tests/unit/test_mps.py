@@ -300,6 +300,9 @@ def test_role_env_values():
     low = mps.plan_from_config(MpsSection(trainer_priority="low"), "tok")
     assert mps.role_env(low, "trainer") == {mps.SM_ENV: "100", mps.PRIORITY_ENV: "1"}
     assert mps.role_env(low, "engine") == {mps.SM_ENV: "100"}  # the engine keeps normal
+    low = mps.plan_from_config(MpsSection(engine_priority="low"), "tok")
+    assert mps.role_env(low, "engine") == {mps.SM_ENV: "100", mps.PRIORITY_ENV: "1"}
+    assert mps.role_env(low, "trainer") == {mps.SM_ENV: "100"}
 
 
 def test_role_limits_never_reach_the_daemon_or_its_probe(fake, monkeypatch):
