@@ -115,8 +115,10 @@ def prepare(cfg: Config, data_path: str, engine: str | None = None) -> Job:
                 "seed": cfg.run.seed if gen.temperature > 0 else None,
                 "stop_ids": list(stop_ids), "chat_template": renderer.template,
                 "chat_template_kwargs": dict(renderer.kwargs)}
-    if gen.kv_cache_dtype != "auto":  # an fp8-cached target may answer otherwise (absent
-        settings["kv_cache_dtype"] = gen.kv_cache_dtype  # when auto: older parts resume)
+    # An fp8-cached target may answer otherwise. Absent when auto, so that parts written
+    # before the key existed still resume.
+    if gen.kv_cache_dtype != "auto":
+        settings["kv_cache_dtype"] = gen.kv_cache_dtype
     return Job(tokenizer, renderer,
                Sampling(gen.max_new_tokens, gen.temperature, gen.top_p, stop_ids),
                context - gen.max_new_tokens, settings,
