@@ -10,7 +10,7 @@ The two parts are computed apart and merged by their log-sum-exps:
   returning its output O_c and log-sum-exp L_c per query and head;
 * diagonal part: k scores s_i = q . k_i per query and head, elementwise (no key block is
   loaded for them);
-* merge (`kernels.merge_diagonal`): with L = logsumexp(L_c, s_1..s_k),
+* merge (`diag_merge.merge_diagonal`, a Triton kernel on CUDA): with L = logsumexp(L_c, s_1..s_k),
   out = exp(L_c - L) O_c + sum_i exp(s_i - L) v_i, which is the one softmax over the union.
 
 Gradients reach flex through both O_c and L_c (flex differentiates its log-sum-exp since
@@ -73,7 +73,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from colocate.draft import kernels
+from colocate.draft import diag_merge
 from colocate.draft.kernels import triton_available
 from colocate.hostcopy import to_device
 
@@ -240,8 +240,8 @@ def ttt_flex_attention(q_THD: torch.Tensor, keys: list[torch.Tensor], values: li
                        block_size: int = BLOCK_SIZE, compiled: bool | None = None) -> torch.Tensor:
     """Drop-in for `attention.ttt_attention`: step k = len(keys) - 1, returns [T, Hq, D].
 
-    compiled: use the compiled kernels (flex and the merge); None means on CUDA only (eager
-    elsewhere: correct, but flex materialises the scores).
+    compiled: use the compiled flex kernel; None means on CUDA only (eager elsewhere:
+    correct, but it materialises the scores).
     """
     num_tokens, num_heads, _ = q_THD.shape
     num_kv_heads = keys[0].shape[1]
@@ -259,7 +259,6 @@ def ttt_flex_attention(q_THD: torch.Tensor, keys: list[torch.Tensor], values: li
     if len(keys) == 1:
         return kernel(*args, **kwargs)[0].transpose(0, 1)
     out_1HTD, lse_1HT = _flex_with_lse(kernel, *args, **kwargs)
-    merge = kernels.pick(kernels.merge_diagonal, "compiled" if compiled else "eager",
-                         q_THD.device)
-    return merge(out_1HTD[0].transpose(0, 1), lse_1HT[0].transpose(0, 1), q_THD,
-                 torch.stack(keys[1:], dim=2), torch.stack(values[1:], dim=2), scale)
+    return diag_merge.merge_diagonal(
+        out_1HTD[0].transpose(0, 1), lse_1HT[0].transpose(0, 1), q_THD,
+        torch.stack(keys[1:], dim=2), torch.stack(values[1:], dim=2), scale)

@@ -139,3 +139,24 @@ def test_merge_diagonal_compiled_equals_eager_and_one_softmax(num_diag):
     torch.testing.assert_close(eager_out[0], want, rtol=1e-5, atol=1e-5)
     for a, b in zip(eager_out + list(eager_grads), comp_out + list(comp_grads)):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_diag,group", [(1, 4), (3, 2), (6, 1)])
+def test_diag_merge_backward_formulas_equal_autograd(num_diag, group):
+    """The gradient formulas the Triton merge kernel implements (diag_merge.py), written in
+    PyTorch, equal autograd through kernels.merge_diagonal (float64)."""
+    from colocate.draft import diag_merge
+    gen = torch.Generator().manual_seed(num_diag)
+    T, Hkv, D = 9, 2, 8
+    out, q, grad = (torch.randn(T, Hkv * group, D, generator=gen, dtype=torch.float64)
+                    for _ in range(3))
+    lse = torch.randn(T, Hkv * group, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(T, Hkv, num_diag, D, generator=gen, dtype=torch.float64)
+            for _ in range(2))
+    leaves = [x.clone().requires_grad_() for x in (out, lse, q, k, v)]
+    merged = kernels.merge_diagonal(*leaves, 0.3)
+    want = torch.autograd.grad(merged, leaves, grad)
+    got = diag_merge.backward_reference(grad, out, lse, q, k, v, 0.3)
+    for name, a, b in zip(("out", "lse", "q", "k", "v"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
+    assert not diag_merge.usable(q, k)  # CPU: the PyTorch path
