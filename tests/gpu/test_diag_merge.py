@@ -8,7 +8,8 @@ from colocate.draft import diag_merge, kernels
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+# float32: the kernel and the reference sum 128-term products in different orders.
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 5e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("num_diag,group", [(1, 4), (6, 4), (3, 1)])
 def test_triton_merge_equals_reference(dtype, tol, num_diag, group):
     gen = torch.Generator(device="cuda").manual_seed(num_diag)

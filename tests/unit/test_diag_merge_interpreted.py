@@ -17,8 +17,9 @@ import torch
 from colocate.draft import diag_merge as dm, kernels
 torch.manual_seed(0)
 worst = 0.0
-for num_diag, group in ((1, 4), (6, 4), (3, 1)):
-    T, Hkv, D = 5, 2, 16
+# T = 5 and 37: fewer tokens than a program's block, and a partial last block.
+for num_diag, group, T in ((1, 4, 5), (6, 4, 37), (3, 1, 37), (2, 3, 9)):
+    Hkv, D = 2, 16
     out = torch.randn(Hkv * group, T, D).transpose(0, 1)   # strided, as flex returns it
     lse = (torch.randn(Hkv * group, T) + 3).transpose(0, 1)
     q, grad = torch.randn(T, Hkv * group, D), torch.randn(T, Hkv * group, D)
