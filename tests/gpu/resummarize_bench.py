@@ -1,7 +1,9 @@
 """Re-read a `bench train` work dir (or its tarball from tests/gpu/run_bench.sh) and print
-each mode's engine-side shares and rate twice: as the bench printed them before the engine's
-window was shifted by the steps it runs ahead, and as `summarize` gives them now; for an
-online-decode mode, also its last whole decode cycle (the steady state). CPU only.
+each mode's rate and engine-side shares twice: as the first bench computed them (host step
+times, every step after the warm-up, one window for both sides) and as `summarize` gives them
+now (the trainer's stream time, the engine's window shifted by the steps it runs ahead, the
+trainer's last steps that ran without the engine left out); for an online-decode mode, also
+its last whole decode cycle (the steady state). CPU only.
 
     python tests/gpu/resummarize_bench.py docs/gpu-logs/bench-h200/bench-sglang-h200-16k-work.tar.gz \
         --warmup 4
@@ -19,7 +21,10 @@ import tarfile
 import tempfile
 
 from colocate import metrics
-from colocate.bench.train import MODES, Result, engine_lead_steps, format_table, summarize
+from colocate.bench.train import (MODES, PHASES, Result, engine_lead_steps, format_table,
+                                  summarize)
+
+TIMELINE_KEYS = {"stream_s", *(f"{p}_s" for p in PHASES)}
 
 
 def main() -> None:
@@ -37,22 +42,29 @@ def main() -> None:
             tar.extractall(workdir, filter="data")
     print(f"{'mode':<24}{'tok/s/GPU':>22}{'E wait':>22}{'E prefill':>22}   (before -> now)")
     results = []
-    for mode in MODES:
-        path = os.path.join(workdir, mode.key, "metrics.jsonl")
+    # A mode's run dir: its key, or its key and the --sweep/--gpus tag (k3-engine_priority-low).
+    runs = [(mode, name) for mode in MODES for name in sorted(os.listdir(workdir))
+            if os.path.isdir(os.path.join(workdir, name))
+            and (name == mode.key or name.startswith(mode.key + "-"))]
+    for mode, name in runs:
+        path = os.path.join(workdir, name, "metrics.jsonl")
         if not os.path.exists(path):
-            if os.path.isdir(os.path.join(workdir, mode.key)):
-                results.append(Result(mode, error="no metrics.jsonl: the run did not finish"))
+            results.append(Result(mode, error="no metrics.jsonl: the run did not finish",
+                                  tag=name[len(mode.key) + 1:]))
             continue
         with open(path) as f:
             rows = [json.loads(line) for line in f]
         # Each mode's run dir keeps the config it ran with.
-        saved = argparse.Namespace(config=os.path.join(workdir, mode.key, "config.yaml"),
+        saved = argparse.Namespace(config=os.path.join(workdir, name, "config.yaml"),
                                    overrides=[])
         lead = engine_lead_steps(saved, mode)
-        old = summarize(mode, rows, args.warmup)
+        # Before: host step times, no shift of the engine's window, no cool-down.
+        host_only = [{k: v for k, v in r.items() if k not in TIMELINE_KEYS} for r in rows]
+        old = summarize(mode, host_only, args.warmup)
         new = summarize(mode, rows, args.warmup, engine_lead=lead)
+        new.tag = name[len(mode.key) + 1:]
         results.append(new)
-        print(f"{mode.label:<24}{old.tokens_per_s:>10,.0f} -> {new.tokens_per_s:>7,.0f}"
+        print(f"{new.label:<24}{old.tokens_per_s:>10,.0f} -> {new.tokens_per_s:>7,.0f}"
               f"{100 * old.engine_wait:>11.1f}% -> {100 * new.engine_wait:>5.1f}%"
               f"{100 * old.breakdown['engine prefill']:>11.1f}% -> "
               f"{100 * new.breakdown['engine prefill']:>5.1f}%")
