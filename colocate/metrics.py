@@ -316,9 +316,12 @@ class MetricsLog:
     only host sync, and only on that rank.
     """
 
-    # The logged rate: one step's host time says little (the GPU runs behind the host, so
-    # per-step rates swing several-fold on a steady run); over a window of steps the lag
-    # cancels out, as in the bench, which divides tokens by the summed time of many steps.
+    # The logged rate. One step's host time says little: the GPU runs behind the host, so
+    # host-timed rates of a steady run swing several-fold from step to step. A step the
+    # PhaseTimer marked has its time on the trainer's CUDA stream, mark to mark (`stream_s`:
+    # the marks chain from step to step, so these times tile the stream's timeline, gaps
+    # included): its rate is the step's own. The window rate divides the tokens of the last
+    # WINDOW_STEPS steps by their summed times; `bench train` uses the same times.
     WINDOW_STEPS = 20
 
     def __init__(self, trackers, *, group, device: torch.device, num_pairs: int,
@@ -329,7 +332,8 @@ class MetricsLog:
         row's `mfu` over the window, by the bench's count."""
         self.trackers = trackers
         self.flops_per_token, self.peak = flops_per_token, peak
-        self._window: deque = deque(maxlen=self.WINDOW_STEPS + 1)  # (host end time, tokens)
+        self._window: deque = deque(maxlen=self.WINDOW_STEPS)  # (step seconds, tokens)
+        self._last_end: float | None = None  # host time the previous step ended
         self.group = group
         self.device = device
         self.num_pairs = num_pairs
@@ -367,15 +371,17 @@ class MetricsLog:
         self._retire(write=self.trackers is not None)
         self._last_flush = time.monotonic()
 
-    def _window_rates(self, end: float, tokens: float) -> dict:
-        """tokens/s per GPU (one pair per GPU) and MFU over the last WINDOW_STEPS steps,
-        from the end of the step before them to the end of this one."""
-        self._window.append((end, tokens))
-        if len(self._window) < 2:
+    def _window_rates(self, end: float, tokens: float, stream_s: float | None) -> dict:
+        """tokens/s per GPU (one pair per GPU) and MFU over the last WINDOW_STEPS steps. A
+        step's seconds: its stream time, or without one (no PhaseTimer marks) the host time
+        from the end of the step before, which the first step has not."""
+        last_end, self._last_end = self._last_end, end
+        if stream_s is None and last_end is None:
             return {}
-        seconds = end - self._window[0][0]
-        rate = sum(t for _, t in list(self._window)[1:]) / self.num_pairs / max(seconds, 1e-9)
-        rates = {"tokens_per_s_per_gpu": rate, "rate_window_steps": len(self._window) - 1}
+        self._window.append((end - last_end if stream_s is None else stream_s, tokens))
+        seconds = sum(s for s, _ in self._window)
+        rate = sum(t for _, t in self._window) / self.num_pairs / max(seconds, 1e-9)
+        rates = {"tokens_per_s_per_gpu": rate, "rate_window_steps": len(self._window)}
         if self.flops_per_token and self.peak:
             rates["mfu"] = mfu(self.flops_per_token, rate, self.peak)
         return rates
@@ -388,12 +394,15 @@ class MetricsLog:
             values, val = values[:num + 2], values[num + 2:]
         *stats, grad_norm, tokens = values
         seconds = host.pop("seconds")
+        by_phase = phase_seconds(phases or [])
+        stream_s = sum(by_phase.values()) if by_phase else None
         row = {"step": step + 1, **self.summarize(stats),
                "grad_norm": grad_norm, "skipped": int(not math.isfinite(grad_norm)),
                "tokens": int(tokens),
-               "tokens_per_s": tokens_per_s(tokens, seconds), "step_s": seconds,
-               **self._window_rates(end, tokens), **host,
-               **{f"{name}_s": v for name, v in phase_seconds(phases or []).items()}}
+               "tokens_per_s": tokens_per_s(tokens, seconds if stream_s is None else stream_s),
+               "step_s": seconds, **({"stream_s": stream_s} if by_phase else {}),
+               **self._window_rates(end, tokens, stream_s), **host,
+               **{f"{name}_s": v for name, v in by_phase.items()}}
         if val:
             row.update({f"val_{k}": v for k, v in self.summarize(val).items()})
         return row

@@ -17,7 +17,9 @@ prints one table:
 
 From E and T come two disaggregated references per GPU: the 1:1 split min(E, T)/2 and the
 ideal split 1/(1/E + 1/T) (engine GPUs in exact proportion to their load, free transport).
-Each mode's first --warmup steps (compilation, allocator warm-up) are left out.
+Each mode's first --warmup steps (compilation, allocator warm-up) are left out, and where
+both sides work, the last ceil(K / micro-steps) (the engine has finished; see `summarize`).
+A step's time is the trainer's CUDA-stream time (`step_seconds`), as metrics.jsonl logs it.
 `--sweep key=v1,v2,...` runs the chosen modes once per value of one config key (an SM or
 memory split, the micro-step token budget) and prints one row per (value, mode); the
 ratio columns of a row use the reference rows of the same value.
@@ -78,6 +80,17 @@ DEFAULT_MODES = ("k2", "k3", "k1", "ts", "engine", "trainer")
 PHASES = ("receive", "teacher", "forward", "backward", "optimizer")
 
 
+def step_seconds(row: dict) -> float:
+    """A step's time on the trainer's timeline: its stream time (`stream_s`, mark to mark;
+    metrics.MetricsLog), summed from the phases in logs written before that key, or the
+    host's step time where no phase was timed. The host's alone is no measure: it runs
+    ahead of the GPU by up to a step, so a window's ends move by that much."""
+    if "stream_s" in row:
+        return row["stream_s"]
+    phases = [row[f"{p}_s"] for p in PHASES if f"{p}_s" in row]
+    return sum(phases) if phases else row["step_s"]
+
+
 @dataclass
 class Result:
     mode: Mode
@@ -106,25 +119,30 @@ def summarize(mode: Mode, rows: list[dict], warmup: int, gpus: int = 1,
     """Steady-state numbers from metrics.jsonl rows (cumulative counters are differenced).
 
     Each side's shares are taken on its own timeline: the trainer's waits and phases over
-    the trainer's step time, the engine's wait and prefill over the engine's clock. A row
-    carries the engine's counters as of the step's last message, which the engine sent up
-    to K messages (`engine_lead` steps: ceil(K / micro-steps)) before the trainer took it;
-    so the engine's window starts `engine_lead` rows later than the trainer's, or its first
-    messages would count the slot waits the trainer's warm-up caused. Tokens/s come from
-    the trainer's steps, except engine-alone, where the trainer discards instantly and
-    messages buffered at the window's start would inflate its rate: that row uses the
-    engine's clock over the engine's window.
+    the trainer's step time (`step_seconds`), the engine's wait and prefill over the
+    engine's clock. A row carries the engine's counters as of the step's last message,
+    which the engine sent up to K messages (`engine_lead` steps: ceil(K / micro-steps))
+    before the trainer took it; so the engine's window starts `engine_lead` rows later than
+    the trainer's, or its first messages would count the slot waits the trainer's warm-up
+    caused. For the same reason the trainer's window ends `engine_lead` rows before the
+    last where both sides work: the engine has made its last message by then, and the
+    trainer's last steps run on a GPU of its own (on an H200, K=3: 0.46 s a step instead
+    of 0.85 s, a 9% higher rate over a 10-step window). Tokens/s come from the trainer's
+    steps, except engine-alone, where the trainer discards instantly and messages buffered
+    at the window's start would inflate its rate: that row uses the engine's clock over the
+    engine's window.
     """
-    if len(rows) <= warmup:
-        return Result(mode, error=f"only {len(rows)} steps, need more than --warmup {warmup}",
-                      gpus=gpus)
-    before, timed = rows[warmup - 1] if warmup else None, rows[warmup:]
-    seconds = sum(r["step_s"] for r in timed)
+    cooldown = engine_lead if mode.work == "both" else 0
+    if len(rows) <= warmup + cooldown:
+        return Result(mode, error=f"only {len(rows)} steps, need more than --warmup {warmup}"
+                      + (f" + the engine's lead {cooldown}" if cooldown else ""), gpus=gpus)
+    before, timed = rows[warmup - 1] if warmup else None, rows[warmup:len(rows) - cooldown]
+    seconds = sum(step_seconds(r) for r in timed)
     start = warmup - 1 + engine_lead  # the row the engine's window starts after
     if start >= len(rows) - 1:  # too short a window to shift: the trainer's
         start = warmup - 1
     engine_before, engine_rows = (rows[start] if start >= 0 else None), rows[start + 1:]
-    engine_seconds = timed[-1].get("engine_clock_s", 0.0) - (
+    engine_seconds = rows[-1].get("engine_clock_s", 0.0) - (
         engine_before.get("engine_clock_s", 0.0) if engine_before else 0.0)
     if engine_seconds <= 0:  # metrics from before the engine clock existed
         engine_seconds, engine_before, engine_rows = seconds, before, timed
@@ -137,14 +155,18 @@ def summarize(mode: Mode, rows: list[dict], warmup: int, gpus: int = 1,
     # Online decode: the first pair's engine counts its own answers; every pair decodes alike.
     decode = delta("decode_tokens") / seconds if "decode_tokens" in timed[-1] else 0.0
     buffered = decode_buffered(before, timed[-1]) if "decode_ahead" in timed[-1] else 0.0
-    breakdown = {"engine prefill": delta("engine_prefill_s", engine_before) / engine_seconds}
+
+    def engine_delta(key: str) -> float:
+        return engine_rows[-1][key] - (engine_before[key] if engine_before else 0.0)
+
+    breakdown = {"engine prefill": engine_delta("engine_prefill_s") / engine_seconds}
     for phase in PHASES:
         breakdown[f"trainer {phase}"] = sum(r.get(f"{phase}_s", 0.0) for r in timed) / seconds
     return Result(mode, breakdown=breakdown,
                   tokens_per_s=(engine_tokens / engine_seconds if mode.work == "engine"
                                 else tokens / seconds),
                   trainer_wait=delta("trainer_wait_s") / seconds,
-                  engine_wait=delta("engine_wait_s", engine_before) / engine_seconds,
+                  engine_wait=engine_delta("engine_wait_s") / engine_seconds,
                   handoff=delta("handoff_s") / seconds, trainer_gib=timed[-1]["trainer_peak_gib"],
                   engine_gib=timed[-1]["engine_peak_gib"], decode_tokens_per_s=decode,
                   decode_buffered=buffered, cycle=last_decode_cycle(rows, warmup, gpus),
@@ -184,7 +206,7 @@ def last_decode_cycle(rows: list[dict], warmup: int, gpus: int = 1) -> DecodeCyc
         return None
     start, end = arrivals[-2], arrivals[-1]
     cycle = rows[start + 1:end + 1]
-    seconds = sum(r["step_s"] for r in cycle)
+    seconds = sum(step_seconds(r) for r in cycle)
     return DecodeCycle(
         first_step=rows[start + 1].get("step", start + 2),  # rows are steps 1, 2, ...
         last_step=rows[end].get("step", end + 1),
@@ -404,14 +426,19 @@ def main(args: argparse.Namespace) -> int:
     unknown = set(wanted) - {mode.key for mode in MODES}
     if unknown:
         raise SystemExit(f"bench train: unknown --modes {sorted(unknown)}")
-    if args.steps <= args.warmup:
-        raise SystemExit("bench train: --steps must exceed --warmup")
-    timed = (args.steps - args.warmup) * cfg.train.micro_steps
-    if timed < 10:
-        print(f"bench train: warning: only {timed} timed micro-steps per mode; the engine runs "
-              "up to transport.num_slots ahead, so short windows skew the rates: raise --steps",
-              file=sys.stderr)
     cuda = torch.cuda.is_available()
+    # The engine runs `lead` steps ahead: the trainer's last `lead` steps are not timed.
+    lead = max((engine_lead_steps(args, mode, sweep) for mode in MODES for sweep in sweeps
+                if mode.key in wanted and mode.work == "both" and (cuda or not mode.needs_mps)),
+               default=0)
+    if args.steps <= args.warmup + lead:
+        raise SystemExit(f"bench train: --steps must exceed --warmup + the engine's lead "
+                         f"({args.warmup} + {lead}): raise --steps")
+    timed = (args.steps - args.warmup - lead) * cfg.train.micro_steps
+    if timed < 10:
+        print(f"bench train: warning: only {timed} timed micro-steps per mode (after "
+              f"--warmup {args.warmup} and the engine's lead {lead}): raise --steps",
+              file=sys.stderr)
     device_name = torch.cuda.get_device_name(0) if cuda else "cpu"
     workdir = args.workdir or tempfile.mkdtemp(prefix="colocate-bench-")
     os.makedirs(workdir, exist_ok=True)

@@ -123,3 +123,31 @@ def scale(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     to PyTorch's generic (unvectorised) broadcast kernel: 1.3 ms per unroll step on a
     16k x 32k bf16 gradient on an H200; compiled it is one vectorised pass."""
     return x * factor.to(x.dtype)
+
+
+def merge_diagonal(out_THD: torch.Tensor, lse_TH: torch.Tensor, q_THD: torch.Tensor,
+                   k_TKnD: torch.Tensor, v_TKnD: torch.Tensor, scale: float) -> torch.Tensor:
+    """Add the TTT unroll's diagonal keys to a causal attention output (colocate/draft/flex.py).
+
+    out_THD [T, Hq, D] and lse_TH [T, Hq]: causal attention and its log-sum-exp over the
+    step-0 keys; k_TKnD, v_TKnD [T, Hkv, n, D]: the n keys/values that steps 1..n made at
+    each index (GQA: query head h uses KV head h // (Hq / Hkv)). Returns [T, Hq, D], the
+    attention over the union with one softmax:
+        L = logsumexp(lse, s_1..s_n),  s_i = scale * q . k_i,
+        out' = exp(lse - L) out + sum_i exp(s_i - L) v_i,
+    all in float32. The dot products over D and the sum over n are written as broadcast
+    products and sums, not einsums: an einsum becomes a batched GEMM of [G, D] x [D, n]
+    tiles (an fp32 one runs on CUDA cores), about 20 ms per 16k-token unroll on an H200,
+    where compiled as reductions the whole merge is a few memory-bound kernels. Eager, the
+    broadcasts materialise [T, Hkv, G, n, D] (the CPU tests' sizes only).
+    """
+    num_tokens, num_heads, head_dim = q_THD.shape
+    num_kv_heads = k_TKnD.shape[1]
+    q_TKG1D = upcast(q_THD).view(num_tokens, num_kv_heads, num_heads // num_kv_heads, 1, head_dim)
+    scores_TKGn = (q_TKG1D * upcast(k_TKnD)[:, :, None]).sum(-1) * scale
+    lse_TKG1 = upcast(lse_TH).view(*q_TKG1D.shape[:3], 1)
+    total_TKG1 = torch.logsumexp(torch.cat([lse_TKG1, scores_TKGn], -1), -1, keepdim=True)
+    probs_TKGn1 = torch.exp(scores_TKGn - total_TKG1)[..., None]
+    out_TKGD = torch.exp(lse_TKG1 - total_TKG1) * upcast(out_THD).view(q_TKG1D.shape[:3] + (-1,))
+    out_TKGD = out_TKGD + (probs_TKGn1 * upcast(v_TKnD)[:, :, None]).sum(-2)
+    return out_TKGD.to(q_THD.dtype).view(num_tokens, num_heads, head_dim)

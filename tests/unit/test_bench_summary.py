@@ -2,7 +2,7 @@
 
 import pytest
 
-from colocate.bench.train import MODES, summarize
+from colocate.bench.train import MODES, step_seconds, summarize
 
 MODE = {m.key: m for m in MODES}
 
@@ -16,7 +16,7 @@ def rows(engine_clock_per_step, step_s=2.0, tokens=1000, warmup_engine_wait=50.0
         out.append(dict(step_s=step_s, tokens=tokens, engine_clock_s=clock, engine_wait_s=wait,
                         engine_prefill_s=1.0 * (i + 1), trainer_wait_s=0.1 * (i + 1),
                         handoff_s=0.01 * (i + 1), trainer_peak_gib=3.0, engine_peak_gib=4.0,
-                        forward_s=1.0, backward_s=0.5))
+                        stream_s=step_s, forward_s=0.5 * step_s, backward_s=0.25 * step_s))
     return out
 
 
@@ -28,6 +28,39 @@ def test_engine_shares_use_the_engines_clock():
     assert r.tokens_per_s == pytest.approx(3000 / 6.0)     # trainer-side rate
     assert r.trainer_wait == pytest.approx(0.3 / 6.0)
     assert r.breakdown["trainer forward"] == pytest.approx(0.5)
+
+
+def test_a_steps_time_is_its_stream_time_not_the_hosts():
+    assert step_seconds(dict(step_s=0.3, stream_s=0.8, forward_s=0.5)) == 0.8
+    # Logs from before `stream_s`: the phases, which tile the stream's timeline.
+    assert step_seconds(dict(step_s=0.3, receive_s=0.1, forward_s=0.5, backward_s=0.2)) == \
+        pytest.approx(0.8)
+    assert step_seconds(dict(step_s=0.3)) == 0.3  # nothing timed on the stream
+    # The host ran ahead: step 2's host time is short, step 3's long; the rate is the stream's.
+    data = rows(engine_clock_per_step=2.0)
+    for row, host in zip(data, (9.0, 0.5, 3.5, 2.0)):
+        row["step_s"] = host
+    assert summarize(MODE["k3"], data, warmup=1).tokens_per_s == pytest.approx(3000 / 6.0)
+
+
+def test_the_trainers_window_ends_before_the_steps_the_engine_sat_out():
+    """The engine runs `lead` steps ahead, so it has made its last message that many steps
+    before the end: the trainer's last steps run alone and faster. They are left out."""
+    data = rows(engine_clock_per_step=2.0)
+    data += [dict(data[-1]) for _ in range(2)]  # 6 rows
+    for row in data[-2:]:
+        row.update(stream_s=1.0, forward_s=0.5, backward_s=0.25)  # alone: 1 s, not 2 s
+    for i, row in enumerate(data):
+        row.update(trainer_wait_s=0.1 * (i + 1), handoff_s=0.01 * (i + 1))
+    r = summarize(MODE["k3"], data, warmup=1, engine_lead=2)
+    assert r.tokens_per_s == pytest.approx(3000 / 6.0)   # rows 1-3: 2 s each
+    assert r.trainer_wait == pytest.approx(0.3 / 6.0)    # over the same rows
+    naive = summarize(MODE["k3"], data, warmup=1)         # no lead: the fast tail counts
+    assert naive.tokens_per_s == pytest.approx(5000 / 8.0)
+    alone = summarize(MODE["trainer"], data, warmup=1, engine_lead=2)  # no engine work: all
+    assert alone.tokens_per_s == pytest.approx(5000 / 8.0)
+    assert "+ the engine's lead 2" in summarize(MODE["k3"], data[:3], warmup=1,
+                                                engine_lead=2).error
 
 
 def test_engine_alone_rate_comes_from_the_engine_clock():
@@ -95,11 +128,10 @@ def test_the_engines_window_starts_as_many_steps_later_as_it_runs_ahead():
     # The engine's window: rows 3..5 after row 2: 1.5 s wait, 3 s prefill over 6 s.
     assert r.engine_wait == pytest.approx(1.5 / 6.0)
     assert r.breakdown["engine prefill"] == pytest.approx(3.0 / 6.0)
-    assert r.trainer_wait == naive.trainer_wait  # the trainer's window is unchanged
     engine_alone = summarize(MODE["engine"], data, warmup=1, engine_lead=2)
     assert engine_alone.tokens_per_s == pytest.approx(3000 / 6.0)  # the engine's window's
-    short = summarize(MODE["k3"], data[:3], warmup=1, engine_lead=2)  # nothing left to shift
-    assert short.engine_wait == pytest.approx((1.0 + 50.0) / 54.0)
+    short = summarize(MODE["engine"], data[:3], warmup=1, engine_lead=2)  # nothing to shift
+    assert short.tokens_per_s == pytest.approx(2000 / 54.0)
 
 
 def test_engine_lead_is_the_slots_over_the_micro_steps(tmp_path):

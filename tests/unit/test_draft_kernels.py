@@ -113,3 +113,50 @@ def test_scale_compiled_equals_eager_and_the_plain_product():
     exact = grad.double() * 0.37
     torch.testing.assert_close(compiled.double(), exact, rtol=8e-3, atol=0)
     assert (compiled.double() - exact).abs().sum() <= (eager.double() - exact).abs().sum()
+
+
+@pytest.mark.parametrize("num_diag", [1, 3])
+def test_merge_diagonal_compiled_equals_eager_and_one_softmax(num_diag):
+    """The merge of flex's causal output with the diagonal keys equals one softmax over the
+    union (built densely here), and compiled equals eager, gradients included (also through
+    the log-sum-exp, which flex differentiates)."""
+    gen = torch.Generator().manual_seed(num_diag)
+    T, Hq, Hkv, D, scale = 11, 4, 2, 8, 8 ** -0.5
+    q, k0, v0 = (torch.randn(T, h, D, generator=gen) for h in (Hq, Hkv, Hkv))
+    kd, vd = (torch.randn(T, Hkv, num_diag, D, generator=gen) for _ in range(2))
+    # The causal part over k0, by hand: [Hq, T, T] scores with the future masked.
+    k0_q, v0_q = (x.repeat_interleave(Hq // Hkv, dim=1) for x in (k0, v0))
+    causal = torch.einsum("thd,shd->hts", q, k0_q) * scale
+    causal = causal.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    lse = torch.logsumexp(causal, -1).T  # [T, Hq]
+    out = torch.einsum("hts,shd->thd", torch.softmax(causal, -1), v0_q)
+    diag = torch.einsum("thd,thnd->thn", q, kd.repeat_interleave(Hq // Hkv, dim=1)) * scale
+    probs = torch.softmax(torch.cat([causal.permute(1, 0, 2), diag], -1), -1)  # [T, Hq, T+n]
+    want = (torch.einsum("ths,shd->thd", probs[..., :T], v0_q)
+            + torch.einsum("thn,thnd->thd", probs[..., T:], vd.repeat_interleave(Hq // Hkv, 1)))
+    (eager_out, eager_grads), (comp_out, comp_grads) = _eager_and_compiled(
+        kernels.merge_diagonal, out, lse, q, kd, vd, scale)
+    torch.testing.assert_close(eager_out[0], want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(eager_out + list(eager_grads), comp_out + list(comp_grads)):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_diag,group", [(1, 4), (3, 2), (6, 1)])
+def test_diag_merge_backward_formulas_equal_autograd(num_diag, group):
+    """The gradient formulas the Triton merge kernel implements (diag_merge.py), written in
+    PyTorch, equal autograd through kernels.merge_diagonal (float64)."""
+    from colocate.draft import diag_merge
+    gen = torch.Generator().manual_seed(num_diag)
+    T, Hkv, D = 9, 2, 8
+    out, q, grad = (torch.randn(T, Hkv * group, D, generator=gen, dtype=torch.float64)
+                    for _ in range(3))
+    lse = torch.randn(T, Hkv * group, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(T, Hkv, num_diag, D, generator=gen, dtype=torch.float64)
+            for _ in range(2))
+    leaves = [x.clone().requires_grad_() for x in (out, lse, q, k, v)]
+    merged = kernels.merge_diagonal(*leaves, 0.3)
+    want = torch.autograd.grad(merged, leaves, grad)
+    got = diag_merge.backward_reference(grad, out, lse, q, k, v, 0.3)
+    for name, a, b in zip(("out", "lse", "q", "k", "v"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
+    assert not diag_merge.usable(q, k)  # CPU: the PyTorch path

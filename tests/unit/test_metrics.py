@@ -205,6 +205,29 @@ def test_the_logged_rate_is_per_gpu_over_a_window_of_steps(group, tmp_path, monk
     assert rows[3]["tokens_per_s"] == pytest.approx(400 / 0.01)  # the step's own, as before
 
 
+
+def test_a_timed_steps_rate_comes_from_its_stream_time(group, tmp_path):
+    """Marked steps (PhaseTimer; wall-clock marks on CPU, as here) are timed mark to mark:
+    the step's own rate and the window's use those times, whatever the host's step_s."""
+    path = str(tmp_path / "metrics.jsonl")
+    log = MetricsLog(Trackers([JsonlTracker(path)]), group=group, device=torch.device("cpu"),
+                     num_pairs=1, summarize=lambda v: step_summary(v, 0.5), flush_every_s=3600)
+    # Marks chain: step 1 runs 0 -> 2 s, step 2 runs 2 -> 3 s (the timer keeps the last mark).
+    marks = [[("start", 0.0), ("forward", 1.5), ("optimizer", 2.0)],
+             [("optimizer", 2.0), ("receive", 2.25), ("forward", 2.75), ("optimizer", 3.0)]]
+    for step, (phases, host_s) in enumerate(zip(marks, (0.1, 5.0))):
+        stats = micro_stats([10.0, 0.0], [5, 1], [10, 4], sim=(30, 12))
+        log.record(step, stats, torch.tensor(1.0), lr=1e-3, tokens=100, seconds=host_s,
+                   phases=phases)
+    log.flush()
+    rows = [json.loads(line) for line in open(path)]
+    assert [r["stream_s"] for r in rows] == [2.0, 1.0]
+    assert [r["step_s"] for r in rows] == [0.1, 5.0]
+    assert [r["tokens_per_s"] for r in rows] == [50.0, 100.0]
+    assert [r["tokens_per_s_per_gpu"] for r in rows] == pytest.approx([50.0, 200 / 3.0])
+    assert rows[1]["receive_s"] == 0.25 and rows[1]["optimizer_s"] == 0.25
+
+
 # ----------------------------------------------------------------- FLOPs and references
 
 # H=8, I=16, 2 layers, 2 heads of 4, 1 kv head, vocab 100.
