@@ -29,7 +29,7 @@ for TREE in ${BASE_TREE:+"$BASE_TREE"} ""; do
     echo "== this tree =="; fi
   PYTHONPATH=$SITE:${TREE:+$PWD/$TREE:}$PWD python -m colocate bench train \
     --config examples/qwen3-8b-shape/run.yaml \
-    engine.backend=${ENGINE:-sglang} ${BENCH_ARGS:-} --steps ${STEPS:-16} --warmup ${WARMUP:-6} \
+    engine.backend=${ENGINE:-sglang} ${BENCH_ARGS:-} --steps ${STEPS:-19} --warmup ${WARMUP:-6} \
     --modes ${MODES:-k2,k3,k1,ts,engine,trainer} --gpus ${GPUS:-1} --workdir "$WORK${TREE:+.base}" \
     2>&1 | tee "$OUT/bench_${ENGINE:-sglang}${TREE:+_base}.txt"
 done

@@ -12,6 +12,6 @@ python -c "import torch; print('torch', torch.__version__)"
 timeout ${PROFILE_TIMEOUT:-300} python tests/gpu/profile_trainer.py ${PROFILE_ARGS:---kernels eager,compiled} \
   --trace-dir "$OUT" 2>&1 | grep -v "Warning\|warn(" | tee "$OUT/profile_trainer.txt"
 if [ -n "${BENCH_MODES-trainer,k3}" ]; then
-  ENGINE=${ENGINE:-sglang} MODES=${BENCH_MODES-trainer,k3} STEPS=${STEPS:-16} WARMUP=${WARMUP:-6} \
+  ENGINE=${ENGINE:-sglang} MODES=${BENCH_MODES-trainer,k3} STEPS=${STEPS:-19} WARMUP=${WARMUP:-6} \
     bash tests/gpu/run_bench.sh
 fi
