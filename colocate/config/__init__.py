@@ -63,6 +63,9 @@ class Config:
             self.train.tensorboard = False
         require(self.engine.backend != "sglang" or self.run.device != "cpu", "engine.backend",
                  "sglang needs CUDA; use engine.backend=hf with run.device=cpu")
+        require(self.engine.quantization == "none" or self.engine.backend == "sglang",
+                 "engine.quantization", f"{self.engine.quantization} needs engine.backend=sglang "
+                 "(the hf engine runs the target in target.dtype); use engine.quantization=none")
         require(self.engine.tp_size == 1 or self.engine.backend == "sglang", "engine.tp_size",
                  f"{self.engine.tp_size} needs engine.backend=sglang (the hf engine runs the "
                  "whole target on each engine rank); use engine.tp_size=1")

@@ -120,8 +120,16 @@ class EngineSection:
     """Engine tensor parallelism: engine ranks that share one target replica."""
     attention_backend: str = "triton"
     """sglang attention backend (sglang backend only)."""
+    quantization: str = "none"
+    """none, or fp8: sglang quantizes the target's linear layers to FP8 as it loads them
+    (per-tensor weights, dynamic activations) and prefills with FP8 GEMMs. Only the
+    training engine's features change, toward those of a target served in FP8; the
+    trainer's teacher head stays bf16. sglang backend only. Speed and served acceptance
+    not yet measured (examples/bench/README.md)."""
 
     def __post_init__(self):
         require(self.backend in ("hf", "sglang"), "engine.backend",
                  f"got {self.backend!r}; use hf or sglang")
+        require(self.quantization in ("none", "fp8"), "engine.quantization",
+                 f"got {self.quantization!r}; use none or fp8")
         require(self.tp_size >= 1, "engine.tp_size", f"got {self.tp_size}; must be >= 1")

@@ -120,11 +120,12 @@ def static_mem_fraction(engine_mem_fraction: float, total_bytes: int, free_bytes
 
 def server_args_kwargs(*, path: str, dtype: torch.dtype, load_format: str, attention_backend: str,
                        tp_size: int, tokens_per_forward: int, max_length: int, seed: int,
-                       mem_fraction_static: float) -> dict:
+                       mem_fraction_static: float, quantization: str = "none") -> dict:
     """Keyword arguments of sglang's ServerArgs for one engine (reasons in the docstring)."""
     return offline_engine_kwargs(
         path, dtype=dtype, mem_fraction=mem_fraction_static, seed=seed, cuda_graph=False,
         attention_backend=attention_backend, load_format=load_format,
+        quantization=None if quantization == "none" else quantization,
         disable_radix_cache=True,
         disable_overlap_schedule=True,
         disable_custom_all_reduce=True,
@@ -215,7 +216,7 @@ class SGLangTargetEngine(TargetEngine):
             path=cfg.target.path, dtype=self._dtype, load_format=cfg.target.load_format,
             attention_backend=cfg.engine.attention_backend, tp_size=self.layout.tp_size,
             tokens_per_forward=self._tokens_per_forward, max_length=cfg.data.max_length,
-            seed=cfg.run.seed,
+            seed=cfg.run.seed, quantization=cfg.engine.quantization,
             mem_fraction_static=static_mem_fraction(cfg.mps.engine_mem_fraction, total, free)))
         port_args = PortArgs.init_new(server_args)  # nccl_port is unused: torch is initialised
         initialize_moe_config(server_args)

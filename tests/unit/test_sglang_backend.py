@@ -24,6 +24,10 @@ def test_config_checks():
         load_config(None, ["engine.tp_size=2"])
     cfg = load_config(None, ["engine.backend=sglang", "engine.tp_size=2"])
     assert cfg.engine.tp_size == 2
+    with pytest.raises(ConfigError, match="engine.quantization.*needs engine.backend=sglang"):
+        load_config(None, ["engine.quantization=fp8"])
+    with pytest.raises(ConfigError, match="engine.quantization.*use none or fp8"):
+        load_config(None, ["engine.backend=sglang", "engine.quantization=int4"])
 
 
 def test_server_args_follow_the_design():
@@ -37,6 +41,11 @@ def test_server_args_follow_the_design():
     assert kw["sampling_backend"] == "pytorch" and kw["load_format"] == "dummy"
     assert kw["chunked_prefill_size"] >= 4096 and kw["max_total_tokens"] == 4096
     assert kw["dtype"] == "bfloat16" and kw["tp_size"] == 2 and kw["context_length"] == 512
+    assert kw["quantization"] is None  # sglang's own default: the checkpoint's
+    fp8 = server_args_kwargs(path="/m", dtype=torch.bfloat16, load_format="auto",
+                             attention_backend="triton", tp_size=1, tokens_per_forward=4096,
+                             max_length=512, seed=3, mem_fraction_static=0.4, quantization="fp8")
+    assert fp8["quantization"] == "fp8"
     assert static_mem_fraction(0.4, 80, 80) == pytest.approx(0.4)
     assert static_mem_fraction(0.4, 80, 40) == pytest.approx(0.8)  # trainer holds half
     assert static_mem_fraction(0.45, 80, 10) == 0.95
