@@ -1,12 +1,12 @@
-"""`kernels.merge_diagonal` as one Triton program per (token, KV head), forward and backward.
+"""`kernels.merge_diagonal` in Triton, forward and backward: each program takes BLOCK_R
+(token, query head) rows of one KV head and walks the n diagonal keys one at a time.
 
 Why a hand-written kernel: the merge moves about 0.8 GB per 16k-token unroll step, 0.2 ms at
 an H200's bandwidth, but torch.compile made it batched [4, 128] x [128, n] GEMMs (einsums)
 or reductions over 4 to 6 elements spread over a million tiny programs: 14-22 ms per
 unroll, as much as dropping the diagonal key blocks saved in flex
-(docs/gpu-logs/profile-h200/flex-lse-merge-2026-12-02/). One program here holds a token's
-G = Hq / Hkv query heads, its n diagonal keys and values, and does all the small sums in
-registers.
+(docs/gpu-logs/profile-h200/flex-lse-merge-2026-12-02/). These kernels take about 11 ms per
+unroll (forward ~2.3, backward 9.0: docs/gpu-logs/profile-h200/diag-merge-triton-2026-12-02/).
 
 Maths (per token and query head; z_0 = lse, z_i = s_i = scale q . k_i, u_0 = out,
 u_i = v_i, pi = softmax(z), out' = sum_j pi_j u_j; g = d loss / d out'):
