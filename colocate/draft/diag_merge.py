@@ -72,9 +72,12 @@ def usable(q_THD: torch.Tensor, k_TKnD: torch.Tensor) -> bool:
 
 
 def merge_diagonal(out_THD, lse_TH, q_THD, k_TKnD, v_TKnD, scale: float) -> torch.Tensor:
-    """`kernels.merge_diagonal` on the Triton kernels when `usable`, else in PyTorch."""
+    """`kernels.merge_diagonal` on the Triton kernels when `usable`, else in PyTorch:
+    compiled where Triton runs (eager, its broadcasts would materialise [T, Hq, n, D] in
+    float32, gigabytes at 16k tokens), eager on CPU."""
     if not usable(q_THD, k_TKnD):
-        return kernels.merge_diagonal(out_THD, lse_TH, q_THD, k_TKnD, v_TKnD, scale)
+        merge = kernels.pick(kernels.merge_diagonal, "auto", q_THD.device)
+        return merge(out_THD, lse_TH, q_THD, k_TKnD, v_TKnD, scale)
     return _MergeDiagonal.apply(out_THD, lse_TH, q_THD, k_TKnD, v_TKnD, scale)
 
 
