@@ -44,8 +44,9 @@ class MpsSection:
     decode on an H200 (docs/online.md): both sides got slower."""
     engine_priority: str = "normal"
     """The same for the engine ranks: low lets the trainer's kernels go first. Measured on an
-    H200 (examples/bench/README.md), where the trainer is the slower side: colocated K=3 fell
-    from 21,125 to 18,777 tok/s, the starved engine leaving the trainer waiting 25%."""
+    H200 (examples/bench/README.md), where the trainer is the slower side: colocated K=3
+    steps took 0.85 s either way, trainer stream time (with the starved engine, the trainer
+    waited for features 25% of its time)."""
     trainer_mem_fraction: float = 0.45
     """Cap on the trainer's share of GPU memory (torch.cuda.set_per_process_memory_fraction)."""
     engine_mem_fraction: float = 0.45

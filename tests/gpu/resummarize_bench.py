@@ -47,10 +47,11 @@ def main() -> None:
             if os.path.isdir(os.path.join(workdir, name))
             and (name == mode.key or name.startswith(mode.key + "-"))]
     for mode, name in runs:
+        tag = name[len(mode.key) + 1:]
         path = os.path.join(workdir, name, "metrics.jsonl")
         if not os.path.exists(path):
             results.append(Result(mode, error="no metrics.jsonl: the run did not finish",
-                                  tag=name[len(mode.key) + 1:]))
+                                  tag=tag))
             continue
         with open(path) as f:
             rows = [json.loads(line) for line in f]
@@ -62,7 +63,7 @@ def main() -> None:
         host_only = [{k: v for k, v in r.items() if k not in TIMELINE_KEYS} for r in rows]
         old = summarize(mode, host_only, args.warmup)
         new = summarize(mode, rows, args.warmup, engine_lead=lead)
-        new.tag = name[len(mode.key) + 1:]
+        new.tag = tag
         results.append(new)
         print(f"{new.label:<24}{old.tokens_per_s:>10,.0f} -> {new.tokens_per_s:>7,.0f}"
               f"{100 * old.engine_wait:>11.1f}% -> {100 * new.engine_wait:>5.1f}%"

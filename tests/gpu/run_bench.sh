@@ -7,8 +7,8 @@
 # BASE_TREE: a directory under the repo root holding an older colocate/ package, made with
 #   `mkdir .base_tree && git archive REF colocate | tar -x -C .base_tree` (git-ignore it and
 #   carry it to the GPU host): the same modes run with it first, then with this tree, in one
-#   call. Compare a change that way: colocated K=3 read 19.9k, 21.1k and 20.2k tok/s in three
-#   device calls of similar code (examples/bench/README.md).
+#   call. Compare a change that way: colocated K=3 read 18.1k-18.8k tok/s in five device
+#   calls of similar code (examples/bench/README.md), a spread as large as many changes.
 set -uo pipefail
 SITE=${SITE:-/tmp/site}
 export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1
