@@ -68,8 +68,13 @@ PY
   fi
 fi
 if has after; then
-  rm -rf runs/q-gen.jsonl runs/q-gen.jsonl.* runs/q-after
-  generate --data "$prompts" --out runs/q-gen.jsonl
+  # KEEP_GEN=1: train on the answers an earlier run of this script generated (compare two
+  # AFTER_TRAIN settings, e.g. engine.quantization=none vs fp8, on the same data).
+  rm -rf runs/q-after
+  if [ "${KEEP_GEN:-0}" != 1 ] || [ ! -f runs/q-gen.jsonl ]; then
+    rm -rf runs/q-gen.jsonl runs/q-gen.jsonl.*
+    generate --data "$prompts" --out runs/q-gen.jsonl
+  fi
   cp runs/q-gen.jsonl.summary.json "$OUT/generate-tiny-summary.json" 2>/dev/null
   train run.dir=runs/q-after data.path=runs/q-gen.jsonl ${AFTER_TRAIN:-}
   evaluate runs/q-after "$OUT/eval-after.json"
