@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from colocate import metrics
-from colocate.draft import kernels
+from colocate.draft import kernels, soft_ce_triton
 from colocate.draft.attention import seq_bounds_from_lens
 from colocate.draft.eagle3 import Carried, Eagle3Draft, KVCache
 from colocate.draft.kernels import upcast
@@ -116,6 +116,8 @@ class _SoftCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits_TV, target: TargetDistribution, src_T, weight_T, chunk_tokens,
                 kernel_mode):
         rows = kernels.pick(kernels.soft_ce_rows, kernel_mode, logits_TV.device)
+        if rows is not kernels.soft_ce_rows and soft_ce_triton.usable(logits_TV):
+            rows = soft_ce_triton.soft_ce_rows  # hand-written: one program per row
         ctx.kernel_mode = kernel_mode
         if rows is not kernels.soft_ce_rows:
             # Fused: no [rows, Vd] float32 intermediate exists, so one call over all rows
