@@ -9,6 +9,11 @@ an online max and sum for the log-sum-exp, the argmax, and the teacher's sum(p) 
 sum(p * z); pass 2 writes the gradient. The second pass re-reads a 128 KiB row pair that
 the first just read, mostly from L2.
 
+Measured on an H200 (`python tests/gpu/bench_soft_ce.py`, 16k x 32k bf16, 2026-12-02):
+eager 20.2 ms, compiled 2.50 ms, this kernel 1.43 ms per call (2.2 TB/s), so about 7.5 ms
+less per 7-step unroll, ~1.6% of the trainer's 455 ms step; not yet timed in a colocated
+bench (a gain that size is inside its call-to-call spread).
+
 Same maths as `kernels.soft_ce_rows` (its docstring), which is the reference in
 tests/unit/test_soft_ce_interpreted.py (Triton's CPU interpreter) and
 tests/gpu/test_soft_ce_triton.py.
