@@ -26,7 +26,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import torch
 
 from colocate.config import ConfigError
-from colocate.draft.loss import LOGIT_CHUNK_TOKENS
+from colocate.draft.teacher import LOGIT_CHUNK_TOKENS
 from colocate.metrics import Geometry
 
 log = logging.getLogger(__name__)

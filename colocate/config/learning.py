@@ -78,6 +78,12 @@ class DraftSection:
     kernels: str = "auto"
     """Norms, RoPE, SiLU and the soft cross-entropy: auto (fused by torch.compile on CUDA when
     Triton is usable, else eager), eager, or compiled (see colocate/draft/kernels.py)."""
+    teacher_argmax: str = "exact"
+    """eagle3: how the teacher decides whether the target's full-vocabulary argmax is a draft
+    token (positions where it is not are not trained): exact (full-vocabulary logits in the
+    head's dtype) or fp8 (the draft tokens' logits exact, the other tokens' from a row-scaled
+    FP8 GEMM: only near-ties can flip; colocate/draft/teacher.py). fp8 needs FP8 matmul
+    (CUDA sm89+, or CPU in recent torch), checked at start-up."""
     num_layers: int = 5
     """dflash: draft decoder layers (5 suits an 8B target). eagle3 always has one."""
     block_size: int = 16
@@ -117,6 +123,8 @@ class DraftSection:
                  f"got {self.attention!r}; use auto, loop or flex")
         require(self.kernels in ("auto", "eager", "compiled"), "draft.kernels",
                  f"got {self.kernels!r}; use auto, eager or compiled")
+        require(self.teacher_argmax in ("exact", "fp8"), "draft.teacher_argmax",
+                 f"got {self.teacher_argmax!r}; use exact or fp8")
 
 
 # The keys of one method that the other ignores, by the method that ignores them.
@@ -124,7 +132,7 @@ class DraftSection:
 # vocabulary the engines build, cache and checkpoint still follows it.)
 METHOD_ONLY_DRAFT_KEYS = {
     "eagle3": ("num_layers", "block_size", "num_anchors", "block_decay", "mask_token_id"),
-    "dflash": ("unroll_steps", "position_decay"),
+    "dflash": ("unroll_steps", "position_decay", "teacher_argmax"),
 }
 
 

@@ -33,7 +33,7 @@ from colocate.draft.dflash_blocks import BlockLayout, position_weights
 from colocate.draft.flex import use_flex
 from colocate.draft.recipe import DraftStepResult
 from colocate.draft.kernels import upcast
-from colocate.draft.loss import LOGIT_CHUNK_TOKENS
+from colocate.draft.teacher import LOGIT_CHUNK_TOKENS
 
 
 class _HeadCrossEntropy(torch.autograd.Function):

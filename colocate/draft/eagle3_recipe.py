@@ -14,8 +14,9 @@ from torch.distributed.fsdp import fully_shard
 from colocate import metrics
 from colocate.draft.arch import DraftArch
 from colocate.draft.eagle3 import Eagle3Draft
-from colocate.draft.loss import eagle3_unroll, label_counts, target_distribution
+from colocate.draft.loss import eagle3_unroll, label_counts
 from colocate.draft.recipe import DraftRecipe, FrozenTarget, StepKey
+from colocate.draft.teacher import teacher_for
 from colocate.sequence_parallel import check_heads
 
 
@@ -73,10 +74,17 @@ class Eagle3Recipe(DraftRecipe):
         fully_shard(model.midlayer, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
         fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
 
+    def bind_frozen(self, frozen: FrozenTarget) -> None:
+        # draft.teacher_argmax=fp8 stores the head's non-draft rows in FP8 once, here.
+        self._teacher = (frozen, teacher_for(self.cfg.draft.teacher_argmax, frozen.lm_head,
+                                             frozen.draft_ids))
+
     def forward(self, model: Eagle3Draft, frozen: FrozenTarget, feats: dict[str, torch.Tensor],
                 meta: dict, *, label_totals: torch.Tensor | None = None, timer=None):
+        if getattr(self, "_teacher", (None,))[0] is not frozen:
+            self.bind_frozen(frozen)
         with torch.no_grad():
-            target = target_distribution(feats["last_hidden"], frozen.lm_head, frozen.draft_ids)
+            target = self._teacher[1](feats["last_hidden"])
         if timer:
             timer.mark("teacher")
         d = self.cfg.draft

@@ -34,8 +34,6 @@ are tensors, and `DraftStepResult.stats` sums go to `colocate.metrics`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
@@ -45,61 +43,9 @@ from colocate.draft.attention import seq_bounds_from_lens
 from colocate.draft.eagle3 import Carried, Eagle3Draft, KVCache
 from colocate.draft.kernels import upcast
 from colocate.draft.recipe import DraftStepResult
+from colocate.draft.teacher import TargetDistribution
 from colocate.hostcopy import to_device
 from colocate.sequence_parallel import summarize_whole
-
-
-@dataclass
-class TargetDistribution:
-    """The frozen target's next-token distribution per position, over the draft vocabulary.
-
-    Kept as logits in the head's dtype plus a float32 log-sum-exp, not as float32
-    probabilities: half the memory and half the reads per unroll step, and no precision
-    lost (the logits come out of a bf16 matmul); p = exp(logits - lse).
-    """
-
-    logits: torch.Tensor
-    """[T, Vd] target logits of the draft-vocabulary tokens, in the lm_head's dtype."""
-    lse: torch.Tensor
-    """[T] log-sum-exp of `logits` rows, float32 (float64 for float64 heads)."""
-    in_draft: torch.Tensor
-    """[T] bool: the full-vocabulary argmax is a draft-vocabulary token."""
-    top: torch.Tensor
-    """[T] int64 draft-vocabulary index of the most likely draft token."""
-
-    def probs(self) -> torch.Tensor:
-        """[T, Vd] probabilities (materialised: for tests and references)."""
-        return torch.exp(upcast(self.logits) - self.lse[:, None])
-
-
-LOGIT_CHUNK_TOKENS = 2048
-"""Rows per chunk of full-vocabulary logits ([chunk, V] is what exists at a time): the
-teacher's here, DFlash's loss (dflash_loss.py), and the GEMM shapes gemm_check.py checks."""
-
-
-@torch.no_grad()
-def target_distribution(last_hidden_TH: torch.Tensor, lm_head_weight_VH: torch.Tensor,
-                        draft_ids: torch.Tensor,
-                        chunk_tokens: int = LOGIT_CHUNK_TOKENS) -> TargetDistribution:
-    """Frozen target head on the final-norm hidden states, softmax over the draft vocabulary.
-
-    Full-vocab logits exist for `chunk_tokens` rows at a time only ([chunk, V] is the memory
-    peak): they are needed for the argmax that decides `in_draft`.
-    """
-    num_tokens = last_hidden_TH.shape[0]
-    device = last_hidden_TH.device
-    is_draft_V = torch.zeros(lm_head_weight_VH.shape[0], dtype=torch.bool, device=device)
-    is_draft_V[draft_ids] = True
-    logits_TV = torch.empty(num_tokens, draft_ids.numel(), dtype=lm_head_weight_VH.dtype,
-                            device=device)
-    in_draft = torch.empty(num_tokens, dtype=torch.bool, device=device)
-    for start in range(0, num_tokens, chunk_tokens):
-        end = min(start + chunk_tokens, num_tokens)
-        full_CV = last_hidden_TH[start:end].to(lm_head_weight_VH.dtype) @ lm_head_weight_VH.T
-        in_draft[start:end] = is_draft_V[full_CV.argmax(-1)]
-        torch.index_select(full_CV, 1, draft_ids, out=logits_TV[start:end])
-    return TargetDistribution(logits=logits_TV, lse=torch.logsumexp(upcast(logits_TV), dim=-1),
-                              in_draft=in_draft, top=logits_TV.argmax(-1))
 
 
 class _SoftCrossEntropy(torch.autograd.Function):

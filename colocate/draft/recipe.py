@@ -141,6 +141,10 @@ class DraftRecipe(ABC):
     def shard(self, model: torch.nn.Module, mesh, mp_policy) -> None:
         """Apply FSDP2 to `model` in place."""
 
+    def bind_frozen(self, frozen: FrozenTarget) -> None:
+        """Build what this recipe derives from the frozen target once, at start-up (a
+        ValueError naming the key when this device cannot). Default: nothing."""
+
     @abstractmethod
     def forward(self, model: torch.nn.Module, frozen: FrozenTarget,
                 feats: dict[str, torch.Tensor], meta: dict, *,

@@ -175,6 +175,7 @@ class DraftTrainer:
                                                                   "tie_word_embeddings", False)),
                 dtype=dtype, device=device)
         self.frozen = FrozenTarget(embed=embed, lm_head=lm_head, draft_ids=draft_ids)
+        recipe.bind_frozen(self.frozen)
 
         # 3. The draft, sharded over trainers. The plan's vocabulary is already clamped to
         # the target's (and warned about once). draft.init_from: its weights, unless this

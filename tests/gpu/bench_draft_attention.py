@@ -25,7 +25,8 @@ from transformers import LlamaConfig
 
 from colocate.config import DraftSection
 from colocate.draft import DraftArch, Eagle3Draft
-from colocate.draft.loss import TargetDistribution, eagle3_unroll
+from colocate.draft.loss import eagle3_unroll
+from colocate.draft.teacher import TargetDistribution
 from draft_shapes import DRAFT_VOCAB, NUM_AUX, QWEN3_8B, REL_TOL, mismatches
 
 

@@ -107,7 +107,8 @@ def run_mode(mode: str, args, shape, batches, device, mesh, embed, head, draft_i
              peak):
     cfg = load_config(None, [f"draft.kernels={mode}", f"draft.attention={args.attention}",
                              f"draft.unroll_steps={args.unroll}", f"draft.draft_vocab_size={DRAFT_VOCAB}",
-                             f"train.micro_steps={len(batches)}"])
+                             f"train.micro_steps={len(batches)}",
+                             f"draft.teacher_argmax={args.teacher_argmax}"])
     recipe = recipe_for(cfg)
     _, model = build_sharded_draft(recipe, LlamaConfig(**shape), DRAFT_VOCAB,
                                    list(range(NUM_AUX)), mesh, torch.bfloat16, device)
@@ -177,6 +178,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kernels", default="eager,compiled", help="draft.kernels modes")
     parser.add_argument("--attention", default="flex")
+    parser.add_argument("--teacher-argmax", default="exact", choices=("exact", "fp8"),
+                        help="draft.teacher_argmax")
     parser.add_argument("--tokens", type=int, default=8192, help="tokens per micro-step")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--micro-steps", type=int, default=2)

@@ -9,7 +9,8 @@ from transformers import LlamaConfig
 from colocate.config import DraftSection
 from colocate.draft import (DraftArch, Eagle3Draft, eagle3_unroll, label_counts,
                             target_distribution)
-from colocate.draft.loss import TargetDistribution, soft_cross_entropy
+from colocate.draft.loss import soft_cross_entropy
+from colocate.draft.teacher import TargetDistribution
 from colocate.metrics import stats_length, step_summary
 
 H, V, VD, NUM_AUX = 32, 64, 40, 3

@@ -13,7 +13,7 @@ import torch
 
 from colocate import gemm_check
 from colocate.config import ConfigError
-from colocate.draft.loss import LOGIT_CHUNK_TOKENS
+from colocate.draft.teacher import LOGIT_CHUNK_TOKENS
 from colocate.gemm_check import GEMMS, GemmFailure, GemmShape
 
 FORWARD, GRAD_X, GRAD_W = GEMMS

@@ -14,7 +14,8 @@ from transformers import LlamaConfig
 
 from colocate.config import DraftSection
 from colocate.draft import DraftArch, Eagle3Draft
-from colocate.draft.loss import eagle3_unroll, label_counts, target_distribution
+from colocate.draft.loss import eagle3_unroll, label_counts
+from colocate.draft.teacher import target_distribution
 from colocate.sequence_parallel import (SpChunk, check_heads, chunk_features, gather_rows,
                                         gather_token_rows, heads_to_seq, seq_to_heads)
 from tests.gloo_ranks import finish_rank, run_ranks
