@@ -117,8 +117,10 @@ class Fp8ArgmaxTeacher:
         # cannot change a maximum.
         pad = -other_ids.numel() % FP8_ALIGN
         other_ids = torch.cat([other_ids, other_ids[:1].expand(pad)])
-        values, scales = fp8_rows(lm_head_weight_VH[other_ids])
-        self.other_fp8_VoH, self.other_scale_1Vo = values, scales.T.contiguous()
+        # In blocks of rows: fp8_rows makes a float32 copy ([V, H] would be 2.5 GB at 150k x 4k).
+        blocks = [fp8_rows(lm_head_weight_VH[ids]) for ids in other_ids.split(16384)]
+        self.other_fp8_VoH = torch.cat([values for values, _ in blocks])
+        self.other_scale_1Vo = torch.cat([scales for _, scales in blocks]).T.contiguous()
         self.check_supported(hidden)
 
     def check_supported(self, hidden: int) -> None:
@@ -135,10 +137,14 @@ class Fp8ArgmaxTeacher:
 
     def other_max(self, hidden_CH: torch.Tensor) -> torch.Tensor:
         """[C] float32: each row's largest logit over the non-draft tokens (FP8 GEMM)."""
+        num_rows = hidden_CH.shape[0]
+        pad = -num_rows % FP8_ALIGN  # zero rows: the GEMM's row count in multiples of 16 too
+        if pad:
+            hidden_CH = torch.cat([hidden_CH, hidden_CH.new_zeros(pad, hidden_CH.shape[1])])
         values, scales = fp8_rows(hidden_CH)
         logits_CVo = torch._scaled_mm(values, self.other_fp8_VoH.T, scale_a=scales,
                                       scale_b=self.other_scale_1Vo, out_dtype=torch.bfloat16)
-        return logits_CVo.amax(dim=-1).float()
+        return logits_CVo[:num_rows].amax(dim=-1).float()
 
     def __call__(self, last_hidden_TH: torch.Tensor) -> TargetDistribution:
         num_tokens = last_hidden_TH.shape[0]
