@@ -128,8 +128,9 @@ class EngineSection:
     trainer's teacher head stays bf16. sglang backend only. Measured on one H200
     (examples/bench/README.md, 2026-12-02): the Qwen3-8B-shaped engine alone 43.5k ->
     55.7k tok/s, colocated K=3 18.8k -> 21.6k; on the tiny target it moved the features by
-    7-8% (relative) and the served acceptance from 2.65 to 2.60. Off by default: it trades
-    draft quality for speed, and that trade was measured on a tiny model only."""
+    7-8% (relative); a draft trained on them served 2.60 against 2.65 (hf bf16 features) and
+    simulated 2.60 against 2.72 (sglang bf16 features). Off by default: it trades draft
+    quality for speed, and that trade was measured on a tiny model only, one run each."""
 
     def __post_init__(self):
         require(self.backend in ("hf", "sglang"), "engine.backend",

@@ -5,9 +5,12 @@
 # Same generated answers (generated once, kept in runs/), same steps, all on the sglang
 # training engine (the tiny config trains with hf); served with the bf16 target by sglang's
 # EAGLE3. Repo root, one GPU, .whl_sgl carried:  OUT=/tmp/out bash tests/gpu/run_quality_ab.sh
-# Each variant writes $OUT/<variant>/ (quality.log, eval-after.json); ~3 min per variant.
+# One override per variant (VARIANTS splits on spaces). Each variant writes $OUT/<variant>/ (quality.log, eval-after.json); ~3 min per variant.
 set -uo pipefail
 OUT=${OUT:-/tmp/colocate-fp8-quality}
+# The answers are generated afresh by the first variant (REUSE_GEN=1: keep runs/q-gen.jsonl
+# from an earlier call, e.g. when a device call ran out before every variant had run).
+[ "${REUSE_GEN:-0}" = 1 ] || rm -rf runs/q-gen.jsonl runs/q-gen.jsonl.*
 COMMON="train.max_steps=${STEPS:-160} data.tokens_per_micro_step=4096 train.val_every_steps=80 checkpoint.every_steps=0 engine.backend=sglang"
 for v in ${VARIANTS:-engine.quantization=none engine.quantization=fp8}; do
   dir=$OUT/${v//[.=]/_}

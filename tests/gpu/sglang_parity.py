@@ -26,7 +26,7 @@ import torch
 
 T0 = time.time()
 REL_TOL = 2e-2  # bf16 through a few layers (the probes saw 6e-3 .. 1e-2)
-FP8_REL_TOL = 1e-1  # FP8 weights and activations: a first bound, not yet measured
+FP8_REL_TOL = 1e-1  # FP8 weights and activations: the tiny Qwen3 read 7.3e-2 .. 8.4e-2 (H200)
 
 
 def log(*args) -> None:

@@ -7,6 +7,7 @@ prints both teachers' times (CUDA events, median of 10):
 import pytest
 import torch
 
+from colocate.config import ConfigError
 from colocate.draft.teacher import Fp8ArgmaxTeacher, target_distribution
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -37,14 +38,28 @@ def test_fp8_teacher_matches_exact_at_qwen3_8b_shape():
     hidden = torch.randn(TOKENS, HIDDEN, device="cuda", generator=gen).bfloat16()
     draft_ids = torch.randperm(VOCAB, device="cuda", generator=gen)[:DRAFT_VOCAB].sort().values
     exact = target_distribution(hidden, weight, draft_ids)
-    teacher = Fp8ArgmaxTeacher(weight, draft_ids)
+    try:
+        teacher = Fp8ArgmaxTeacher(weight, draft_ids)
+    except ConfigError as e:  # no row-scaled FP8 matmul in this torch/device
+        pytest.skip(str(e))
     got = teacher(hidden)
     torch.testing.assert_close(got.logits, exact.logits, rtol=2e-2, atol=2e-2)
     assert (got.top == exact.top).float().mean() > 0.999
+    # Rows whose draft and non-draft maxima are further apart than FP8's error (~5% of the
+    # row's largest logit at most) must agree exactly; on this random head about 2-3% of
+    # all rows are nearer than that (and ~1% are exact bf16 ties, which fp8 counts as in
+    # the draft), so the overall agreement is bounded loosely.
+    full = (hidden @ weight.T).float()
+    is_draft = torch.zeros(VOCAB, dtype=torch.bool, device="cuda")
+    is_draft[draft_ids] = True
+    gap = (full[:, is_draft].amax(-1) - full[:, ~is_draft].amax(-1)).abs()
+    clear = gap > 0.05 * full.abs().amax(-1)
+    assert clear.float().mean() > 0.75
+    assert torch.equal(got.in_draft[clear], exact.in_draft[clear])
     agree = (got.in_draft == exact.in_draft).float().mean().item()
     exact_ms = median_ms(lambda: target_distribution(hidden, weight, draft_ids))
     fp8_ms = median_ms(lambda: teacher(hidden))
     print(f"\n{torch.cuda.get_device_name()}: {TOKENS} tokens, head {VOCAB} x {HIDDEN}, "
           f"draft vocab {DRAFT_VOCAB}: exact {exact_ms:.2f} ms, fp8 {fp8_ms:.2f} ms, "
           f"in_draft agreement {agree:.4%} (in draft: {exact.in_draft.float().mean():.1%})")
-    assert agree > 0.99
+    assert agree > 0.95

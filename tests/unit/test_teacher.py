@@ -71,6 +71,23 @@ def test_fp8_teacher_soft_labels_equal_exact_and_argmax_differs_only_at_near_tie
 
 
 @needs_fp8
+def test_fp8_teacher_counts_an_exact_tie_as_in_the_draft():
+    # Entries in {-1, 0, 1} and hidden states in {0, 1}: FP8 holds them exactly, so the FP8
+    # logits are the exact integers. A non-draft row equal to the top draft row ties it; the
+    # exact path then takes the lower token id, fp8 counts the position as in the draft.
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randint(-1, 2, (V, H), generator=gen).float()
+    draft_ids = torch.randperm(V, generator=gen)[:VD].sort().values
+    other = next(i for i in range(V) if i not in set(draft_ids.tolist()))
+    top_draft = int(draft_ids[0])
+    weight[other] = weight[top_draft]
+    hidden = (weight[top_draft] > 0).float().expand(8, H)  # those two rows score highest
+    teacher = Fp8ArgmaxTeacher(weight, draft_ids)
+    assert torch.equal(teacher.other_max(hidden), (hidden @ weight[top_draft]))
+    assert teacher(hidden).in_draft.all()
+
+
+@needs_fp8
 def test_fp8_teacher_whole_vocabulary_draft_is_always_in_draft():
     hidden, weight, _ = head_and_hidden(num_tokens=20)
     got = Fp8ArgmaxTeacher(weight, torch.arange(V))(hidden)
@@ -84,9 +101,11 @@ def test_recipe_binds_the_teacher_the_config_names():
     frozen = FrozenTarget(embed=weight, lm_head=weight, draft_ids=draft_ids)
     recipe = Eagle3Recipe(load_config(None, ["target.path=x", "draft.teacher_argmax=fp8"]))
     recipe.bind_frozen(frozen)
-    assert isinstance(recipe._teacher[1], Fp8ArgmaxTeacher)
+    bound = recipe._teacher[1](hidden)
+    direct = Fp8ArgmaxTeacher(weight, draft_ids)(hidden)
+    assert torch.equal(bound.in_draft, direct.in_draft)  # the FP8 argmax, not the exact one
     exact = teacher_for("exact", weight, draft_ids)(hidden)
-    torch.testing.assert_close(recipe._teacher[1](hidden).logits, exact.logits)
+    torch.testing.assert_close(bound.logits, exact.logits)
 
 
 def test_fp8_teacher_refusals_name_the_key(monkeypatch):
