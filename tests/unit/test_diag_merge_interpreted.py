@@ -1,16 +1,8 @@
-"""The Triton merge kernels (colocate/draft/diag_merge.py) under Triton's CPU interpreter.
-
-Runs where the `triton` package is importable (CUDA builds of torch bring it; the CPU CI
-does not, and skips). TRITON_INTERPRET must be set before Triton is imported, so the check
-runs in a child process.
+"""The Triton merge kernels (colocate/draft/diag_merge.py) under Triton's CPU interpreter
+(tests/triton_interpreter.py runs it).
 """
 
-import importlib.util
-import os
-import subprocess
-import sys
-
-import pytest
+from tests.triton_interpreter import needs_triton, worst_error_under_interpreter
 
 CHECK = r'''
 import torch
@@ -34,10 +26,6 @@ print(worst)
 '''
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package")
+@needs_triton
 def test_kernels_equal_the_references_under_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert float(result.stdout.strip().splitlines()[-1]) < 1e-5
+    assert worst_error_under_interpreter(CHECK) < 1e-5
