@@ -53,6 +53,7 @@ class Eagle3Recipe(DraftRecipe):
                  "draft_vocab_size": "draft.draft_vocab_size",
                  "eagle_config.eagle_aux_hidden_state_layer_ids": "target.aux_layer_ids"}
     vocab_maps = ("d2t", "t2d")
+    _teacher: tuple = (None, None)  # (the FrozenTarget bound, its teacher): bind_frozen
 
     def arch(self, target_config, draft_vocab_size: int, layer_ids: list[int]) -> DraftArch:
         import dataclasses
@@ -81,7 +82,7 @@ class Eagle3Recipe(DraftRecipe):
 
     def forward(self, model: Eagle3Draft, frozen: FrozenTarget, feats: dict[str, torch.Tensor],
                 meta: dict, *, label_totals: torch.Tensor | None = None, timer=None):
-        if getattr(self, "_teacher", (None,))[0] is not frozen:
+        if self._teacher[0] is not frozen:  # a caller that never bound it (tests, profiles)
             self.bind_frozen(frozen)
         with torch.no_grad():
             target = self._teacher[1](feats["last_hidden"])

@@ -143,7 +143,7 @@ class DraftRecipe(ABC):
 
     def bind_frozen(self, frozen: FrozenTarget) -> None:
         """Build what this recipe derives from the frozen target once, at start-up (a
-        ValueError naming the key when this device cannot). Default: nothing."""
+        ConfigError naming the key when this device cannot). Default: nothing."""
 
     @abstractmethod
     def forward(self, model: torch.nn.Module, frozen: FrozenTarget,

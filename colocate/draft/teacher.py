@@ -12,17 +12,18 @@ of the trainer's 468.8 ms step, its argmax 3.3 ms of that.
 * exact: full-vocabulary logits in the head's dtype, `chunk_tokens` rows at a time, their
   argmax, and the draft columns copied out (`target_distribution`, the reference).
 * fp8: the draft rows of the head (a [Vd, H] copy in its dtype) give the soft labels
-  exactly, in one GEMM with no column copy afterwards. The other rows ([V - Vd, H]) are stored once in FP8 (e4m3, a
-  scale per row); a row-scaled FP8 GEMM gives their logits, of which only each row's
-  maximum is kept. `in_draft` = (max draft logit >= max other logit). FP8's rounding can
+  exactly, in one GEMM with no column copy afterwards. The other rows ([V - Vd, H]) are
+  stored once in FP8 (e4m3, a scale per row); a row-scaled FP8 GEMM gives their logits, of
+  which only each row's maximum is kept. `in_draft` = (max draft logit >= max other logit). FP8's rounding can
   flip that comparison only where the two maxima are within its error of each other (a
   near-tie between a draft token and another token), so it changes which positions train
   there and nowhere else; the soft labels do not change. How near: FP8's logit error is
   about 0.04 * sqrt(sum_i (w_i h_i)^2), ~0.3 logits on a head whose logits spread by 3 (2-3%
   of rows flipped on such a random head; a trained head's sharper maxima flip fewer). An
   exact tie counts as in the draft (the exact path takes the lower token id). Memory: the
-  two row sets add ~0.7 GiB next to the bf16 head at Qwen3-8B's shape. Needs `torch._scaled_mm` with
-  row-wise scales (CUDA sm89+, or CPU in recent torch): checked when the head is built.
+  two row sets add ~0.7 GiB next to the bf16 head at Qwen3-8B's shape. Needs
+  `torch._scaled_mm` with row-wise scales (CUDA sm89+, or CPU in recent torch): checked when
+  the head is built.
 """
 
 from __future__ import annotations
@@ -65,6 +66,13 @@ class TargetDistribution:
         return torch.exp(upcast(self.logits) - self.lse[:, None])
 
 
+def draft_mask(num_vocab: int, draft_ids: torch.Tensor) -> torch.Tensor:
+    """[V] bool: True at the draft vocabulary's target ids."""
+    is_draft_V = torch.zeros(num_vocab, dtype=torch.bool, device=draft_ids.device)
+    is_draft_V[draft_ids] = True
+    return is_draft_V
+
+
 def _distribution(logits_TV: torch.Tensor, in_draft: torch.Tensor) -> TargetDistribution:
     return TargetDistribution(logits=logits_TV, lse=torch.logsumexp(upcast(logits_TV), dim=-1),
                               in_draft=in_draft, top=logits_TV.argmax(-1))
@@ -81,8 +89,7 @@ def target_distribution(last_hidden_TH: torch.Tensor, lm_head_weight_VH: torch.T
     """
     num_tokens = last_hidden_TH.shape[0]
     device = last_hidden_TH.device
-    is_draft_V = torch.zeros(lm_head_weight_VH.shape[0], dtype=torch.bool, device=device)
-    is_draft_V[draft_ids] = True
+    is_draft_V = draft_mask(lm_head_weight_VH.shape[0], draft_ids.to(device))
     logits_TV = torch.empty(num_tokens, draft_ids.numel(), dtype=lm_head_weight_VH.dtype,
                             device=device)
     in_draft = torch.empty(num_tokens, dtype=torch.bool, device=device)
@@ -112,9 +119,8 @@ class Fp8ArgmaxTeacher:
         if hidden % FP8_ALIGN:
             raise ConfigError(f"draft.teacher_argmax: fp8 needs the target's hidden size to be a "
                              f"multiple of {FP8_ALIGN} (got {hidden}); use exact")
-        is_draft_V = torch.zeros(vocab, dtype=torch.bool, device=lm_head_weight_VH.device)
-        is_draft_V[draft_ids] = True
-        other_ids = (~is_draft_V).nonzero().flatten()
+        other_ids = (~draft_mask(vocab, draft_ids.to(lm_head_weight_VH.device))
+                     ).nonzero().flatten()
         self.chunk_tokens = chunk_tokens
         self.draft_VdH = lm_head_weight_VH[draft_ids].contiguous()
         self.dtype = lm_head_weight_VH.dtype
@@ -129,12 +135,12 @@ class Fp8ArgmaxTeacher:
         blocks = [fp8_rows(lm_head_weight_VH[ids]) for ids in other_ids.split(16384)]
         self.other_fp8_VoH = torch.cat([values for values, _ in blocks])
         self.other_scale_1Vo = torch.cat([scales for _, scales in blocks]).T.contiguous()
-        self.check_supported(hidden)
+        self.check_supported()
 
-    def check_supported(self, hidden: int) -> None:
+    def check_supported(self) -> None:
         """Run the FP8 GEMM once on 16 rows: a device or torch without row-scaled FP8 matmul
         fails here, at start-up, with the key to change, not in the first step."""
-        probe = torch.zeros(FP8_ALIGN, hidden, dtype=self.dtype, device=self.draft_VdH.device)
+        probe = self.draft_VdH.new_zeros(FP8_ALIGN, self.draft_VdH.shape[1])
         try:
             self.other_max(probe)
         except (RuntimeError, NotImplementedError) as e:
@@ -157,16 +163,17 @@ class Fp8ArgmaxTeacher:
     def __call__(self, last_hidden_TH: torch.Tensor) -> TargetDistribution:
         num_tokens = last_hidden_TH.shape[0]
         hidden_TH = last_hidden_TH.to(self.dtype)
-        logits_TV = hidden_TH @ self.draft_VdH.T
+        # Filled in place below, chunk by chunk; all True when every token is a draft token.
+        in_draft = torch.ones(num_tokens, dtype=torch.bool, device=hidden_TH.device)
+        target = _distribution(hidden_TH @ self.draft_VdH.T, in_draft)
         if self.other_fp8_VoH is None:
-            in_draft = torch.ones(num_tokens, dtype=torch.bool, device=hidden_TH.device)
-            return _distribution(logits_TV, in_draft)
-        draft_max_T = logits_TV.amax(dim=-1).float()
-        in_draft = torch.empty(num_tokens, dtype=torch.bool, device=hidden_TH.device)
+            return target
+        # The draft maximum is the logit at `top`: a gather, not another pass over [T, Vd].
+        draft_max_T = target.logits.gather(1, target.top[:, None]).squeeze(1).float()
         for start in range(0, num_tokens, self.chunk_tokens):
             end = min(start + self.chunk_tokens, num_tokens)
             in_draft[start:end] = draft_max_T[start:end] >= self.other_max(hidden_TH[start:end])
-        return _distribution(logits_TV, in_draft)
+        return target
 
 
 def teacher_for(mode: str, lm_head_weight_VH: torch.Tensor, draft_ids: torch.Tensor):
