@@ -46,15 +46,15 @@ def test_fp8_teacher_matches_exact_at_qwen3_8b_shape():
     torch.testing.assert_close(got.logits, exact.logits, rtol=2e-2, atol=2e-2)
     assert (got.top == exact.top).float().mean() > 0.999
     # Rows whose draft and non-draft maxima are further apart than FP8's error (~5% of the
-    # row's largest logit at most) must agree exactly; on this random head about 2-3% of
-    # all rows are nearer than that (and ~1% are exact bf16 ties, which fp8 counts as in
-    # the draft), so the overall agreement is bounded loosely.
+    # row's largest logit at most) must agree exactly. On this random head a third of the
+    # rows are nearer than that, and 2-3% of all rows flip (~1% are exact bf16 ties, which
+    # fp8 counts as in the draft), so the overall agreement is bounded loosely.
     full = (hidden @ weight.T).float()
     is_draft = torch.zeros(VOCAB, dtype=torch.bool, device="cuda")
     is_draft[draft_ids] = True
     gap = (full[:, is_draft].amax(-1) - full[:, ~is_draft].amax(-1)).abs()
     clear = gap > 0.05 * full.abs().amax(-1)
-    assert clear.float().mean() > 0.75
+    assert clear.float().mean() > 0.5  # 66% on the H200 (2026-12-02): enough rows to test
     assert torch.equal(got.in_draft[clear], exact.in_draft[clear])
     agree = (got.in_draft == exact.in_draft).float().mean().item()
     exact_ms = median_ms(lambda: target_distribution(hidden, weight, draft_ids))
