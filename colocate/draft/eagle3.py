@@ -216,7 +216,8 @@ class Eagle3Draft(nn.Module):
 
     def forward(self, embeds_TH: torch.Tensor, hidden: torch.Tensor | Carried,
                 positions: torch.Tensor, seq_bounds: list[tuple[int, int]],
-                kv_cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+                kv_cache: KVCache, head_rows: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run unroll step k = len(kv_cache) (appends its keys/values to `kv_cache`).
 
         embeds_TH: [T, H] target embeddings of the input tokens of this step.
@@ -225,11 +226,13 @@ class Eagle3Draft(nn.Module):
         positions: [T] per-sequence positions (reset at every sequence start).
         seq_bounds: host-side [start, end) of each packed sequence (with sequence
             parallelism: of the whole micro-batch, whose chunk of T rows this is).
-        Returns (hidden_out [T, H] pre-norm, the next step's input; logits [T, Vd]).
+        head_rows: [M] rows to compute logits for (None: all T); the others need none.
+        Returns (hidden_out [T, H] pre-norm, the next step's input; logits [M, Vd]).
         """
         hidden = uncarry(hidden)
         if not kv_cache:
             hidden = self.fc(hidden.to(self.fc.weight.dtype))
         hidden_out = self.midlayer(embeds_TH.to(hidden.dtype), Carried(hidden), positions,
                                    seq_bounds, kv_cache)
-        return hidden_out, self.lm_head(self.norm(hidden_out))
+        head_in = hidden_out if head_rows is None else hidden_out[head_rows]
+        return hidden_out, self.lm_head(self.norm(head_in))

@@ -14,7 +14,8 @@ from torch.distributed.fsdp import fully_shard
 from colocate import metrics
 from colocate.draft.arch import DraftArch
 from colocate.draft.eagle3 import Eagle3Draft
-from colocate.draft.loss import eagle3_unroll, label_counts
+from colocate.draft.attention import seq_bounds_from_lens
+from colocate.draft.loss import eagle3_unroll, label_counts, label_rows
 from colocate.draft.recipe import DraftRecipe, FrozenTarget, StepKey
 from colocate.draft.teacher import teacher_for
 from colocate.sequence_parallel import check_heads
@@ -84,15 +85,18 @@ class Eagle3Recipe(DraftRecipe):
                 meta: dict, *, label_totals: torch.Tensor | None = None, timer=None):
         if self._teacher[0] is not frozen:  # a caller that never bound it (tests, profiles)
             self.bind_frozen(frozen)
-        with torch.no_grad():
-            target = self._teacher[1](feats["last_hidden"])
+        d = self.cfg.draft
+        offset = meta.get("sp_chunk", (0,))[0]
+        rows = label_rows(feats["loss_mask"], seq_bounds_from_lens(meta["seq_lens"]),
+                          d.unroll_steps, feats["positions"].shape[0], offset)
+        with torch.no_grad():  # only the rows a label needs (loss.py's docstring)
+            target = self._teacher[1](feats["last_hidden"][rows.teacher])
         if timer:
             timer.mark("teacher")
-        d = self.cfg.draft
         return eagle3_unroll(model, frozen.embed, feats["aux_hidden"], target,
                              feats["input_ids"], feats["loss_mask"], feats["positions"],
                              meta["seq_lens"], d.unroll_steps, d.position_decay,
-                             label_totals=label_totals, offset=meta.get("sp_chunk", (0,))[0])
+                             label_totals=label_totals, offset=offset, rows=rows)
 
     @property
     def sp_halo(self) -> int:

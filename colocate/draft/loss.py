@@ -29,10 +29,22 @@ Soft cross-entropy  -sum_v target_p * log_softmax(logits)  per loss position, su
 = counted positions of step k over all micro-steps of the step on all trainers
 (`label_counts`, which the engine evaluates before the step's first backward; without
 them, this micro-step's own counts). Nothing here synchronises with the device: results
-are tensors, and `DraftStepResult.stats` sums go to `colocate.metrics`.
+are tensors, and `DraftStepResult.stats` sums go to `colocate.metrics`, except the one
+host copy of the loss mask that `label_rows` makes per micro-step.
+
+Only rows that carry a label pay for the vocabulary (`label_rows`): the teacher runs on the
+rows t+1 whose next token is trainable, and each step's norm, lm_head and soft
+cross-entropy on the positions it is counted on. A prompt token's row still goes through
+the decoder layer (the attention reads it), never through the [rows, Vd] head: the lm_head
+is ~3 GEMMs of 2 * rows * H * Vd FLOPs per step, the largest single cost of the unroll.
+Positions outside the draft vocabulary (in_draft false) stay in: a trained target keeps
+few of them, and dropping them would make the random-weight bench (79% outside) read
+faster than any real run.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +73,8 @@ class _SoftCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits_TV, target: TargetDistribution, src_T, weight_T, chunk_tokens,
                 kernel_mode):
+        if logits_TV.shape[0] == 0:  # no labels at this step: nothing to launch or compile
+            kernel_mode = "eager"
         rows = kernels.pick(kernels.soft_ce_rows, kernel_mode, logits_TV.device)
         if rows is not kernels.soft_ce_rows and soft_ce_triton.usable(logits_TV):
             rows = soft_ce_triton.soft_ce_rows  # hand-written: one program per row
@@ -112,12 +126,54 @@ def seq_end_per_token(seq_bounds: list[tuple[int, int]], device: torch.device) -
     return to_device(torch.repeat_interleave(ends, lens), device)
 
 
-def _counted(step: int, index_T: torch.Tensor, seq_end_T: torch.Tensor,
-             loss_mask: torch.Tensor, offset: int = 0) -> torch.Tensor:
-    """[T] bool counted(step, t) of the module docstring. index_T: global indices;
-    loss_mask: rows from `offset` on (with sequence parallelism, a chunk and its halo)."""
-    label_T = index_T + 2 + step
-    return (label_T < seq_end_T) & loss_mask[(label_T - offset).clamp(max=loss_mask.numel() - 1)]
+@dataclass
+class LabelRows:
+    """Which rows of one micro-step carry a label (see the module docstring); on the device."""
+
+    teacher: torch.Tensor | None
+    """[N] local rows r whose next token x_{r+1} is trainable in r's sequence: the rows
+    the teacher must score (None: the teacher scored every local row)."""
+    head: list[torch.Tensor]
+    """Per step k, [M_k] the chunk rows t where counted(k, t): where step k runs its head."""
+    src: list[torch.Tensor]
+    """Per step k, [M_k] the teacher's row for each of them (t + 1 + k, as an index into
+    the teacher's rows)."""
+
+
+def label_rows(loss_mask: torch.Tensor, seq_bounds: list[tuple[int, int]], unroll_steps: int,
+               num_tokens: int, offset: int = 0, *, compact_teacher: bool = True) -> LabelRows:
+    """The `LabelRows` of a packed micro-step, built on the host from `loss_mask` (this
+    chunk's rows and halo from global row `offset`; one device-to-host copy when on the
+    GPU, the unroll's one sync) and the host-side `seq_bounds`. num_tokens: the chunk's
+    own rows (the draft's positions). compact_teacher=False: `src` indexes all local rows
+    (for a teacher that scored them all)."""
+    device = loss_mask.device
+    mask = loss_mask.detach().bool().cpu()
+    local = torch.arange(mask.numel())
+    seq_end = seq_end_per_token(seq_bounds, torch.device("cpu"))[offset:offset + mask.numel()]
+    # The last chunk's halo is padding past the batch: an end of 0 counts none of its rows.
+    seq_end = torch.cat([seq_end, seq_end.new_zeros(mask.numel() - seq_end.numel())])
+    # next_trainable[r]: x_{r+1} is in r's sequence and trainable. The last local row's
+    # successor lies past this chunk's halo; no step reads it (sp_halo leaves a row spare).
+    next_trainable = ((local + offset + 1 < seq_end) & (local + 1 < mask.numel())
+                      & mask[(local + 1).clamp(max=mask.numel() - 1)])
+    teacher = next_trainable.nonzero().flatten()
+    if compact_teacher:
+        slot = torch.full((mask.numel(),), -1, dtype=torch.long)
+        slot[teacher] = torch.arange(teacher.numel())
+    else:
+        slot = local
+    index = torch.arange(offset, offset + num_tokens)
+    head, src = [], []
+    for step in range(unroll_steps):
+        # t+1+step, clamped inside t's sequence: a clamped row is a sequence's last, whose
+        # next token lies outside it, so it is never counted (counted == next_trainable[src]).
+        src_T = torch.minimum(index + 1 + step, seq_end[:num_tokens] - 1) - offset
+        rows = next_trainable[src_T].nonzero().flatten()
+        head.append(to_device(rows, device))
+        src.append(to_device(slot[src_T[rows]], device))
+    return LabelRows(teacher=to_device(teacher, device) if compact_teacher else None,
+                     head=head, src=src)
 
 
 def label_counts(seq_lens: torch.Tensor | list[int], loss_mask: torch.Tensor,
@@ -125,11 +181,9 @@ def label_counts(seq_lens: torch.Tensor | list[int], loss_mask: torch.Tensor,
     """[K] int64 counted positions of each unroll step in one packed micro-batch: the terms
     of the loss denominators N_k. On loss_mask's device (the engine counts on the host,
     while packing, before the step's first prefill)."""
-    loss_mask = loss_mask.bool()
-    seq_end_T = seq_end_per_token(seq_bounds_from_lens(seq_lens), loss_mask.device)
-    index_T = torch.arange(loss_mask.numel(), device=loss_mask.device)
-    return torch.stack([_counted(k, index_T, seq_end_T, loss_mask).sum()
-                        for k in range(unroll_steps)])
+    rows = label_rows(loss_mask, seq_bounds_from_lens(seq_lens), unroll_steps,
+                      loss_mask.numel(), compact_teacher=False)
+    return to_device(torch.tensor([h.numel() for h in rows.head]), loss_mask.device)
 
 
 def eagle3_unroll(draft: Eagle3Draft, embed_weight: torch.Tensor, aux_hidden: torch.Tensor,
@@ -137,11 +191,14 @@ def eagle3_unroll(draft: Eagle3Draft, embed_weight: torch.Tensor, aux_hidden: to
                   loss_mask: torch.Tensor, positions: torch.Tensor,
                   seq_lens: torch.Tensor | list[int], unroll_steps: int, position_decay: float,
                   label_totals: torch.Tensor | None = None,
-                  chunk_tokens: int = 4096, offset: int = 0) -> DraftStepResult:
+                  chunk_tokens: int = 4096, offset: int = 0,
+                  rows: LabelRows | None = None) -> DraftStepResult:
     """Eagle3 TTT unroll over one packed micro-step (see the module docstring).
 
     embed_weight [V, H] frozen target embedding (never receives gradient); aux_hidden
-    [T, num_aux * H]; target from `target_distribution`;
+    [T, num_aux * H]; target: the teacher's distribution (`colocate.draft.teacher`) on the
+    rows `rows.teacher` names (`label_rows` of this micro-step), or on every local row when
+    `rows` is None;
     input_ids [T]; loss_mask [T] bool; positions [T]; seq_lens [S] on the host (CPU tensor
     or list; the attention loops over sequences with them); label_totals [K] N_k of the
     whole optimizer step on the device (None: this micro-step's counts, i.e. a per-token
@@ -160,29 +217,33 @@ def eagle3_unroll(draft: Eagle3Draft, embed_weight: torch.Tensor, aux_hidden: to
     index_T = torch.arange(offset, offset + num_tokens, device=device)
     loss_mask = loss_mask.bool()
     embed_weight = embed_weight.detach()
+    if rows is None:
+        rows = label_rows(loss_mask, seq_bounds, unroll_steps, num_tokens, offset,
+                          compact_teacher=False)
 
     kv_cache = KVCache()
     hidden = aux_hidden
-    ce_sums, hits, hit_rows, counts = [], [], [], []
+    ce_sums, hits, hit_rows = [], [], []
     for step in range(unroll_steps):
-        # Input token / target row of this step: t+1+step, clamped inside t's own sequence
-        # so no position ever reads another sequence (a clamped position is not counted).
+        # Input token of this step: x_{t+1+step}, clamped inside t's own sequence so no
+        # position ever reads another sequence (a clamped position is not counted).
         src_T = torch.minimum(index_T + 1 + step, seq_end_T - 1) - offset  # local rows
-        counted_T = _counted(step, index_T, seq_end_T, loss_mask, offset)
-        scored_T = counted_T & target.in_draft[src_T]  # loss positions
-
         embeds_TH = F.embedding(input_ids[src_T], embed_weight)
+        head_M, src_M = rows.head[step], rows.src[step]
         # Carried: one reduce-scatter per FSDP2 unit and optimizer step (eagle3.Carried).
-        hidden, logits_TV = draft(embeds_TH, Carried(hidden), positions, seq_bounds, kv_cache)
-        ce_k, draft_top_T = soft_cross_entropy(logits_TV, target, src_T, scored_T.float(),
+        hidden, logits_MV = draft(embeds_TH, Carried(hidden), positions, seq_bounds, kv_cache,
+                                  head_rows=head_M)
+        scored_M = target.in_draft[src_M]  # loss positions among the counted ones
+        ce_k, draft_top_M = soft_cross_entropy(logits_MV, target, src_M, scored_M.float(),
                                                  chunk_tokens, draft.kernels)
         ce_sums.append(ce_k)
         with torch.no_grad():
-            hit_T = (draft_top_T == target.top[src_T]) & scored_T
-            hit_rows.append(hit_T)
-            hits.append(hit_T.sum())
-        counts.append(counted_T.sum())
-    ce_sum, counted = torch.stack(ce_sums), torch.stack(counts)
+            hit_M = (draft_top_M == target.top[src_M]) & scored_M
+            hit_rows.append(torch.zeros(num_tokens, dtype=torch.bool, device=device)
+                            .index_put_((head_M,), hit_M))
+            hits.append(hit_M.sum())
+    ce_sum = torch.stack(ce_sums)
+    counted = to_device(torch.tensor([h.numel() for h in rows.head]), device)
     denom = (counted if label_totals is None else label_totals).to(ce_sum.dtype).clamp(min=1)
     loss = sum(position_decay ** k * ce_sum[k] / denom[k] for k in range(unroll_steps))
     with torch.no_grad():

@@ -50,7 +50,8 @@ KINDS = [  # kernel name pattern -> kind, first match wins
 ]
 
 
-def micro_step_inputs(seq_lens: list[int], shape: dict, device: torch.device, seed: int) -> dict:
+def micro_step_inputs(seq_lens: list[int], shape: dict, device: torch.device, seed: int,
+                      prompt_share: float = 0.0) -> dict:
     # Drawn on the host: CUDA's generator output depends on the SM count the process sees,
     # and run_sm_cap.sh compares runs under different MPS SM caps.
     gen = torch.Generator().manual_seed(seed)
@@ -63,7 +64,9 @@ def micro_step_inputs(seq_lens: list[int], shape: dict, device: torch.device, se
                                     dtype=torch.bfloat16).to(device),
             input_ids=torch.randint(0, shape["vocab_size"], (num_tokens,),
                                     generator=gen).to(device),
-            loss_mask=torch.ones(num_tokens, dtype=torch.bool, device=device),
+            # The first prompt_share of each sequence is its prompt: not trained on.
+            loss_mask=torch.cat([torch.arange(n) >= round(prompt_share * n)
+                                 for n in seq_lens]).to(device),
             positions=torch.cat([torch.arange(n, device=device) for n in seq_lens]),
         ),
         seq_lens=seq_lens)
@@ -181,6 +184,8 @@ def main() -> int:
     parser.add_argument("--teacher-argmax", default="exact", choices=("exact", "fp8"),
                         help="draft.teacher_argmax")
     parser.add_argument("--tokens", type=int, default=8192, help="tokens per micro-step")
+    parser.add_argument("--prompt-share", type=float, default=0.0,
+                        help="share of each sequence's first tokens not trained on (a prompt)")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--micro-steps", type=int, default=2)
     parser.add_argument("--unroll", type=int, default=7)
@@ -213,7 +218,8 @@ def main() -> int:
     # handle a change of T); the last sequence of the second is shorter.
     full = args.tokens // args.seq_len
     lens = [[args.seq_len] * full, [args.seq_len] * (full - 1) + [args.seq_len - 96]]
-    batches = [micro_step_inputs(lens[i % 2], shape, device, seed=i)
+    batches = [micro_step_inputs(lens[i % 2], shape, device, seed=i,
+                                 prompt_share=args.prompt_share)
                for i in range(args.micro_steps)]
     embed, head = dummy_embed_and_head(shape["vocab_size"], shape["hidden_size"], seed=0,
                                        dtype=torch.bfloat16, device=device)
@@ -228,7 +234,8 @@ def main() -> int:
     print(f"MPS SM cap {os.environ.get('CUDA_MPS_ACTIVE_THREAD_PERCENTAGE', 'none')}, "
           f"{sms} SMs reported")
     print(f"torch {torch.__version__}, {device_name}, {args.micro_steps} x "
-          f"{args.tokens} tokens, unroll {args.unroll}, attention {args.attention}, "
+          f"{args.tokens} tokens ({args.prompt_share:.0%} prompt), unroll {args.unroll}, "
+          f"attention {args.attention}, "
           f"trainer {flops_per_token / 1e9:.2f} GFLOP/token", flush=True)
 
     results = {}

@@ -9,7 +9,7 @@ from transformers import LlamaConfig
 from colocate.config import DraftSection
 from colocate.draft import (DraftArch, Eagle3Draft, eagle3_unroll, label_counts,
                             target_distribution)
-from colocate.draft.loss import soft_cross_entropy
+from colocate.draft.loss import label_rows, soft_cross_entropy
 from colocate.draft.teacher import TargetDistribution
 from colocate.metrics import stats_length, step_summary
 
@@ -215,6 +215,73 @@ def test_label_counts_match_brute_force_and_the_unroll():
     result = unroll(draft, batch, unroll_steps=4)
     assert torch.equal(label_counts(torch.tensor(batch["seq_lens"], dtype=torch.int32),
                                     batch["loss_mask"], 4), result.counted)
+
+
+def test_label_rows_match_the_docstring_definition():
+    """Teacher rows: r whose next token is trainable in r's sequence; step k's head rows:
+    counted(k, t); src: t + 1 + k among the teacher rows. Also for a sequence-parallel
+    chunk (global offset, a halo, padding past the batch in the last chunk's halo)."""
+    gen = torch.Generator().manual_seed(21)
+    for trial in range(30):
+        seq_lens = torch.randint(1, 12, (int(torch.randint(1, 5, (1,), generator=gen)),),
+                                 generator=gen).tolist()
+        total, steps = sum(seq_lens), 4
+        mask = torch.rand(total, generator=gen) < 0.6
+        bounds, start = [], 0
+        for length in seq_lens:
+            bounds.append((start, start + length))
+            start += length
+        end_of = {t: e for s, e in bounds for t in range(s, e)}
+        offset, num_tokens, halo = 0, total, 0  # the whole micro-batch, or a chunk of it:
+        if trial % 2:
+            offset = int(torch.randint(0, total, (1,), generator=gen))
+            num_tokens = min(total - offset, 1 + int(torch.randint(0, total, (1,), generator=gen)))
+            halo = steps + 1  # as Eagle3Recipe.sp_halo
+        local = torch.cat([mask, torch.zeros(halo, dtype=torch.bool)])[
+            offset:offset + num_tokens + halo]  # padding past the batch: never trainable
+        rows = label_rows(local, bounds, steps, num_tokens, offset)
+        want_teacher = [r for r in range(local.numel())
+                        if r + offset + 1 < end_of.get(r + offset, 0)
+                        and r + 1 < local.numel() and local[r + 1]]
+        assert rows.teacher.tolist() == want_teacher, (seq_lens, offset)
+        for k in range(steps):
+            want = [t for t in range(num_tokens)
+                    if t + offset + 2 + k < end_of[t + offset] and local[t + 2 + k]]
+            assert rows.head[k].tolist() == want, (seq_lens, offset, k)
+            assert (rows.teacher[rows.src[k]] == rows.head[k] + 1 + k).all()
+
+
+def test_teacher_on_label_rows_only_equals_the_full_teacher():
+    """The recipe's path: the teacher scores only `label_rows(...).teacher`; loss, stats and
+    every gradient equal those of a teacher that scored every row, and each step's head ran
+    on its counted rows only."""
+    gen = torch.Generator().manual_seed(3)
+    seq_lens = [9, 3, 12]
+    batch = make_batch(seq_lens, seed=5)
+    hidden = torch.randn(sum(seq_lens), H, generator=gen, dtype=torch.float64)
+    head = torch.randn(V, H, generator=gen, dtype=torch.float64)
+    draft_ids = torch.randperm(V, generator=gen)[:VD].sort().values
+    bounds = [(0, 9), (9, 12), (12, 24)]
+    rows = label_rows(batch["loss_mask"], bounds, 4, sum(seq_lens))
+    assert 0 < rows.teacher.numel() < sum(seq_lens)
+    results = {}
+    for name, target, r in [
+            ("full", target_distribution(hidden, head, draft_ids), None),
+            ("label rows", target_distribution(hidden[rows.teacher], head, draft_ids), rows)]:
+        draft = tiny_draft(std=0.3)
+        head_rows = []
+        handle = draft.register_forward_hook(lambda m, a, out: head_rows.append(out[1].shape[0]))
+        result = eagle3_unroll(draft, unroll_steps=4, position_decay=0.8, rows=r,
+                               **{**batch, "target": target})
+        handle.remove()
+        result.loss.backward()
+        assert head_rows == result.counted.tolist()  # the head ran on counted rows only
+        results[name] = result, {n: p.grad for n, p in draft.named_parameters()}
+    (full, full_grads), (compact, compact_grads) = results["full"], results["label rows"]
+    torch.testing.assert_close(compact.loss, full.loss, rtol=1e-12, atol=0)
+    assert torch.equal(compact.hits, full.hits) and torch.equal(compact.sim, full.sim)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(compact_grads[name], grad, rtol=1e-10, atol=1e-14)
 
 
 def test_out_of_draft_targets_are_counted_misses():

@@ -16,13 +16,14 @@ H, V, VD, NUM_AUX, STEPS = 32, 64, 40, 3, 4
 
 def training_logits(draft, embed, aux, input_ids, seq_lens, unroll_steps):
     """Logits [steps, T, Vd] of every unroll step of `eagle3_unroll`, the training code
-    itself, caught by a forward hook on the draft."""
+    itself: each step's hidden output, caught by a forward hook on the draft, through the
+    draft's head (training runs the head only on counted rows; this compares every row)."""
     num_tokens = input_ids.numel()
     gen = torch.Generator().manual_seed(5)
     target = target_distribution(torch.randn(num_tokens, H, generator=gen),
                                  torch.randn(V, H, generator=gen), torch.arange(VD))
     caught = []
-    handle = draft.register_forward_hook(lambda mod, args, out: caught.append(out[1].detach()))
+    handle = draft.register_forward_hook(lambda mod, args, out: caught.append(mod.lm_head(mod.norm(out[0])).detach()))
     try:
         positions = torch.cat([torch.arange(n) for n in seq_lens])
         eagle3_unroll(draft, embed, aux, target, input_ids, torch.ones(num_tokens, dtype=torch.bool),
