@@ -73,7 +73,7 @@ class _SoftCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits_TV, target: TargetDistribution, src_T, weight_T, chunk_tokens,
                 kernel_mode):
-        if logits_TV.shape[0] == 0:  # no labels at this step: nothing to launch or compile
+        if logits_TV.shape[0] == 0:  # no labels at this step: the eager loop launches nothing
             kernel_mode = "eager"
         rows = kernels.pick(kernels.soft_ce_rows, kernel_mode, logits_TV.device)
         if rows is not kernels.soft_ce_rows and soft_ce_triton.usable(logits_TV):

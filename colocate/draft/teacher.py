@@ -14,16 +14,16 @@ of the trainer's 468.8 ms step, its argmax 3.3 ms of that.
 * fp8: the draft rows of the head (a [Vd, H] copy in its dtype) give the soft labels
   exactly, in one GEMM with no column copy afterwards. The other rows ([V - Vd, H]) are
   stored once in FP8 (e4m3, a scale per row); a row-scaled FP8 GEMM gives their logits, of
-  which only each row's maximum is kept. `in_draft` = (max draft logit >= max other logit). FP8's rounding can
-  flip that comparison only where the two maxima are within its error of each other (a
-  near-tie between a draft token and another token), so it changes which positions train
-  there and nowhere else; the soft labels do not change. How near: FP8's logit error is
-  about 0.04 * sqrt(sum_i (w_i h_i)^2), ~0.3 logits on a head whose logits spread by 3 (2-3%
-  of rows flipped on such a random head; a trained head's sharper maxima flip fewer). An
-  exact tie counts as in the draft (the exact path takes the lower token id). Memory: the
-  two row sets add ~0.7 GiB next to the bf16 head at Qwen3-8B's shape. Needs
-  `torch._scaled_mm` with row-wise scales (CUDA sm89+, or CPU in recent torch): checked when
-  the head is built.
+  which only each row's maximum is kept. `in_draft` = (max draft logit >= max other
+  logit). FP8's rounding can flip that comparison only where the two maxima are within its
+  error of each other (a near-tie between a draft token and another token), so it changes
+  which positions train there and nowhere else; the soft labels do not change. How near:
+  FP8's logit error is about 0.04 * sqrt(sum_i (w_i h_i)^2), ~0.3 logits on a head whose
+  logits spread by 3 (2-3% of rows flipped on such a random head; a trained head's sharper
+  maxima flip fewer). An exact tie counts as in the draft (the exact path takes the lower
+  token id). Memory: the two row sets add ~0.7 GiB next to the bf16 head at Qwen3-8B's
+  shape. Needs `torch._scaled_mm` with row-wise scales (CUDA sm89+, or CPU in recent
+  torch): checked when the head is built.
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ def training_logits(draft, embed, aux, input_ids, seq_lens, unroll_steps):
     target = target_distribution(torch.randn(num_tokens, H, generator=gen),
                                  torch.randn(V, H, generator=gen), torch.arange(VD))
     caught = []
-    handle = draft.register_forward_hook(lambda mod, args, out: caught.append(mod.lm_head(mod.norm(out[0])).detach()))
+    handle = draft.register_forward_hook(
+        lambda mod, args, out: caught.append(mod.lm_head(mod.norm(out[0])).detach()))
     try:
         positions = torch.cat([torch.arange(n) for n in seq_lens])
         eagle3_unroll(draft, embed, aux, target, input_ids, torch.ones(num_tokens, dtype=torch.bool),
